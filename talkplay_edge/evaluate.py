@@ -1,0 +1,218 @@
+"""Offline evaluation of conversational recommenders (what `talkplay eval` runs).
+
+For every assistant turn of every conversation the system gets the conversation so far (earlier turns with
+their ground-truth ``track_ids``, ending with the user turn to answer) and returns up to 100 ranked track
+ids. The tracks already played in the conversation are passed as ``exclude`` and are also filtered out here,
+as are duplicates and ids not in the catalog, so every system is scored on the same terms.
+
+Metrics per turn: reciprocal rank of the first target within the top 100 (0 beyond), Hit@1/10/100;
+averaged over turns and per turn index (the 1st, 2nd, … assistant turn of a conversation). Turns whose
+targets are all unknown to the catalog are skipped and counted, never fatal.
+
+Systems come from a registry (``SYSTEMS``: name → factory or "module:attribute" string); the runtime adds
+the model with ``register_recommender("model", factory)`` or a ``"model": "talkplay_edge.x:Factory"`` entry.
+A factory is called as ``factory(catalog, threads=threads, **kw)`` and returns a ``Recommender``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable
+
+from .progress import progress
+from .recommender import Recommender
+
+N_RANKED = 100
+HIT_KS = (1, 10, 100)
+
+SYSTEMS: dict[str, Callable | str] = {
+    "popularity": "talkplay_edge.baselines:PopularityRecommender",
+    "random": "talkplay_edge.baselines:RandomRecommender",
+    "bm25": "talkplay_edge.baselines:BM25Recommender",
+    "dense": "talkplay_edge.baselines:DenseRecommender",
+    "cf": "talkplay_edge.baselines:CFRecommender",
+    "hybrid": "talkplay_edge.baselines:HybridRecommender",
+    "model": "talkplay_edge.runtime:ModelRecommender",  # the GGUF model: $TALKPLAY_MODEL or the default model
+}
+
+
+class UnknownSystemError(KeyError):
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+def register_recommender(name: str, factory: Callable | str) -> None:
+    """Make ``--system NAME`` available: ``factory(catalog, threads=.., **kw) -> Recommender``."""
+    SYSTEMS[name] = factory
+
+
+def get_recommender(name: str, catalog, threads: int = 2, **kw) -> Recommender:
+    """A Recommender for a registered system name (see ``SYSTEMS``)."""
+    factory = SYSTEMS.get(name)
+    if factory is None:
+        raise UnknownSystemError(f"unknown system {name!r} (known: {', '.join(sorted(SYSTEMS))})")
+    if isinstance(factory, str):
+        module, _, attr = factory.partition(":")
+        factory = getattr(importlib.import_module(module), attr)
+    rec = factory(catalog, threads=threads, **kw)
+    if not isinstance(rec, Recommender):
+        raise TypeError(f"system {name!r}: {type(rec).__name__} does not implement Recommender")
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------------------
+# metrics
+# ---------------------------------------------------------------------------------------------------------
+
+def first_hit_rank(ranked: list[str], targets: Iterable[str], k: int = N_RANKED) -> int | None:
+    """1-based rank of the first target within the top ``k`` of ``ranked``, or None."""
+    targets = set(targets)
+    for i, tid in enumerate(ranked[:k], 1):
+        if tid in targets:
+            return i
+    return None
+
+
+def reciprocal_rank(ranked: list[str], targets: Iterable[str], k: int = N_RANKED) -> float:
+    r = first_hit_rank(ranked, targets, k)
+    return 1.0 / r if r else 0.0
+
+
+def hit_at(ranked: list[str], targets: Iterable[str], k: int) -> float:
+    return 1.0 if first_hit_rank(ranked, targets, k) else 0.0
+
+
+def summarise(ranks: list[int | None]) -> dict:
+    """Mean MRR and Hit@k over turns given each turn's first-hit rank (None = not in the top 100)."""
+    n = len(ranks)
+    if n == 0:
+        return {"turns": 0, "mrr": 0.0, **{f"hit@{k}": 0.0 for k in HIT_KS}}
+    out = {"turns": n, "mrr": sum(1.0 / r for r in ranks if r and r <= N_RANKED) / n}
+    for k in HIT_KS:
+        out[f"hit@{k}"] = sum(1 for r in ranks if r and r <= k) / n
+    return out
+
+
+def clean_ranking(ranked: Iterable[str], exclude: set[str], valid: set[str] | None, n: int = N_RANKED) -> tuple[list[str], int]:
+    """The system's list without excluded, duplicate and (when ``valid`` is given) unknown ids, cut to ``n``;
+    returns (list, number of unknown ids dropped)."""
+    out, seen, unknown = [], set(), 0
+    for tid in ranked:
+        if tid in seen or tid in exclude:
+            continue
+        if valid is not None and tid not in valid:
+            unknown += 1
+            continue
+        seen.add(tid)
+        out.append(tid)
+        if len(out) >= n:
+            break
+    return out, unknown
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the evaluation loop
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class EvalResult:
+    system: str
+    conversations: int
+    turns: int  # scored assistant turns
+    overall: dict
+    per_turn: dict[int, dict]  # turn index (1-based) -> summary
+    per_intent: dict[str, dict] = field(default_factory=dict)  # from the optional meta.intents of generated data
+    skipped_unknown_target: int = 0  # turns whose targets are all outside the catalog
+    skipped_target_played: int = 0  # turns whose targets were all played earlier (cannot be recommended)
+    unknown_ids_returned: int = 0  # ids a system returned that the catalog does not hold (dropped)
+    runtime_s: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["per_turn"] = {str(k): v for k, v in sorted(self.per_turn.items())}
+        d["per_intent"] = dict(sorted(self.per_intent.items(), key=lambda kv: -kv[1]["turns"]))
+        d["turns_per_s"] = self.turns / self.runtime_s if self.runtime_s else None
+        return d
+
+
+def iter_turns(conversation: dict):
+    """(turn index, history, targets, played) for each assistant turn: history = the turns before it."""
+    turns = conversation["turns"]
+    played: list[str] = []
+    idx = 0
+    for i, t in enumerate(turns):
+        if t["role"] != "assistant":
+            continue
+        idx += 1
+        yield idx, turns[:i], list(t["track_ids"]), list(played)
+        played.extend(t["track_ids"])
+
+
+def evaluate(recommender: Recommender, conversations: list[dict], catalog_ids: set[str], n: int = N_RANKED,
+             show_progress: bool = False) -> EvalResult:
+    """Score ``recommender`` on every assistant turn of ``conversations`` (see the module docstring)."""
+    t0 = time.perf_counter()
+    ranks: list[int | None] = []
+    by_turn: dict[int, list[int | None]] = {}
+    by_intent: dict[str, list[int | None]] = {}
+    skipped_unknown = skipped_played = unknown_ids = 0
+    bar = progress(conversations, desc=f"eval {recommender.name}", unit="conv") if show_progress else conversations
+    for conv in bar:
+        meta = conv.get("meta") or {}
+        intents = meta.get("intents") if isinstance(meta.get("intents"), list) else []
+        for idx, history, targets, played in iter_turns(conv):
+            exclude = set(played)
+            known = [t for t in targets if t in catalog_ids]
+            if not known:
+                skipped_unknown += 1
+                continue
+            live = [t for t in known if t not in exclude]
+            if not live:
+                skipped_played += 1
+                continue
+            raw = recommender.recommend(history, set(exclude), n)
+            ranked, unk = clean_ranking(raw, exclude, catalog_ids, n)
+            unknown_ids += unk
+            r = first_hit_rank(ranked, live, n)
+            ranks.append(r)
+            by_turn.setdefault(idx, []).append(r)
+            if idx <= len(intents):
+                by_intent.setdefault(str(intents[idx - 1]), []).append(r)
+    runtime = time.perf_counter() - t0
+    return EvalResult(
+        system=getattr(recommender, "name", type(recommender).__name__), conversations=len(conversations),
+        turns=len(ranks), overall=summarise(ranks), per_turn={k: summarise(v) for k, v in sorted(by_turn.items())},
+        per_intent={k: summarise(v) for k, v in by_intent.items()},
+        skipped_unknown_target=skipped_unknown, skipped_target_played=skipped_played,
+        unknown_ids_returned=unknown_ids, runtime_s=runtime,
+    )
+
+
+def format_table(result: EvalResult, per_intent: bool = False) -> str:
+    """The human-readable report: one row per turn index, the overall row; optionally one row per intent."""
+    o = result.overall
+    lines = [f"system {result.system}: {result.conversations} conversations, {result.turns} scored turns "
+             f"in {result.runtime_s:.1f} s ({result.turns / result.runtime_s if result.runtime_s else 0:.1f} turns/s)"]
+    if result.skipped_unknown_target or result.skipped_target_played:
+        lines.append(f"skipped turns: {result.skipped_unknown_target} with targets not in the catalog, "
+                     f"{result.skipped_target_played} with targets already played")
+    if result.unknown_ids_returned:
+        lines.append(f"dropped {result.unknown_ids_returned} returned ids not in the catalog")
+    head = f"{'turn':>6} {'n':>6} {'MRR':>7} {'Hit@1':>7} {'Hit@10':>7} {'Hit@100':>8}"
+    lines += ["", head, "-" * len(head)]
+
+    def row(label: str, s: dict) -> str:
+        return f"{label:>6} {s['turns']:>6} {s['mrr']:>7.4f} {s['hit@1']:>7.4f} {s['hit@10']:>7.4f} {s['hit@100']:>8.4f}"
+
+    lines += [row(str(k), s) for k, s in sorted(result.per_turn.items())]
+    lines += ["-" * len(head), row("all", o)]
+    if per_intent and result.per_intent:
+        head2 = f"{'intent':>16} {'n':>6} {'MRR':>7} {'Hit@1':>7} {'Hit@10':>7} {'Hit@100':>8}"
+        lines += ["", head2, "-" * len(head2)]
+        for name, s in sorted(result.per_intent.items(), key=lambda kv: -kv[1]["turns"]):
+            lines.append(f"{name:>16} {s['turns']:>6} {s['mrr']:>7.4f} {s['hit@1']:>7.4f} {s['hit@10']:>7.4f} "
+                         f"{s['hit@100']:>8.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,665 @@
+"""On-device chat: a GGUF model (llama-cpp-python) whose music spans are constrained to catalog tracks.
+
+    tp = TalkPlay.load(model="model.gguf", catalog="catalog.db", threads=2)
+    session = tp.chat()
+    reply = session.send("something calm for a rainy evening", on_text=print)
+    reply.text, reply.tracks          # the reply and the recommended Track(s)
+
+Decoding (see ``chat_format`` for the exact token format):
+
+- Outside a music span every music token except ``<|music_start|>`` is masked out. Once the model opens a
+  span (or the runtime forces one at the start of the turn, ``force_span=True``, the default, so an
+  untrained model still recommends), every step may only pick children of the current node of a prefix
+  trie over the catalog's codes (``trie.CodeTrie``), minus subtrees whose tracks were all recommended
+  earlier in the session, so each span resolves to a real, new track. The mask is applied by gathering
+  the logits of the allowed ids only (O(children)); token ids are mapped to tracks by the runtime, never
+  by detokenizing (llama.cpp drops long control tokens).
+- After ``<|music_end|>`` the runtime writes the track's real title, artist and year
+  (``chat_format.render_track_context``) into the context and the model continues with the reply.
+- Greedy by default; ``temperature``/``top_k`` with a ``seed`` sample instead. ``send(..., n=5)`` ranks
+  five tracks by beam search over the trie (parallel llama.cpp sequences sharing the prompt's KV cells);
+  the best one becomes the turn's span.
+- When the catalog is exhausted for a session, the session **stops recommending**: the turn has no span,
+  ``Reply.tracks`` is empty and ``Reply.exhausted`` is True (``reset()`` starts over).
+- The KV cache is kept across turns: each call prefills only the tokens after the longest prefix shared
+  with what the context already holds. When the context would overflow, the oldest turns are dropped
+  (system prompt and the most recent turns kept, so the recent tracks stay in view; the session's
+  exclusion list keeps every track) and the compacted prompt is re-prefilled. An over-long message keeps
+  its end.
+
+Threads: one ``TalkPlay`` (one llama context) can serve several sessions from several threads. A lock
+serialises all use of the llama context (a turn holds it from prefill to the last token, ``on_text``
+callbacks run under it); each session keeps its own token history, and because prefill starts at the
+common prefix of the session's tokens and the tokens the KV cache holds, a session always continues from
+its own history even when another session used the context in between (it then re-prefills from the
+shared system prompt).
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from . import chat_format as cf
+from .catalog import Catalog, Track
+from .tokens import SPAN_END, SPAN_START
+from .trie import CodeTrie, Exclusions
+
+FINGERPRINT_KEY = "talkplay.vocab_fingerprint"
+SPAN_MAX_TOKENS = 8  # start + 5 modality tokens + dup + end
+CONTEXT_MAX_TOKENS = 96  # room reserved for the written track context
+
+
+class ModelCatalogMismatch(Exception):
+    """The model's music vocabulary is not the catalog's (fingerprints differ)."""
+
+
+class ModelNotFound(FileNotFoundError):
+    """No model file given and no default model available."""
+
+
+@dataclass
+class Reply:
+    text: str
+    tracks: list[Track] = field(default_factory=list)
+    exhausted: bool = False  # the catalog had no track left to recommend in this session
+    timings: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "tracks": [t.to_dict() for t in self.tracks], "exhausted": self.exhausted,
+                "timings": self.timings}
+
+
+def _quiet_llama() -> None:
+    """Route llama.cpp's log through llama-cpp-python's logger at ERROR level (no load chatter)."""
+    try:
+        from llama_cpp import _logger
+
+        _logger.set_verbose(False)
+    except Exception:  # pragma: no cover
+        pass
+
+
+def default_model() -> Path:
+    """``$TALKPLAY_MODEL``, else the embedded model (``talkplay_edge.paths.default_model_path()``), else a clear
+    ModelNotFound."""
+    import os
+
+    from . import paths
+
+    env = os.environ.get("TALKPLAY_MODEL")
+    fn = getattr(paths, "default_model_path", None)
+    path = Path(env) if env else (fn() if fn else None)
+    if path is None or not Path(path).is_file():
+        where = f" (looked for {path})" if path else ""
+        raise ModelNotFound("no model given and no default model found" + where + ": pass one with --model PATH "
+                            "(model=... in Python, or set $TALKPLAY_MODEL); build one with the GGUF export "
+                            "(export/gguf.py)")
+    return Path(path)
+
+
+class TalkPlay:
+    """A loaded model + catalog. ``chat()`` opens a session; thread-safe (see the module docstring)."""
+
+    def __init__(self, model_path: str | Path, catalog: Catalog, *, threads: int = 2, n_ctx: int = 2048,
+                 n_batch: int = 512, max_beam: int = 32, verbose: bool = False):
+        import llama_cpp
+        from llama_cpp import _internals
+
+        t0 = time.perf_counter()
+        self.model_path = Path(model_path)
+        self.catalog = catalog
+        if not self.model_path.is_file():
+            raise ModelNotFound(f"{self.model_path}: model not found (pass --model PATH)")
+        if not verbose:
+            _quiet_llama()
+        self._llama_cpp = llama_cpp
+        mparams = llama_cpp.llama_model_default_params()
+        try:
+            self.model = _internals.LlamaModel(path_model=str(self.model_path), params=mparams, verbose=verbose)
+        except ValueError as e:
+            raise ModelNotFound(f"{self.model_path}: not a loadable GGUF model ({e})") from e
+        self.metadata = self.model.metadata()
+        model_fp = self.metadata.get(FINGERPRINT_KEY, "")
+        if model_fp != catalog.fingerprint:
+            self.model.close()
+            have = f"vocabulary fingerprint {model_fp[:16]}…" if model_fp else f"no {FINGERPRINT_KEY}"
+            raise ModelCatalogMismatch(
+                f"model {self.model_path} ({have}) does not match catalog {catalog.path} (fingerprint "
+                f"{catalog.fingerprint[:16]}…): the model was exported for another music vocabulary. Pass the "
+                "catalog the model was trained with (--catalog), or re-export/retrain the model on this catalog.")
+        self.vocab = self.model.vocab
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
+
+        # -- token ids of the music vocabulary and of the template markers ---------------------------
+        self.music_ids: dict[str, int] = {}
+        for tok in catalog.vocabulary:
+            ids = self.model.tokenize(tok.encode(), add_bos=False, special=True)
+            if len(ids) != 1:
+                raise ModelCatalogMismatch(f"model {self.model_path} has no single token for {tok} "
+                                           f"(catalog {catalog.path}); re-export the model for this catalog")
+            self.music_ids[tok] = ids[0]
+        self.start_id, self.end_id = self.music_ids[SPAN_START], self.music_ids[SPAN_END]
+        if self.start_id in self.model.tokenize(SPAN_START.encode(), add_bos=False, special=False):
+            raise ModelCatalogMismatch(f"model {self.model_path}: music tokens are not control tokens, so user text "
+                                       "could spell them; re-export the model (added tokens must be special)")
+        music = np.array(sorted(self.music_ids.values()), dtype=np.int64)
+        self._mask_in_text = music[music != self.start_id]  # masked outside spans
+        self._music_set = set(int(i) for i in music)
+        self.im_start = self._single(cf.IM_START)
+        self.im_end = self._single(cf.IM_END)
+        # a reply ends at any end-of-generation or other control token (<|im_end|>, <|endoftext|>, <|im_start|>...)
+        self.stop_ids = {self.im_end, self.im_start}
+        for i in range(self.n_vocab):
+            if i not in self._music_set and (llama_cpp.llama_vocab_is_control(self.vocab, i)
+                                             or llama_cpp.llama_vocab_is_eog(self.vocab, i)):
+                self.stop_ids.add(i)
+
+        # -- the trie over the catalog's codes ------------------------------------------------------------
+        codes = catalog.codes()
+        self.track_ids: list[str] = sorted(codes)
+        self.track_index = {tid: i for i, tid in enumerate(self.track_ids)}
+        seqs = [[self.music_ids[t] for t in codes[tid]] + [self.end_id] for tid in self.track_ids]
+        self.trie = CodeTrie.build(seqs)
+        self._track_cache: dict[int, Track] = {}
+
+        # -- the llama context: one main sequence (0) plus 2 × max_beam beam sequences -----------------
+        self.max_beam = max(1, int(max_beam))
+        self.max_beam = min(self.max_beam, (int(llama_cpp.llama_max_parallel_sequences()) - 1) // 2)
+        self.n_seq_max = 1 + 2 * self.max_beam
+        n_batch = max(int(n_batch), self.n_seq_max)  # llama.cpp aborts when n_batch < n_seq_max
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = int(n_ctx)
+        cparams.n_batch = int(n_batch)
+        cparams.n_ubatch = int(n_batch)
+        cparams.n_threads = cparams.n_threads_batch = int(threads)
+        cparams.n_seq_max = self.n_seq_max
+        cparams.kv_unified = True
+        cparams.no_perf = True
+        self.ctx = _internals.LlamaContext(model=self.model, params=cparams, verbose=verbose)
+        self.n_ctx = int(llama_cpp.llama_n_ctx(self.ctx.ctx))
+        self.n_batch = int(n_batch)
+        self._mem = llama_cpp.llama_get_memory(self.ctx.ctx)
+        self._batch = llama_cpp.llama_batch_init(max(self.n_batch, self.max_beam), 0, self.n_seq_max)
+        self._kv: list[int] = []  # tokens held by sequence 0 of the KV cache, positions 0..len-1
+        self._lock = threading.RLock()
+        self.threads = threads
+        self.load_seconds = time.perf_counter() - t0
+
+    # ------------------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, model: str | Path | None = None, catalog: str | Path | Catalog | None = None, threads: int = 2,
+             **kw) -> "TalkPlay":
+        """Load a model (default: the embedded one) and a catalog (default: the embedded catalog.db)."""
+        cat = catalog if isinstance(catalog, Catalog) else Catalog.open(catalog)
+        try:
+            return cls(model if model is not None else default_model(), cat, threads=threads, **kw)
+        except BaseException:
+            if not isinstance(catalog, Catalog):
+                cat.close()
+            raise
+
+    def chat(self, system: str | None = None, **kw) -> "ChatSession":
+        """A new conversation (see ``ChatSession`` for the options)."""
+        return ChatSession(self, system=system, **kw)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._batch is not None:
+                self._llama_cpp.llama_batch_free(self._batch)
+                self._batch = None
+            self.ctx.close()
+            self.model.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- tokens -----------------------------------------------------------------------------------------
+    def _single(self, text: str) -> int:
+        ids = self.model.tokenize(text.encode(), add_bos=False, special=True)
+        if len(ids) != 1:
+            raise ValueError(f"{self.model_path}: {text} is not one token in this model (not a ChatML model?)")
+        return ids[0]
+
+    def tokenize(self, text: str, special: bool = False) -> list[int]:
+        return self.model.tokenize(text.encode("utf-8"), add_bos=False, special=special) if text else []
+
+    def tokenize_segments(self, segments: Sequence[tuple[str, bool]]) -> list[int]:
+        out: list[int] = []
+        for text, special in segments:
+            out += self.tokenize(text, special)
+        return out
+
+    def piece(self, token: int) -> bytes:
+        """The bytes of one (text) token; control tokens give b''."""
+        buf = ctypes.create_string_buffer(64)
+        n = self._llama_cpp.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._llama_cpp.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
+        return buf.raw[:max(n, 0)]
+
+    def track(self, index: int) -> Track:
+        t = self._track_cache.get(index)
+        if t is None:
+            t = self.catalog.get(self.track_ids[index])
+            if t is None:
+                raise KeyError(f"{self.catalog.path}: track {self.track_ids[index]} has a code but no row")
+            self._track_cache[index] = t
+        return t
+
+    # -- llama context ------------------------------------------------------------------------------------
+    def _decode(self, tokens: Sequence[int], pos: int, seq: int = 0) -> np.ndarray:
+        """Decode ``tokens`` at positions pos.. on ``seq``; return the last token's logits (a view)."""
+        lc, b = self._llama_cpp, self._batch
+        for s in range(0, len(tokens), self.n_batch):
+            chunk = tokens[s:s + self.n_batch]
+            b.n_tokens = len(chunk)
+            for i, t in enumerate(chunk):
+                b.token[i] = int(t)
+                b.pos[i] = pos + s + i
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = seq
+                b.logits[i] = 0
+            b.logits[len(chunk) - 1] = 1
+            rc = lc.llama_decode(self.ctx.ctx, b)
+            if rc != 0:
+                self._kv = []
+                lc.llama_memory_clear(self._mem, True)
+                raise RuntimeError(f"llama_decode failed ({rc}) at position {pos + s} of {self.n_ctx}")
+        return self._logits(len(tokens[s:s + self.n_batch]) - 1)
+
+    def _logits(self, i: int) -> np.ndarray:
+        ptr = self._llama_cpp.llama_get_logits_ith(self.ctx.ctx, i)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def _sync(self, tokens: list[int]) -> np.ndarray:
+        """Make sequence 0 hold exactly ``tokens``; prefill only past the common prefix. Returns the logits
+        after the last token."""
+        if not tokens:
+            raise ValueError("nothing to decode")
+        if len(tokens) > self.n_ctx:
+            raise RuntimeError(f"{len(tokens)} tokens do not fit the context ({self.n_ctx})")
+        kv = self._kv
+        p, m = 0, min(len(kv), len(tokens))
+        while p < m and kv[p] == tokens[p]:
+            p += 1
+        p = min(p, len(tokens) - 1)  # the last token is always decoded again for its logits
+        self._llama_cpp.llama_memory_seq_rm(self._mem, -1, p, -1)
+        self._kv = kv[:p]
+        logits = self._decode(tokens[p:], p)
+        self._kv = list(tokens)
+        return logits
+
+    def _append(self, tokens: Sequence[int]) -> np.ndarray:
+        """Decode ``tokens`` after what sequence 0 holds."""
+        if not tokens:
+            raise ValueError("nothing to decode")
+        if len(self._kv) + len(tokens) > self.n_ctx:
+            raise RuntimeError(f"context full ({self.n_ctx} tokens)")
+        logits = self._decode(tokens, len(self._kv))
+        self._kv.extend(int(t) for t in tokens)
+        return logits
+
+    # -- constrained span decoding -----------------------------------------------------------------------
+    def _beam(self, logits: np.ndarray, excl: Exclusions, n: int, width: int | None = None) -> list[tuple[int, float]]:
+        """Rank up to ``n`` tracks by beam search over the trie, starting from ``logits`` (the state after
+        ``<|music_start|>`` on sequence 0). Returns [(track index, log-prob)], best first. Sequence 0 is left
+        as it was."""
+        lc = self._llama_cpp
+        room = (self.n_ctx - len(self._kv)) // SPAN_MAX_TOKENS  # each beam needs up to one span of KV cells
+        if room < 1:
+            raise RuntimeError(f"no room left in the context ({self.n_ctx} tokens) for a music span")
+        width = max(1, min(self.max_beam, width or n, room))
+        finished: list[tuple[float, int]] = []
+        base = len(self._kv)
+        beams = [(0.0, 0, 0)]  # (score, node, seq)
+        row = {0: np.asarray(logits, dtype=np.float64).copy()}  # seq -> logits row (copied: decode overwrites)
+        bank = 0
+        try:
+            depth = 0
+            while beams:
+                cands: list[tuple[float, int, int]] = []
+                for score, node, seq in beams:
+                    lg = row[seq]
+                    mx = lg.max()
+                    lse = mx + np.log(np.exp(lg - mx).sum())
+                    toks, kids = excl.allowed(node)
+                    if len(toks) == 0:
+                        continue
+                    lp = lg[toks.astype(np.int64)] - lse
+                    keep = np.argsort(-lp)[:width]
+                    cands += [(score + float(lp[k]), int(kids[k]), seq) for k in keep]
+                cands.sort(key=lambda c: -c[0])
+                live = []
+                for sc, node, seq in cands:
+                    if len(live) >= width:
+                        break
+                    if self.trie.track[node] >= 0:
+                        finished.append((sc, int(self.trie.track[node])))
+                    else:
+                        live.append((sc, node, seq))
+                finished.sort(key=lambda f: -f[0])
+                if len(finished) >= n and (not live or live[0][0] <= finished[n - 1][0]):
+                    break
+                if not live:
+                    break
+                # advance the live beams one token on fresh sequences of the other bank
+                bank ^= 1
+                first = 1 + bank * self.max_beam
+                for j in range(self.max_beam):
+                    lc.llama_memory_seq_rm(self._mem, first + j, -1, -1)
+                b = self._batch
+                b.n_tokens = len(live)
+                for j, (sc, node, seq) in enumerate(live):
+                    lc.llama_memory_seq_cp(self._mem, seq, first + j, -1, -1)
+                    b.token[j] = int(self.trie.token[node - 1])
+                    b.pos[j] = base + depth
+                    b.n_seq_id[j] = 1
+                    b.seq_id[j][0] = first + j
+                    b.logits[j] = 1
+                rc = lc.llama_decode(self.ctx.ctx, b)
+                if rc != 0:
+                    raise RuntimeError(f"llama_decode failed ({rc}) in beam search")
+                row = {first + j: np.asarray(self._logits(j), dtype=np.float64).copy() for j in range(len(live))}
+                beams = [(sc, node, first + j) for j, (sc, node, seq) in enumerate(live)]
+                depth += 1
+        finally:
+            for s in range(1, self.n_seq_max):
+                lc.llama_memory_seq_rm(self._mem, s, -1, -1)
+        return [(t, s) for s, t in finished[:n]]
+
+    def rank(self, excl: Exclusions, logits: np.ndarray, n: int) -> list[tuple[int, float]]:
+        """Up to ``n`` distinct tracks (beam search; reruns excluding what it found until ``n`` or exhausted)."""
+        out: list[tuple[int, float]] = []
+        ex = excl.copy()
+        logits = np.array(logits, dtype=np.float64)  # a copy: the beams' decodes overwrite llama's buffer
+        while len(out) < n and not ex.exhausted:
+            got = self._beam(logits, ex, n - len(out), width=max(n - len(out), 4))
+            if not got:
+                break
+            for t, s in got:
+                out.append((t, s))
+                ex.exclude(t)
+        return out
+
+
+class ChatSession:
+    """One conversation. ``send`` answers a message; ``more`` ranks further tracks for the last request.
+
+    Options: ``system`` prompt, ``force_span`` (start every assistant turn with a music span; default on),
+    ``temperature`` (0 = greedy) / ``top_k`` / ``seed`` for sampling, ``max_new_tokens`` per reply."""
+
+    def __init__(self, tp: TalkPlay, system: str | None = None, *, force_span: bool = True,
+                 temperature: float = 0.0, top_k: int = 0, seed: int | None = None, max_new_tokens: int = 96):
+        self.tp = tp
+        self.system = cf.DEFAULT_SYSTEM if system is None else system
+        self.force_span, self.temperature, self.top_k = force_span, float(temperature), int(top_k)
+        self.max_new_tokens = int(max_new_tokens)
+        self.rng = np.random.default_rng(seed)
+        self._system_tokens = tp.tokenize_segments(cf.turn_segments("system", self.system.strip(), content_special=False))
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the conversation and the recommended tracks."""
+        self.turns: list[list[int]] = []  # token ids of each finished user+assistant exchange
+        self.history: list[dict] = []  # [{"role", "content", ["track_ids"]}] as readable text
+        self.excl = Exclusions(self.tp.trie)
+        self.recommended: list[str] = []
+        self._last_user: list[int] | None = None
+        self.compactions = 0
+
+    # -- budget --------------------------------------------------------------------------------------
+    def _reserve(self, n: int = 1) -> int:
+        """Tokens kept free after the prompt: the reply, a span, the track context, and the beams' cells."""
+        beams = min(min(max(n, 4), self.tp.max_beam) * SPAN_MAX_TOKENS, self.tp.n_ctx // 4) if n > 1 else 0
+        return self.max_new_tokens + SPAN_MAX_TOKENS + CONTEXT_MAX_TOKENS + 4 + beams
+
+    def _user_block(self, text: str, n: int = 1) -> list[int]:
+        """``<|im_start|>user\\n…<|im_end|>\\n<|im_start|>assistant\\n`` with the text as plain tokens, the
+        message cut (keeping its end) so that it fits the context with the system prompt."""
+        tp = self.tp
+        text = cf.normalize_message(text)
+        head = tp.tokenize_segments([(cf.IM_START, True), ("user\n", False)])
+        tail = tp.tokenize_segments([(cf.IM_END, True), ("\n", False)] + cf.generation_prompt_segments())
+        budget = tp.n_ctx - self._reserve(n) - len(self._system_tokens) - len(head) - len(tail)
+        if budget < 8:
+            raise ValueError(f"the context ({tp.n_ctx} tokens) is too small for a message")
+        if len(text) > 16 * budget:  # cheap pre-cut: no token is longer than 16 characters on average
+            text = text[-16 * budget:]
+        body = tp.tokenize(text, special=False)
+        if len(body) > budget:
+            body = body[-budget:]
+        return head + body + tail
+
+    def _prompt(self, user_block: list[int], n: int = 1) -> list[int]:
+        """System + recent turns + this message. When that would not fit, the oldest turns are dropped until
+        it takes at most half the usable context, so the (full) re-prefill this costs happens rarely."""
+        limit = self.tp.n_ctx - self._reserve(n)
+        size = lambda: len(self._system_tokens) + sum(map(len, self.turns)) + len(user_block)  # noqa: E731
+        if size() > limit:
+            self.compactions += 1
+            while self.turns and size() > limit // 2:
+                self.turns.pop(0)
+        out = list(self._system_tokens)
+        for t in self.turns:
+            out += t
+        return out + user_block
+
+    # -- sampling ------------------------------------------------------------------------------------
+    def _pick(self, scores: np.ndarray) -> int:
+        """Index into ``scores`` (already masked): argmax, or a temperature/top-k sample."""
+        if self.temperature <= 0:
+            return int(np.argmax(scores))
+        s = np.asarray(scores, dtype=np.float64) / self.temperature
+        idx = np.arange(len(s))
+        if 0 < self.top_k < len(s):
+            idx = np.argpartition(-s, self.top_k - 1)[:self.top_k]
+            s = s[idx]
+        finite = np.isfinite(s)
+        idx, s = idx[finite], s[finite]
+        p = np.exp(s - s.max())
+        p /= p.sum()
+        return int(idx[self.rng.choice(len(p), p=p)])
+
+    # -- a turn --------------------------------------------------------------------------------------
+    def send(self, message: str, *, n: int = 1, on_text: Callable[[str], None] | None = None,
+             on_track: Callable[[Track], None] | None = None) -> Reply:
+        """Answer ``message``: a reply and (normally) one track; ``n > 1`` ranks ``n`` tracks by beam search
+        (all returned, best first, and all counted as recommended). ``on_track`` gets each track as soon as
+        its span resolves (before the reply text), ``on_text`` the reply text as it is generated. An empty
+        message raises ``chat_format.EmptyMessageError`` (a ValueError); an over-long one keeps its end."""
+        tp = self.tp
+        t0 = time.perf_counter()
+        if n < 1:
+            raise ValueError("n must be at least 1")
+        user_block = self._user_block(message, n)
+        timings: dict = {}
+        with tp._lock:
+            prompt = self._prompt(user_block, n)
+            kv_before = len(tp._kv)
+            t_pref = time.perf_counter()
+            logits = tp._sync(prompt)
+            timings["prefill_s"] = time.perf_counter() - t_pref
+            timings["prompt_tokens"] = len(prompt)
+            timings["reused_tokens"] = min(kv_before, len(prompt))
+            gen: list[int] = []
+            tracks: list[Track] = []
+            text = bytearray()
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            exhausted = self.excl.exhausted
+            in_span, node, span_done = False, 0, False
+            pending: list[int] = []
+            span_steps, span_time, text_steps, text_time = 0, 0.0, 0, 0.0
+            first_track_s = None
+            if self.force_span and not exhausted:
+                pending = [tp.start_id]
+            budget = self.max_new_tokens
+            while True:
+                ts = time.perf_counter()
+                if pending:
+                    logits = tp._append(pending)
+                    gen += pending
+                    if pending[0] == tp.start_id and len(pending) == 1:
+                        in_span, node = True, 0
+                    pending = []
+                if in_span:
+                    if n > 1:
+                        idxs = [t for t, _ in tp.rank(self.excl, logits, n)]
+                        if not idxs:  # cannot happen: spans only open while tracks remain
+                            raise RuntimeError("no track left for the span")
+                        path = tp.trie.path(idxs[0])
+                        span_steps += len(path)
+                        todo = path
+                    else:
+                        path, node = [], 0
+                        while tp.trie.track[node] < 0:
+                            toks, kids = self.excl.allowed(node)
+                            k = self._pick(logits[toks.astype(np.int64)])
+                            path.append(int(toks[k]))
+                            node = int(kids[k])
+                            if tp.trie.track[node] < 0:
+                                logits = tp._append([path[-1]])
+                        idxs = [int(tp.trie.track[node])]
+                        span_steps += len(path)
+                        todo = path[-1:]  # the earlier tokens are already decoded
+                    for i in idxs:
+                        self.excl.exclude(i)
+                        tracks.append(tp.track(i))
+                    first_track_s = time.perf_counter() - t0
+                    span_time += time.perf_counter() - ts
+                    if on_track is not None:
+                        for t in tracks:
+                            on_track(t)
+                    ctx_tokens = tp.tokenize(cf.render_track_context(tracks[0]), special=False)[:CONTEXT_MAX_TOKENS]
+                    logits = tp._append(todo + ctx_tokens)
+                    gen += path + ctx_tokens
+                    in_span, span_done = False, True
+                    continue
+                if budget <= 0 or len(tp._kv) >= tp.n_ctx - 2:
+                    break
+                scores = logits.copy()
+                scores[tp._mask_in_text] = -np.inf
+                if span_done or exhausted:
+                    scores[tp.start_id] = -np.inf
+                tok = self._pick(scores)
+                budget -= 1
+                if tok in tp.stop_ids:
+                    break
+                gen.append(tok)
+                if tok == tp.start_id:
+                    pending = []
+                    logits = tp._append([tok])
+                    in_span, node = True, 0
+                    text_time += time.perf_counter() - ts
+                    continue
+                piece = tp.piece(tok)
+                text += piece
+                if on_text is not None:
+                    s = decoder.decode(piece)
+                    if s:
+                        on_text(s)
+                logits = tp._append([tok])
+                text_steps += 1
+                text_time += time.perf_counter() - ts
+            if on_text is not None:
+                s = decoder.decode(b"", final=True)
+                if s:
+                    on_text(s)
+            end = tp.tokenize_segments([(cf.IM_END, True), ("\n", False)])
+            self.turns.append(user_block + gen + end)
+            # leave the KV as is: the next turn's prefill decodes the end marker with the next message
+        reply_text = text.decode("utf-8", errors="replace").strip()
+        self.recommended += [t.id for t in tracks]
+        self._last_user = user_block
+        self.history.append({"role": "user", "content": cf.normalize_message(message)[-2000:]})
+        self.history.append({"role": "assistant", "content": reply_text, "track_ids": [t.id for t in tracks]})
+        timings.update(total_s=time.perf_counter() - t0, first_track_s=first_track_s, span_tokens=span_steps,
+                       span_s=span_time, text_tokens=text_steps, text_s=text_time)
+        return Reply(reply_text, tracks, exhausted=exhausted and not tracks, timings=timings)
+
+    def more(self, n: int = 1) -> Reply:
+        """``n`` further tracks for the last request (beam-ranked, not yet recommended); no reply text."""
+        if self._last_user is None:
+            raise ValueError("nothing asked yet")
+        tp = self.tp
+        t0 = time.perf_counter()
+        with tp._lock:
+            if self.excl.exhausted:
+                return Reply("", [], exhausted=True)
+            prev = self.turns[:-1]
+            prompt = list(self._system_tokens)
+            for t in prev:
+                prompt += t
+            prompt += self._last_user + [tp.start_id]
+            if len(prompt) > tp.n_ctx - SPAN_MAX_TOKENS:
+                prompt = list(self._system_tokens) + self._last_user + [tp.start_id]
+            logits = tp._sync(prompt)
+            ranked = tp.rank(self.excl, logits, n)
+            tracks = []
+            for i, _ in ranked:
+                self.excl.exclude(i)
+                tracks.append(tp.track(i))
+        self.recommended += [t.id for t in tracks]
+        return Reply("", tracks, timings={"total_s": time.perf_counter() - t0})
+
+
+class ModelRecommender:
+    """The model as a ``Recommender`` for ``talkplay eval --system model``: history → ranked track ids.
+
+    ``ModelRecommender(catalog, threads=2, model=None)``: ``catalog`` a Catalog (or path); earlier assistant
+    turns are rendered with their first ground-truth track as a music span (``chat_format``), then the
+    tracks are ranked by beam search from ``<|im_start|>assistant\\n<|music_start|>``."""
+
+    name = "model"
+
+    def __init__(self, catalog=None, threads: int = 2, model: str | Path | None = None, tp: TalkPlay | None = None,
+                 system: str | None = None, n_ctx: int = 2048, max_beam: int = 32, **_):
+        self.tp = tp or TalkPlay.load(model, catalog, threads=threads, n_ctx=n_ctx, max_beam=max_beam)
+        self.system = system
+
+    def _segments(self, history: list[dict]) -> list[tuple[str, bool]]:
+        cat = self.tp.catalog
+        turns = []
+        for t in history:
+            if t["role"] == "assistant":
+                tid = next((i for i in t.get("track_ids") or [] if i in self.tp.track_index), None)
+                track = cat.get(tid) if tid else None
+                span = cat.span(tid) if track else None
+                turns.append({"role": "assistant", "content": cf.assistant_turn_text(span, track, t.get("content", ""))})
+            elif t["role"] == "user":
+                if str(t.get("content", "")).strip():
+                    turns.append({"role": "user", "content": t["content"]})
+        while True:
+            segs = cf.prompt_segments(self.system, turns) + [(SPAN_START, True)]
+            toks = self.tp.tokenize_segments(segs)
+            if len(toks) <= self.tp.n_ctx - self._reserve() or len(turns) <= 1:
+                return toks
+            turns = turns[1:]
+
+    def _reserve(self) -> int:
+        return min((self.tp.max_beam + 1) * SPAN_MAX_TOKENS, self.tp.n_ctx // 2)
+
+    def close(self) -> None:
+        self.tp.close()
+
+    def recommend(self, history: list[dict], exclude: set[str], n: int = 100) -> list[str]:
+        tp = self.tp
+        toks = self._segments(history)
+        if len(toks) > tp.n_ctx - self._reserve():
+            toks = toks[-(tp.n_ctx - self._reserve()):]
+        excl = Exclusions(tp.trie, [tp.track_index[i] for i in exclude if i in tp.track_index])
+        with tp._lock:
+            logits = tp._sync(toks)
+            ranked = tp.rank(excl, logits, n)
+        return [tp.track_ids[i] for i, _ in ranked]

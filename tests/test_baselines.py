@@ -1,0 +1,122 @@
+"""Every baseline on the tiny generated catalog: valid, unique, non-excluded ids; each one's own behaviour."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from talkplay_edge.baselines import (
+    BM25Recommender, CFRecommender, DenseRecommender, PopularityRecommender, RandomRecommender, content_terms, rrf,
+    track_embeddings,
+)
+from talkplay_edge.catalog import Catalog
+from talkplay_edge.evaluate import get_recommender
+
+BASELINES = ("bm25", "cf", "dense", "hybrid", "popularity", "random")
+
+
+@pytest.fixture(scope="module")
+def cat(tiny_catalog):
+    with Catalog.open(tiny_catalog) as c:
+        yield c
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))
+
+
+def history_for(cat, n_played: int, user: str = "play some rock") -> tuple[list[dict], set[str]]:
+    pl = cat.playlists()[0]["track_ids"]
+    h: list[dict] = []
+    for tid in pl[:n_played]:
+        h += [{"role": "user", "content": user}, {"role": "assistant", "content": "ok", "track_ids": [tid]}]
+    h.append({"role": "user", "content": user})
+    return h, set(pl[:n_played])
+
+
+@pytest.mark.parametrize("system", BASELINES)
+def test_every_baseline_returns_valid_unique_non_excluded(cat, system, text_encoder):
+    rec = get_recommender(system, cat, threads=1, encoder=text_encoder, show_progress=False)
+    valid = set(cat.track_ids())
+    for n_played in (0, 1, 3):
+        history, exclude = history_for(cat, n_played)
+        for n in (5, 100):
+            out = rec.recommend(history, set(exclude), n)
+            assert len(out) == len(set(out)) == min(n, len(valid) - len(exclude)), (system, n_played, n)
+            assert set(out) <= valid and not set(out) & exclude
+
+
+def test_popularity_order(cat):
+    rec = PopularityRecommender(cat)
+    pops = {r[0]: r[1] or 0 for r in cat.conn.execute("select id, popularity from tracks")}
+    out = rec.recommend([{"role": "user", "content": "hi"}], set(), 20)
+    assert [pops[t] for t in out] == sorted((pops[t] for t in out), reverse=True)
+    assert pops[out[0]] == max(pops.values())
+    assert out[0] not in rec.recommend([{"role": "user", "content": "hi"}], {out[0]}, 20)
+
+
+def test_random_is_seeded(cat):
+    h, _ = history_for(cat, 1)
+    a, b, c = RandomRecommender(cat, seed=0), RandomRecommender(cat, seed=0), RandomRecommender(cat, seed=1)
+    assert a.recommend(h, set(), 20) == b.recommend(h, set(), 20) != c.recommend(h, set(), 20)
+
+
+def test_bm25_finds_the_named_artist(cat):
+    artist = next(t.artist for t in cat.tracks() if t.artist.startswith("The "))  # e.g. "The Nights"
+    rec = BM25Recommender(cat)
+    assert content_terms(f"Play something by {artist}, please!") == [w.casefold() for w in artist.split()[1:]]
+    out = rec.recommend([{"role": "user", "content": f"Play something by {artist}"}], set(), 10)
+    by_artist = {t.id for t in cat.tracks() if t.artist == artist}
+    assert out[0] in by_artist
+    # the latest turn weighs more than the earlier one
+    other = next(t.artist for t in cat.tracks() if t.artist != artist and t.artist.startswith("The "))
+    h = [{"role": "user", "content": f"something by {other}"}, {"role": "assistant", "content": "", "track_ids": []},
+         {"role": "user", "content": f"now {artist}"}]
+    h[1]["track_ids"] = [next(t.id for t in cat.tracks() if t.artist == other)]
+    assert rec.recommend(h, set(h[1]["track_ids"]), 5)[0] in by_artist
+
+
+def test_cf_neighbours(cat):
+    rec = CFRecommender(cat)
+    h, exclude = history_for(cat, 1)
+    played = next(iter(exclude))
+    out = rec.recommend(h, exclude, 5)
+    if played in rec.index:  # the nearest item2vec neighbour by cosine comes first
+        v = rec.mat[rec.index[played]]
+        sims = rec.mat @ v
+        sims[rec.index[played]] = -np.inf
+        assert out[0] == rec.ids[int(np.argmax(sims))]
+    first_turn = rec.recommend([{"role": "user", "content": "hi"}], set(), 5)
+    assert first_turn == PopularityRecommender(cat).recommend([], set(), 5)
+
+
+def test_dense_cache_and_query(cat, text_encoder, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    ids, mat = track_embeddings(cat, text_encoder, show_progress=False)
+    files = list((tmp_path / "talkplay-edge" / "dense").glob("*.npy"))
+    assert len(files) == 1 and cat.fingerprint[:16] in files[0].name
+    assert len(list((tmp_path / "talkplay-edge" / "dense").glob("texts-*.npz"))) == 1
+    assert mat.shape == (len(cat), text_encoder.dim) and np.allclose(np.linalg.norm(mat, axis=1), 1, atol=1e-3)
+
+    class NoEncode:  # the second load must come from the cache
+        name, version, dim = text_encoder.name, text_encoder.version, text_encoder.dim
+
+        def encode(self, texts, **kw):
+            raise AssertionError("re-encoded despite the cache")
+
+    ids2, mat2 = track_embeddings(cat, NoEncode(), show_progress=False)
+    assert ids2 == ids and np.array_equal(mat, mat2)
+    files[0].unlink()  # the per-encoder text store still spares re-encoding
+    ids3, mat3 = track_embeddings(cat, NoEncode(), show_progress=False)
+    assert np.array_equal(mat, mat3)
+    rec = DenseRecommender(cat, encoder=text_encoder, show_progress=False)
+    t = cat.tracks()[5]
+    out = rec.recommend([{"role": "user", "content": "hello"}, {"role": "assistant", "content": "", "track_ids": ["x"]},
+                         {"role": "user", "content": f"{t.title} by {t.artist}"}], set(), 5)
+    assert t.id in out
+
+
+def test_rrf_hand_computed():
+    assert rrf([["a", "b"], ["b", "c"]], k=1) == ["b", "a", "c"]  # b: 1/3 + 1/2, a: 1/2, c: 1/3
+    assert rrf([["a"], ["b"]], k=60) == ["a", "b"]  # tie broken by id

@@ -1,0 +1,184 @@
+"""Catalog build and the music tokenizer, on generated fake data with the real ONNX text encoder."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import sqlite3
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from talkplay_edge.catalog import Catalog, CatalogError
+from talkplay_edge.catalog_build import build_catalog, resolve_collisions
+from talkplay_edge.cli import cli
+from talkplay_edge.music_tokenizer import assign_clusters, embed_modalities
+from talkplay_edge.sources import SourceError, load_sources
+from talkplay_edge.tokens import MODALITIES, NONE, SPAN_END, SPAN_START, parse_token
+
+
+def test_sources_merge(fake_data_dir):
+    src = load_sources(fake_data_dir)
+    ids = [t["id"] for t in src.tracks]
+    assert len(ids) == len(set(ids))
+    by_id = {t["id"]: t for t in src.tracks}
+    shared = [t for t in src.tracks if t["source"] == "spotify_songs+musicoset"]
+    assert len(shared) == 2 and all(t["explicit"] == 0 and "album rock" in t["artist_genres"] for t in shared)
+    mo = by_id["mo0000"]
+    assert mo["source"] == "musicoset" and mo["explicit"] == 1 and mo["artist_genres"] == ["pop", "dance pop"]
+    assert by_id["mo0007"]["artist_genres"] == []  # "-" main genre and no genres: nothing invented
+    assert src.stats["lyrics"] == 5 and all(by_id[t]["has_lyrics"] for t in src.lyrics)
+    assert all(len(p["track_ids"]) == 10 for p in src.playlists)
+
+
+def test_sources_errors_name_the_file(tmp_path, fake_data_dir):
+    with pytest.raises(SourceError, match="data folder not found"):
+        load_sources(tmp_path / "nope")
+    broken = shutil.copytree(fake_data_dir, tmp_path / "d")
+    songs = broken / "musicoset" / "songs.csv"
+    songs.write_text(songs.read_text().replace("popularity", "popularitty", 1))
+    with pytest.raises(SourceError, match=r"songs\.csv: missing column\(s\) popularity"):
+        load_sources(broken)
+    (broken / "musicoset" / "songs.csv").write_text("")
+    with pytest.raises(SourceError, match=r"songs\.csv"):
+        load_sources(broken)
+    gz = broken / "spotify_songs" / "spotify_songs.csv.gz"
+    gz.write_bytes(gzip.compress(b"x")[:10])
+    with pytest.raises(SourceError, match=r"spotify_songs\.csv\.gz: cannot read"):
+        load_sources(broken)
+
+
+def test_catalog_contents(tiny_catalog):
+    with Catalog.open(tiny_catalog, verify=True) as cat:
+        info = cat.info()
+        assert info["tracks"] == len(cat) == 56
+        codes = cat.codes()
+        assert len(codes) == 56 and len(set(codes.values())) == 56  # every track reachable
+        vocab = set(cat.vocabulary)
+        assert cat.vocabulary[:2] == [SPAN_START, SPAN_END]
+        assert all(len(t.encode()) < 32 for t in cat.vocabulary)
+        for code in codes.values():
+            assert [parse_token(t).modality for t in code[:5]] == list(MODALITIES)
+            assert set(code) <= vocab
+        assert cat.span(next(iter(codes))).startswith(SPAN_START)
+        # a track in no training playlist has no CF; musicoset-only tracks have no playlist at all
+        assert cat.get("mo0003").code[0] == "<|cf_none|>"
+        assert cat.get("mo0007").code[1] == "<|tag_none|>"  # no genres, no playlists, no artist genres
+        with_lyrics = {r[0] for r in cat.conn.execute("select id from tracks where has_lyrics")}
+        for tid, code in codes.items():
+            assert (code[3] == "<|lyr_none|>") == (tid not in with_lyrics)
+        cf_ids, cf = cat.cf_vectors()
+        train = {t for p in cat.playlists("train") for t in p["track_ids"]}
+        assert set(cf_ids) == train and cf.shape[1] == 64
+        assert {tid for tid, code in codes.items() if code[0] != "<|cf_none|>"} == train
+        assert {p["split"] for p in cat.playlists()} <= {"train", "valid", "test"}
+        assert cat.search("Rainy Day Rock", 5), "FTS finds playlist-name tags"
+        assert info["modalities"]["metadata"]["coverage"] == 1.0
+
+
+def test_build_is_deterministic(fake_data_dir, text_encoder, tiny_catalog, tmp_path):
+    out = tmp_path / "again.db"
+    build_catalog(load_sources(fake_data_dir), out, text_encoder, k=8, quiet=True)
+    with Catalog.open(tiny_catalog) as a, Catalog.open(out) as b:
+        assert a.fingerprint == b.fingerprint
+        assert a.codes() == b.codes()
+
+
+def test_new_track_gets_its_build_time_code(fake_data_dir, text_encoder, tiny_catalog):
+    """Re-tokenise tracks with the stored centroids only: same clusters as stored at build time."""
+    src = load_sources(fake_data_dir)
+    with Catalog.open(tiny_catalog) as cat:
+        cf_ids, cf = cat.cf_vectors()
+        sample = src.tracks[::5]
+        emb = embed_modalities(sample, text_encoder, lyrics=src.lyrics, cf=dict(zip(cf_ids, cf)))
+        clusters = assign_clusters(len(sample), emb, {m: cat.codebook(m) for m in MODALITIES})
+        stored = {r["track_id"]: r for r in cat.conn.execute("select * from codes")}
+        for i, t in enumerate(sample):
+            assert [int(clusters[m][i]) for m in MODALITIES] == [stored[t["id"]][m] for m in MODALITIES], t["id"]
+
+
+def test_collisions_get_dup_tokens(fake_data_dir, text_encoder, tmp_path):
+    src = load_sources(fake_data_dir)
+    original = next(t for t in src.tracks if t["id"] == "mo0007")  # no playlist (cf), no lyrics
+    twin = dict(original, id="zz-twin", popularity=-1)  # identical content, less popular
+    src.tracks.append(twin)
+    out = tmp_path / "c.db"
+    summary = build_catalog(src, out, text_encoder, k=8, quiet=True)
+    assert summary["collisions"]["tracks_sharing_code_before"] >= 2
+    assert summary["collisions"]["collision_rate_after"] == 0.0
+    with Catalog.open(out) as cat:
+        a, b = cat.codes()["mo0007"], cat.codes()["zz-twin"]
+        assert a[:5] == b[:5] and a != b and b[5] == "<|dup_001|>"
+        assert "<|dup_001|>" in cat.vocabulary
+
+
+def test_resolve_collisions_orders_by_popularity():
+    dup, stats = resolve_collisions([(1, 2), (1, 2), (3, 4), (1, 2)], [5, 9, 1, None], ["a", "b", "c", "d"])
+    assert dup == [1, 0, 0, 2] and stats["largest_group"] == 3 and stats["max_dup"] == 2
+
+
+def test_failed_build_keeps_the_good_catalog(fake_data_dir, tiny_catalog, tmp_path):
+    target = tmp_path / "catalog.db"
+    shutil.copy(tiny_catalog, target)
+    before = target.read_bytes()
+
+    class Broken:
+        name, version, dim = "broken", "0", 384
+
+        def encode(self, texts, **kw):
+            raise RuntimeError("encoder crashed")
+
+    with pytest.raises(RuntimeError, match="encoder crashed"):
+        build_catalog(load_sources(fake_data_dir), target, Broken(), k=8, quiet=True)
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["catalog.db"]
+
+
+def test_open_rejects_bad_files(tmp_path, tiny_catalog):
+    with pytest.raises(CatalogError, match="not found"):
+        Catalog.open(tmp_path / "missing.db")
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"not sqlite at all" * 100)
+    with pytest.raises(CatalogError, match="junk.db"):
+        Catalog.open(junk)
+    other = tmp_path / "other.db"
+    sqlite3.connect(other).execute("create table x (a)").connection.commit()
+    with pytest.raises(CatalogError, match="missing table"):
+        Catalog.open(other)
+    tampered = tmp_path / "tampered.db"
+    shutil.copy(tiny_catalog, tampered)
+    with sqlite3.connect(tampered) as conn:
+        conn.execute("update tokens set token = '<|cf_9999|>' where id = 3")
+    Catalog.open(tampered).close()  # cheap open does not hash
+    with pytest.raises(CatalogError, match="fingerprint"):
+        Catalog.open(tampered, verify=True)
+
+
+def test_cli_info_and_errors(tiny_catalog, tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(cli, ["info", "--catalog", str(tiny_catalog), "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.output)
+    assert data["tracks"] == 56 and set(data["modalities"]) == set(MODALITIES)
+    assert all(m["codes_used"] <= m["k"] for m in data["modalities"].values())
+    r = runner.invoke(cli, ["info", "--catalog", str(tmp_path / "nope.db")])
+    assert r.exit_code == 1 and "catalog not found" in r.output and "Traceback" not in r.output
+    r = runner.invoke(cli, ["catalog", "build", "--data", str(tmp_path / "nodata"), "--out", str(tmp_path / "x.db")])
+    assert r.exit_code == 1 and "data folder not found" in r.output
+    assert not (tmp_path / "x.db").exists()
+
+
+def test_none_clusters_for_missing_modalities(text_encoder):
+    tracks = [{"id": "a", "title": "Solo", "artist": "Nobody", "genres": [], "subgenres": [], "artist_genres": [],
+               "playlists": [], "danceability": None}]
+    emb = embed_modalities(tracks, text_encoder)
+
+    class CB:
+        def __init__(self, d):
+            self.centroids, self.transform = np.eye(2, d, dtype=np.float32), {}
+
+    clusters = assign_clusters(1, emb, {"metadata": CB(384), "tags": CB(384), "lyrics": CB(384), "audio": CB(12), "cf": CB(64)})
+    assert clusters["metadata"][0] != NONE
+    assert all(clusters[m][0] == NONE for m in ("tags", "lyrics", "audio", "cf"))

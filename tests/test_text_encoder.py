@@ -1,0 +1,222 @@
+"""The MiniLM text encoder: ONNX vs torch, no torch at run time, batching/order/dedupe, long texts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from talkplay_edge.text_encoder import MODEL_DIR, TextEncoder, TextEncoderError, TextEncoderMissing
+
+REPO = Path(__file__).resolve().parent.parent
+
+SHORT = [
+    "Bohemian Rhapsody — Queen · A Night at the Opera · 1975",
+    "rock, album rock, classic rock, Classic Rock 70s 80s 90s",
+    "something mellow for a rainy drive, like Norah Jones",
+    "",
+    "Dreams — Fleetwood Mac · Rumours · 1977",
+    "reggaeton, latin pop, tropical, Latin Party Hits",
+    "play me something upbeat for the gym",
+    "Clair de lune — Claude Debussy · Suite bergamasque · 1905",
+]
+
+
+@pytest.fixture(scope="module")
+def enc(text_encoder) -> TextEncoder:  # the session-wide fixture of conftest.py
+    return text_encoder
+
+
+def _long_text(words: int) -> str:
+    rng = np.random.default_rng(0)
+    vocab = ("we were running through the neon rain and the city never knew our names hold me till the morning "
+             "light every road leads back to you summer fading like a polaroid ghosts of yesterday").split()
+    return " ".join(vocab[i] for i in rng.integers(0, len(vocab), words))
+
+
+# ------------------------------------------------------------------------------------------ basics
+
+def test_identity(enc):
+    assert enc.name == "sentence-transformers/all-MiniLM-L6-v2"
+    assert enc.dim == 384
+    info = json.loads((MODEL_DIR / "info.json").read_text())
+    assert enc.version.endswith(info["onnx_sha256"][:12])
+    assert enc.version.startswith(info["source"]["version"] + "+")
+    assert enc.max_length == 256
+
+
+def test_shape_dtype_norm(enc):
+    v = enc.encode(SHORT)
+    assert v.shape == (len(SHORT), 384) and v.dtype == np.float32
+    assert np.all(np.isfinite(v))
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    assert enc.encode([]).shape == (0, 384)
+
+
+def test_empty_string_is_a_valid_vector(enc):
+    v = enc.encode([""])[0]
+    assert np.isfinite(v).all() and abs(np.linalg.norm(v) - 1) < 1e-5
+    assert np.allclose(enc.encode(["", " "])[1], v, atol=1e-6)  # whitespace tokenises to nothing too
+
+
+def test_rejects_non_strings(enc):
+    with pytest.raises(TypeError):
+        enc.encode(["ok", None])
+
+
+def test_similar_texts_are_closer(enc):
+    a, b, c = enc.encode(["classic rock from the 70s", "70s classic rock anthems", "lo-fi beats to study to"])
+    assert a @ b > a @ c
+
+
+# ------------------------------------------------------------------------------ batching, order, dedupe
+
+def test_batching_order_and_dedupe(enc):
+    a, b = SHORT[0], SHORT[2]
+    rows = enc.encode([a, b, a])
+    single_a, single_b = enc.encode([a])[0], enc.encode([b])[0]
+    np.testing.assert_allclose(rows[0], single_a, atol=1e-5)
+    np.testing.assert_allclose(rows[1], single_b, atol=1e-5)
+    np.testing.assert_array_equal(rows[0], rows[2])  # a duplicate is embedded once
+
+
+def test_batch_composition_does_not_change_vectors(enc):
+    """Length-sorted batches of any size give each text the vector it gets alone (catalog codes rely on it)."""
+    texts = SHORT + [_long_text(40), _long_text(300), "jazz", "k-pop, dance pop, Kpop ON!"] * 2
+    big = enc.encode(texts, batch_size=64)
+    small = enc.encode(texts, batch_size=3)
+    alone = np.stack([enc.encode([t])[0] for t in texts])
+    np.testing.assert_allclose(big, alone, atol=1e-5)
+    np.testing.assert_allclose(small, alone, atol=1e-5)
+    rev = enc.encode(texts[::-1])
+    np.testing.assert_allclose(rev[::-1], big, atol=1e-5)
+
+
+def test_truncates_at_max_length(enc):
+    long = _long_text(1000)
+    ids = enc._tok.encode(long).ids
+    assert len(ids) == enc.max_length and ids[0] == enc._cls and ids[-1] == enc._sep
+    assert np.isfinite(enc.encode([long])).all()
+
+
+def test_progress_bar_optional(enc, monkeypatch):
+    monkeypatch.setenv("TALKPLAY_PROGRESS", "1")
+    np.testing.assert_allclose(enc.encode(SHORT, progress=True), enc.encode(SHORT), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ long texts
+
+def test_encode_long_3000_words(enc):
+    text = _long_text(3000)
+    v = enc.encode_long(text)
+    assert v.shape == (384,) and v.dtype == np.float32 and np.isfinite(v).all()
+    assert abs(np.linalg.norm(v) - 1) < 1e-5
+    assert v @ enc.encode([text])[0] > 0.8  # the truncated first window says much the same thing
+    overlapped = enc.encode_long(text, chunk_tokens=128, stride=64)
+    assert overlapped @ v > 0.9
+    assert np.array_equal(enc.encode_long(text), v)  # deterministic
+
+
+def test_encode_long_short_text_equals_encode(enc):
+    for t in ("Norah Jones, late night, quiet", ""):
+        np.testing.assert_allclose(enc.encode_long(t), enc.encode([t])[0], atol=1e-6)
+
+
+def test_encode_long_argument_checks(enc):
+    with pytest.raises(ValueError):
+        enc.encode_long("x", chunk_tokens=300)
+    with pytest.raises(ValueError):
+        enc.encode_long("x", chunk_tokens=100, stride=150)
+
+
+# ---------------------------------------------------------------------------------- files and imports
+
+def test_missing_directory_names_path_and_command(tmp_path):
+    with pytest.raises(TextEncoderMissing) as e:
+        TextEncoder(tmp_path / "nowhere")
+    msg = str(e.value)
+    assert str(tmp_path / "nowhere") in msg and "python -m export.text_encoder" in msg
+    assert isinstance(e.value, FileNotFoundError)
+
+
+def test_model_info_mismatch_is_refused(tmp_path):
+    d = tmp_path / "enc"
+    shutil.copytree(MODEL_DIR, d)
+    info = json.loads((d / "info.json").read_text())
+    info["onnx_sha256"] = "0" * 64
+    (d / "info.json").write_text(json.dumps(info))
+    with pytest.raises(TextEncoderError, match="not the model info.json describes"):
+        TextEncoder(d)
+
+
+def test_runtime_import_does_not_import_torch():
+    code = ("import sys, talkplay_edge.text_encoder as t; e = t.TextEncoder(threads=1); e.encode(['x']); "
+            "e.encode_long('word ' * 500); assert 'torch' not in sys.modules, 'torch imported'; "
+            "assert 'transformers' not in sys.modules")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+def test_artifact_is_small_enough_to_commit():
+    info = json.loads((MODEL_DIR / "info.json").read_text())
+    size = (MODEL_DIR / "model.onnx").stat().st_size
+    assert size == info["onnx_bytes"]
+    if info["quantization"]["method"] != "none (fp32)":
+        assert size < 50e6
+
+
+# ---------------------------------------------------------------------------------- ONNX vs torch
+
+@pytest.fixture(scope="module")
+def reference():
+    """Texts and their torch fp32 embeddings (transformers AutoModel on the package's safetensors)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    export = pytest.importorskip("export.text_encoder")
+    try:
+        export.source_model_dir()
+    except SystemExit as e:
+        pytest.skip(str(e))
+    texts = export.calibration_texts()[::3]  # ≈ 215 texts of every kind, lyric paragraphs included
+    return export, texts, export.torch_reference(texts)
+
+
+def _cos(a, b):
+    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def test_fp32_export_matches_torch(reference, tmp_path):
+    pytest.importorskip("onnx")
+    export, texts, ref = reference
+    path = tmp_path / "fp32.onnx"
+    export.export_fp32(path)
+    cos = _cos(export.onnx_embed(path, texts), ref)
+    assert cos.min() >= 0.999, (cos.mean(), cos.min())
+
+
+def test_shipped_encoder_matches_torch(reference, enc):
+    export, texts, ref = reference
+    cos = _cos(enc.encode(texts), ref)
+    assert cos.mean() >= 0.99 and cos.min() >= 0.97, (cos.mean(), cos.min())
+
+
+def test_manual_mean_pooling_matches_transformers(reference):
+    """The reference itself: mean pooling + normalize over AutoModel equals an independent numpy pooling."""
+    import torch
+
+    export, texts, ref = reference
+    model, tok = export.load_torch_model(), export.make_tokenizer()
+    enc_ = tok.encode_batch(texts[:16])
+    ids = torch.tensor([e.ids for e in enc_])
+    mask = torch.tensor([e.attention_mask for e in enc_])
+    with torch.inference_mode():
+        h = model(input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
+    m = mask.numpy()[..., None].astype(np.float32)
+    pooled = (h * m).sum(1) / m.sum(1)
+    pooled /= np.linalg.norm(pooled, axis=1, keepdims=True)
+    np.testing.assert_allclose(pooled, ref[:16], atol=1e-5)

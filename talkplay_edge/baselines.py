@@ -114,7 +114,7 @@ class BM25Recommender:
     name = "bm25"
 
     def __init__(self, catalog, threads: int = 2, history_turns: int | None = None, latest_weight: int = 2,
-                 column_weights: tuple[float, float, float, float] = (1.0, 1.0, 0.5, 1.0), **kw):
+                 column_weights: tuple[float, float, float, float] = (1.0, 1.0, 0.5, 2.0), **kw):
         self.catalog = catalog
         self.history_turns = history_turns
         self.latest_weight = latest_weight
@@ -232,7 +232,7 @@ class DenseRecommender:
     name = "dense"
 
     def __init__(self, catalog, threads: int = 2, encoder=None, decay: float = 0.5, history_turns: int = 4,
-                 track_weight: float = 0.0, cache: bool = True, show_progress: bool = True, **kw):
+                 track_weight: float = 1.0, cache: bool = True, show_progress: bool = True, **kw):
         if encoder is None:
             from .text_encoder import TextEncoder
 

@@ -4,10 +4,10 @@ Tables (see README "catalog.db schema"):
 
 - ``tracks``: one row per track; ``id`` is the source's track id (Spotify id for the demo catalog).
 - ``codes``: the track's cluster per modality (-1 = none), its collision number and its code string.
-- ``codebooks``: per modality the centroids (float32 blob), metric, input transform, encoder name/version.
+- ``codebooks``: per modality the centroids (float16 blob, k × dim), metric, input transform, encoder name/version.
 - ``tokens``: the ordered music-token vocabulary (the order the model adds them in).
 - ``playlists`` / ``playlist_tracks``: the source playlists with their train/valid/test split.
-- ``cf_vectors``: item2vec vectors (float16 blobs) of tracks in training playlists.
+- ``cf_vectors``: item2vec vectors (int8 blobs, ``v * 127``) of tracks in training playlists.
 - ``meta``: key/value: ``vocab_fingerprint``, ``schema_version``, build parameters, source statistics.
 - ``tracks_fts``: FTS5 over title, artist, album, tags (name lookup and the BM25 baseline).
 """
@@ -24,13 +24,15 @@ import numpy as np
 from .tokens import MODALITIES, NONE, SPAN_END, SPAN_START, code_tokens, fingerprint
 
 SCHEMA_VERSION = 1
+CF_SCALE = 127.0  # cf vectors (unit length) are stored as int8 = round(v * CF_SCALE)
 REQUIRED_TABLES = ("tracks", "codes", "codebooks", "tokens", "meta", "playlists", "playlist_tracks")
 TRACK_COLUMNS = (
     "id", "title", "artist", "artists", "album", "year", "release_date", "genre", "subgenre", "genres",
-    "subgenres", "artist_genres", "playlists", "tags", "popularity", "duration_ms", "explicit",
+    "subgenres", "artist_genres", "playlists", "popularity", "duration_ms", "explicit",
     "danceability", "energy", "key", "mode", "loudness", "speechiness", "acousticness", "instrumentalness",
     "liveness", "valence", "tempo", "has_lyrics", "source", "features_provenance", "path",
 )
+GENERATED_COLUMNS = ("tags",)  # computed by SQLite from the JSON list columns (see catalog_build.create_schema)
 JSON_COLUMNS = ("artists", "genres", "subgenres", "artist_genres", "playlists")
 
 
@@ -166,7 +168,7 @@ class Catalog:
         r = self.conn.execute("select * from codebooks where modality = ?", [modality]).fetchone()
         if r is None:
             raise CatalogError(f"{self.path}: no codebook for modality {modality!r}")
-        cents = np.frombuffer(r["centroids"], dtype=np.float32).reshape(r["k"], r["dim"])
+        cents = np.frombuffer(r["centroids"], dtype=np.float16).reshape(r["k"], r["dim"]).astype(np.float32)
         return Codebook(modality, cents, r["metric"], r["encoder"], r["encoder_version"], json.loads(r["transform"]))
 
     # -- tracks ------------------------------------------------------------------------------------------
@@ -231,7 +233,7 @@ class Catalog:
         rows = self.conn.execute("select track_id, vector from cf_vectors order by track_id").fetchall()
         if not rows:
             return [], np.zeros((0, 0), dtype=np.float32)
-        mat = np.stack([np.frombuffer(r[1], dtype=np.float16) for r in rows]).astype(np.float32)
+        mat = np.stack([np.frombuffer(r[1], dtype=np.int8) for r in rows]).astype(np.float32) / CF_SCALE
         return [r[0] for r in rows], mat
 
     def info(self) -> dict:

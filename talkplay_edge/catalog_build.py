@@ -19,16 +19,16 @@ from pathlib import Path
 import numpy as np
 import sqlite_utils
 
-from .catalog import SCHEMA_VERSION, TRACK_COLUMNS, Codebook, track_code
+from .catalog import CF_SCALE, SCHEMA_VERSION, TRACK_COLUMNS, Codebook, track_code
 from .codebook import fit_kmeans, lyrics_k
 from .item2vec import train_item2vec
-from .modalities import tags_text
 from .music_tokenizer import assign_clusters, embed_modalities
 from .progress import progress
 from .sources import SourceData
 from .tokens import MODALITIES, NONE, PREFIX, fingerprint, parse_token, vocabulary
 
 DEFAULT_K = 1024
+MAX_ARTIST_GENRES = 8  # as many as the tags text uses
 DUP_RESERVE = 64  # collision tokens in every vocabulary, so tracks indexed later fit without changing it
 SPLITS = (("train", 0.8), ("valid", 0.9), ("test", 1.0))
 
@@ -84,7 +84,7 @@ def build_catalog(source: SourceData, out_path: str | Path, encoder, seed: int =
     t = time.perf_counter()
     _log(f"item2vec over {len(train_lists)} training playlists", quiet)
     cf_ids, cf_vecs = train_item2vec(train_lists, epochs=item2vec_epochs, seed=seed)
-    cf = dict(zip(cf_ids, cf_vecs.astype(np.float16).astype(np.float32)))  # as stored (float16)
+    cf = dict(zip(cf_ids, np.round(cf_vecs * CF_SCALE).astype(np.int8).astype(np.float32) / CF_SCALE))  # as stored
     timings["item2vec_s"] = time.perf_counter() - t
 
     # 2. embeddings
@@ -111,7 +111,8 @@ def build_catalog(source: SourceData, out_path: str | Path, encoder, seed: int =
         enc_name, enc_version = (encoder.name, encoder.version) if m in ("tags", "metadata", "lyrics") else (
             ("item2vec-sgns", f"dim={cf_vecs.shape[1] if len(cf_vecs) else 0},epochs={item2vec_epochs},seed={seed}") if m == "cf"
             else ("spotify-audio-features", "schema=1"))
-        codebooks[m] = Codebook(m, cents.astype(np.float32), "euclidean", enc_name, enc_version, spec)
+        # stored as float16 (halves the catalog's codebooks); codes are assigned with exactly the stored values
+        codebooks[m] = Codebook(m, cents.astype(np.float16).astype(np.float32), "euclidean", enc_name, enc_version, spec)
     timings["kmeans_s"] = time.perf_counter() - t
 
     # 4. codes, collisions, vocabulary
@@ -119,7 +120,7 @@ def build_catalog(source: SourceData, out_path: str | Path, encoder, seed: int =
     keys = list(zip(*(clusters[m].tolist() for m in MODALITIES)))
     dup, coll = resolve_collisions(keys, [t.get("popularity") for t in tracks], ids)
     vocab = vocabulary({m: len(codebooks[m].centroids) for m in MODALITIES}, max(coll["max_dup"], DUP_RESERVE))
-    blobs = [codebooks[m].centroids.tobytes() for m in sorted(MODALITIES)]
+    blobs = [codebooks[m].centroids.astype(np.float16).tobytes() for m in sorted(MODALITIES)]
     fp = fingerprint(vocab, blobs)
     codes = [track_code({m: int(clusters[m][i]) for m in MODALITIES}, dup[i]) for i in range(len(tracks))]
     coll["collision_rate_after"] = 1.0 - len(set(codes)) / len(codes)
@@ -142,40 +143,122 @@ def build_catalog(source: SourceData, out_path: str | Path, encoder, seed: int =
             "timings": timings}
 
 
+def _json(value) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _code_sql(alias: str) -> str:
+    """SQL computing a track's code string from its cluster columns (the ``codes`` view)."""
+    parts = []
+    for m in MODALITIES:
+        col = f"{alias}.{m}"
+        parts.append(f"'<|{PREFIX[m]}_' || CASE WHEN {col} < 0 THEN 'none' ELSE printf('%04d', {col}) END || '|>'")
+    dup = f"CASE WHEN {alias}.dup > 0 THEN ' <|dup_' || printf('%03d', {alias}.dup) || '|>' ELSE '' END"
+    return " || ' ' || ".join(parts) + f" || {dup}"
+
+
+def _inner(col: str) -> str:
+    return f"substr(coalesce({col}, '[]'), 2, length(coalesce({col}, '[]')) - 2)"
+
+
+# The tag text for search and the dense baseline, computed from the JSON list columns (not stored):
+# genres, subgenres, artist genres and playlist names, comma-separated.
+_joined = " || ',' || ".join(_inner(c) for c in ("genres", "subgenres", "artist_genres", "playlists"))
+TAGS_SQL = (f"nullif(replace(trim(replace(replace(replace(replace(replace({_joined}, '\"', ''), ', ', ','), ',,', ','), "
+            "',,', ','), ',,', ','), ','), ',', ', '), '')")
+
+
+def create_schema(conn) -> None:
+    """Tables that reference tracks by their integer rowid (compact), with ``codes`` as an updatable view.
+
+    ``codes`` (track_id, cf, tags, metadata, lyrics, audio, dup, code) reads and writes like a table: its
+    INSTEAD OF triggers store rows in ``code_rows`` keyed by ``tracks.rowid``; ``code`` is computed.
+    """
+    features = ", ".join(f"{c} REAL" for c in ("danceability", "energy", "key", "mode", "loudness", "speechiness",
+                                                "acousticness", "instrumentalness", "liveness", "valence", "tempo"))
+    ints = {"year", "popularity", "duration_ms", "explicit", "has_lyrics"}
+    floats = set(features.replace(" REAL", "").split(", "))
+    cols = []
+    for c in TRACK_COLUMNS:
+        if c == "id":
+            cols.append("id TEXT NOT NULL UNIQUE")
+        elif c in ("title", "artist"):
+            cols.append(f"{c} TEXT NOT NULL")
+        elif c in ints:
+            cols.append(f"{c} INTEGER")
+        elif c in floats:
+            cols.append(f"{c} REAL")
+        else:
+            cols.append(f"{c} TEXT")
+    mods = ", ".join(MODALITIES)
+    conn.executescript(f"""
+        CREATE TABLE tracks (rowid INTEGER PRIMARY KEY, {", ".join(cols)},
+            tags TEXT GENERATED ALWAYS AS ({TAGS_SQL}) VIRTUAL);
+        CREATE VIRTUAL TABLE tracks_fts USING fts5(title, artist, album, tags, content='tracks', content_rowid='rowid',
+            tokenize='unicode61 remove_diacritics 2', detail='column');
+        CREATE TRIGGER tracks_ai AFTER INSERT ON tracks BEGIN
+            INSERT INTO tracks_fts(rowid, title, artist, album, tags) VALUES (new.rowid, new.title, new.artist, new.album, new.tags);
+        END;
+        CREATE TRIGGER tracks_ad AFTER DELETE ON tracks BEGIN
+            INSERT INTO tracks_fts(tracks_fts, rowid, title, artist, album, tags) VALUES ('delete', old.rowid, old.title, old.artist, old.album, old.tags);
+            DELETE FROM code_rows WHERE track = old.rowid;
+            DELETE FROM cf_vectors_rows WHERE track = old.rowid;
+        END;
+        CREATE TRIGGER tracks_au AFTER UPDATE ON tracks BEGIN
+            INSERT INTO tracks_fts(tracks_fts, rowid, title, artist, album, tags) VALUES ('delete', old.rowid, old.title, old.artist, old.album, old.tags);
+            INSERT INTO tracks_fts(rowid, title, artist, album, tags) VALUES (new.rowid, new.title, new.artist, new.album, new.tags);
+        END;
+        CREATE TABLE code_rows (track INTEGER PRIMARY KEY REFERENCES tracks(rowid),
+            {", ".join(f"{m} INTEGER NOT NULL" for m in MODALITIES)}, dup INTEGER NOT NULL DEFAULT 0);
+        CREATE VIEW codes AS SELECT t.id AS track_id, {", ".join(f"c.{m}" for m in MODALITIES)}, c.dup,
+            {_code_sql("c")} AS code FROM code_rows c JOIN tracks t ON t.rowid = c.track;
+        CREATE TRIGGER codes_insert INSTEAD OF INSERT ON codes BEGIN
+            INSERT INTO code_rows(track, {mods}, dup)
+            VALUES ((SELECT rowid FROM tracks WHERE id = new.track_id), {", ".join(f"new.{m}" for m in MODALITIES)}, coalesce(new.dup, 0));
+        END;
+        CREATE TRIGGER codes_delete INSTEAD OF DELETE ON codes BEGIN
+            DELETE FROM code_rows WHERE track = (SELECT rowid FROM tracks WHERE id = old.track_id);
+        END;
+        CREATE TABLE cf_vectors_rows (track INTEGER PRIMARY KEY REFERENCES tracks(rowid), vector BLOB NOT NULL);
+        CREATE VIEW cf_vectors AS SELECT t.id AS track_id, v.vector FROM cf_vectors_rows v JOIN tracks t ON t.rowid = v.track;
+        CREATE TABLE playlists (rowid INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, name TEXT, genre TEXT, subgenre TEXT,
+            split TEXT, n_tracks INTEGER);
+        CREATE TABLE playlist_rows (playlist INTEGER NOT NULL REFERENCES playlists(rowid), position INTEGER NOT NULL,
+            track INTEGER NOT NULL REFERENCES tracks(rowid), PRIMARY KEY (playlist, position)) WITHOUT ROWID;
+        CREATE VIEW playlist_tracks AS SELECT p.id AS playlist_id, r.position, t.id AS track_id
+            FROM playlist_rows r JOIN playlists p ON p.rowid = r.playlist JOIN tracks t ON t.rowid = r.track;
+    """)
+
+
 def _write(path: Path, source: SourceData, tracks: list[dict], clusters: dict, dup: list[int], codes: list[str],
            codebooks: dict[str, Codebook], vocab: list[str], fp: str, cf: dict, coll: dict, seed: int, k: int,
            timings: dict) -> None:
     db = sqlite_utils.Database(path)
     db.conn.execute("pragma journal_mode = delete")
+    create_schema(db.conn)
     rows = []
     for t in tracks:
         r = {c: t.get(c) for c in TRACK_COLUMNS}
         r["genre"] = (t.get("genres") or [None])[0]
         r["subgenre"] = (t.get("subgenres") or [None])[0]
-        r["tags"] = tags_text(t)
-        for c in ("artists", "genres", "subgenres", "artist_genres", "playlists"):
-            r[c] = json.dumps(t.get(c) or [], ensure_ascii=False)
+        r["artist_genres"] = t.get("artist_genres", [])[:MAX_ARTIST_GENRES]
+        for c in ("genres", "subgenres", "artist_genres", "playlists"):
+            r[c] = _json(r.get(c) if c == "artist_genres" else (t.get(c) or []))
+        # artists: only stored when it says more than `artist` (a collaboration)
+        r["artists"] = _json(t["artists"]) if len(t.get("artists") or []) > 1 else None
         rows.append(r)
-    columns = {c: str for c in TRACK_COLUMNS}
-    columns.update({c: int for c in ("year", "popularity", "duration_ms", "explicit", "has_lyrics")})
-    columns.update({c: float for c in ("danceability", "energy", "key", "mode", "loudness", "speechiness",
-                                       "acousticness", "instrumentalness", "liveness", "valence", "tempo")})
-    db["tracks"].create(columns, pk="id", not_null={"title", "artist"})
     db["tracks"].insert_all(rows, batch_size=2000)
-    db["tracks"].enable_fts(["title", "artist", "album", "tags"], fts_version="FTS5", create_triggers=True,
-                            tokenize="unicode61 remove_diacritics 2")
-
-    db["codes"].create({"track_id": str, **{m: int for m in MODALITIES}, "dup": int, "code": str},
-                       pk="track_id", foreign_keys=[("track_id", "tracks", "id")])
-    db["codes"].insert_all(({"track_id": t["id"], **{m: int(clusters[m][i]) for m in MODALITIES}, "dup": dup[i],
-                             "code": codes[i]} for i, t in enumerate(tracks)), batch_size=5000)
-    db["codes"].create_index(["code"], unique=True)
+    rowid = {r[1]: r[0] for r in db.conn.execute("select rowid, id from tracks")}
+    db.conn.executemany(f"insert into code_rows (track, {', '.join(MODALITIES)}, dup) values ({', '.join('?' * (len(MODALITIES) + 2))})",
+                        ([rowid[t["id"]], *[int(clusters[m][i]) for m in MODALITIES], dup[i]] for i, t in enumerate(tracks)))
+    stored = dict(db.conn.execute("select track_id, code from codes"))
+    assert all(stored[t["id"]] == codes[i] for i, t in enumerate(tracks)), "codes view disagrees with track_code"
 
     db["codebooks"].create({"modality": str, "k": int, "dim": int, "metric": str, "encoder": str,
                             "encoder_version": str, "transform": str, "centroids": bytes}, pk="modality")
     db["codebooks"].insert_all({"modality": m, "k": cb.centroids.shape[0], "dim": cb.centroids.shape[1],
                                 "metric": cb.metric, "encoder": cb.encoder, "encoder_version": cb.encoder_version,
-                                "transform": json.dumps(cb.transform), "centroids": cb.centroids.tobytes()}
+                                "transform": json.dumps(cb.transform), "centroids": cb.centroids.astype(np.float16).tobytes()}
                                for m, cb in sorted(codebooks.items()))
 
     def token_row(i: int, tok: str) -> dict:
@@ -187,18 +270,14 @@ def _write(path: Path, source: SourceData, tracks: list[dict], clusters: dict, d
     db["tokens"].insert_all(token_row(i, tok) for i, tok in enumerate(vocab))
     db["tokens"].create_index(["token"], unique=True)
 
-    db["playlists"].create({"id": str, "name": str, "genre": str, "subgenre": str, "split": str, "n_tracks": int}, pk="id")
-    db["playlists"].insert_all({"id": p["id"], "name": p["name"], "genre": p.get("genre"), "subgenre": p.get("subgenre"),
-                                "split": p["split"], "n_tracks": len(p["track_ids"])} for p in source.playlists)
-    db["playlist_tracks"].create({"playlist_id": str, "position": int, "track_id": str}, pk=("playlist_id", "position"),
-                                 foreign_keys=[("playlist_id", "playlists", "id"), ("track_id", "tracks", "id")])
-    db["playlist_tracks"].insert_all(({"playlist_id": p["id"], "position": j, "track_id": tid}
-                                      for p in source.playlists for j, tid in enumerate(p["track_ids"])), batch_size=5000)
-    db["playlist_tracks"].create_index(["track_id"])
-
-    db["cf_vectors"].create({"track_id": str, "vector": bytes}, pk="track_id")
-    db["cf_vectors"].insert_all(({"track_id": tid, "vector": v.astype(np.float16).tobytes()}
-                                 for tid, v in sorted(cf.items())), batch_size=5000)
+    db.conn.executemany("insert into playlists (id, name, genre, subgenre, split, n_tracks) values (?, ?, ?, ?, ?, ?)",
+                        ([p["id"], p["name"], p.get("genre"), p.get("subgenre"), p["split"], len(p["track_ids"])]
+                         for p in source.playlists))
+    pl_rowid = {r[1]: r[0] for r in db.conn.execute("select rowid, id from playlists")}
+    db.conn.executemany("insert into playlist_rows (playlist, position, track) values (?, ?, ?)",
+                        ([pl_rowid[p["id"]], j, rowid[tid]] for p in source.playlists for j, tid in enumerate(p["track_ids"])))
+    db.conn.executemany("insert into cf_vectors_rows (track, vector) values (?, ?)",
+                        ([rowid[tid], np.round(v * CF_SCALE).astype(np.int8).tobytes()] for tid, v in sorted(cf.items())))
 
     build = {"seed": seed, "k": k, "k_per_modality": {m: int(cb.centroids.shape[0]) for m, cb in codebooks.items()},
              "modality_order": list(MODALITIES), "token_prefixes": PREFIX, "none_cluster": NONE,

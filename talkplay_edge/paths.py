@@ -41,3 +41,10 @@ def data_dir() -> Path:
     """$XDG_DATA_HOME/talkplay-edge (default ~/.local/share/talkplay-edge): the user's own catalog."""
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "talkplay-edge"
+
+
+def default_model_path():
+    """The embedded model's GGUF (built from the shipped delta on first use), or None if none ships."""
+    from .model_build import default_model_path as build_default
+
+    return build_default()

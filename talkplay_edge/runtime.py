@@ -7,9 +7,10 @@
 
 Decoding (see ``chat_format`` for the exact token format):
 
-- Outside a music span every music token except ``<|music_start|>`` is masked out. Once the model opens a
-  span (or the runtime forces one at the start of the turn, ``force_span=True``, the default, so an
-  untrained model still recommends), every step may only pick children of the current node of a prefix
+- Outside a music span every music token is masked out, except ``<|music_start|>`` as the first token of
+  the assistant turn (the format puts the span first). Once the model opens a span (or the runtime forces
+  one at the start of the turn, ``force_span=True``, the default, so an untrained model still recommends),
+  every step may only pick children of the current node of a prefix
   trie over the catalog's codes (``trie.CodeTrie``), minus subtrees whose tracks were all recommended
   earlier in the session, so each span resolves to a real, new track. The mask is applied by gathering
   the logits of the allowed ids only (O(children)); token ids are mapped to tracks by the runtime, never
@@ -501,6 +502,7 @@ class ChatSession:
             in_span, node, span_done = False, 0, False
             pending: list[int] = []
             span_steps, span_time, text_steps, text_time = 0, 0.0, 0, 0.0
+            span_mask_s, text_mask_s = 0.0, 0.0  # time spent choosing tokens (masks, sampling), not decoding
             first_track_s = None
             if self.force_span and not exhausted:
                 pending = [tp.start_id]
@@ -524,10 +526,12 @@ class ChatSession:
                     else:
                         path, node = [], 0
                         while tp.trie.track[node] < 0:
+                            tm = time.perf_counter()
                             toks, kids = self.excl.allowed(node)
                             k = self._pick(logits[toks.astype(np.int64)])
                             path.append(int(toks[k]))
                             node = int(kids[k])
+                            span_mask_s += time.perf_counter() - tm
                             if tp.trie.track[node] < 0:
                                 logits = tp._append([path[-1]])
                         idxs = [int(tp.trie.track[node])]
@@ -548,11 +552,13 @@ class ChatSession:
                     continue
                 if budget <= 0 or len(tp._kv) >= tp.n_ctx - 2:
                     break
+                tm = time.perf_counter()
                 scores = logits.copy()
                 scores[tp._mask_in_text] = -np.inf
-                if span_done or exhausted:
+                if span_done or exhausted or gen:  # a span can only open the turn (the training format)
                     scores[tp.start_id] = -np.inf
                 tok = self._pick(scores)
+                text_mask_s += time.perf_counter() - tm
                 budget -= 1
                 if tok in tp.stop_ids:
                     break
@@ -585,7 +591,8 @@ class ChatSession:
         self.history.append({"role": "user", "content": cf.normalize_message(message)[-2000:]})
         self.history.append({"role": "assistant", "content": reply_text, "track_ids": [t.id for t in tracks]})
         timings.update(total_s=time.perf_counter() - t0, first_track_s=first_track_s, span_tokens=span_steps,
-                       span_s=span_time, text_tokens=text_steps, text_s=text_time)
+                       span_s=span_time, text_tokens=text_steps, text_s=text_time, span_mask_s=span_mask_s,
+                       text_mask_s=text_mask_s)
         return Reply(reply_text, tracks, exhausted=exhausted and not tracks, timings=timings)
 
     def more(self, n: int = 1) -> Reply:

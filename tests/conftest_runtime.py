@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+__all__ = ["runtime_gguf", "mismatched_gguf", "talkplay"]
+
 
 @pytest.fixture(scope="session")
 def runtime_gguf(tiny_catalog, tmp_path_factory) -> Path:

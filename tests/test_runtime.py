@@ -9,7 +9,6 @@ import threading
 import numpy as np
 import pytest
 
-from conftest_runtime import mismatched_gguf, runtime_gguf, talkplay  # noqa: F401 (fixtures)
 from talkplay_edge import chat_format as cf
 from talkplay_edge.runtime import ModelCatalogMismatch, ModelNotFound, ModelRecommender, TalkPlay
 from talkplay_edge.trie import Exclusions
@@ -22,7 +21,7 @@ def rand_prompt(rng: random.Random) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 12)))
 
 
-def test_fingerprint_mismatch_is_refused(mismatched_gguf, tiny_catalog):  # noqa: F811
+def test_fingerprint_mismatch_is_refused(mismatched_gguf, tiny_catalog):
     with pytest.raises(ModelCatalogMismatch) as e:
         TalkPlay.load(mismatched_gguf, tiny_catalog)
     msg = str(e.value)
@@ -137,7 +136,7 @@ def test_empty_and_huge_messages(talkplay):
     assert session.send("and now something short").tracks  # the session goes on
 
 
-def test_context_overflow_drops_old_turns_and_keeps_excluding(runtime_gguf, tiny_catalog):  # noqa: F811
+def test_context_overflow_drops_old_turns_and_keeps_excluding(runtime_gguf, tiny_catalog):
     tp = TalkPlay.load(runtime_gguf, tiny_catalog, threads=1, n_ctx=256)
     try:
         session = tp.chat(max_new_tokens=16)
@@ -257,7 +256,7 @@ def test_model_recommender_ranks_distinct_unexcluded_tracks(talkplay):
     assert sorted(everything) == sorted(set(all_ids) - exclude)
 
 
-def test_cli_ask_chat_and_errors(runtime_gguf, mismatched_gguf, tiny_catalog):  # noqa: F811
+def test_cli_ask_chat_and_errors(runtime_gguf, mismatched_gguf, tiny_catalog):
     from click.testing import CliRunner
 
     from talkplay_edge.cli import cli
@@ -277,7 +276,7 @@ def test_cli_ask_chat_and_errors(runtime_gguf, mismatched_gguf, tiny_catalog):  
     assert r.output.count("♪") == 4 and "(new conversation)" in r.output
 
 
-def test_eval_registry_builds_the_model_recommender(runtime_gguf, tiny_catalog, monkeypatch):  # noqa: F811
+def test_eval_registry_builds_the_model_recommender(runtime_gguf, tiny_catalog, monkeypatch):
     from talkplay_edge.catalog import Catalog
     from talkplay_edge.evaluate import get_recommender
 
@@ -287,3 +286,17 @@ def test_eval_registry_builds_the_model_recommender(runtime_gguf, tiny_catalog, 
         got = rec.recommend([{"role": "user", "content": "anything"}], set(), n=5)
         assert len(set(got)) == 5 and set(got) <= set(cat.track_ids())
         rec.tp.close()
+
+
+def test_without_forced_span_music_tokens_only_open_the_turn(talkplay):
+    tp = talkplay
+    session = tp.chat(max_new_tokens=24, force_span=False, temperature=1.5, seed=3)
+    music = set(tp.music_ids.values())
+    for i in range(3):
+        reply = session.send(f"just talk {i}")
+        block = session._user_block(f"just talk {i}")
+        gen = session.turns[-1][len(block):]
+        if reply.tracks:
+            assert gen[0] == tp.start_id and len(reply.tracks) == 1
+            gen = gen[gen.index(tp.end_id) + 1:]
+        assert not set(gen) & music

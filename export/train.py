@@ -194,8 +194,8 @@ def encode(conversation: dict, tok, catalog, seq_len: int) -> tuple[list[int], l
     from talkplay_edge.chat_format import training_segments
 
     ids, labels = [], []
-    for text, is_target in training_segments(conversation, catalog):
-        piece = tok(text, add_special_tokens=False)["input_ids"]
+    for text, special, is_target in training_segments(conversation, catalog):
+        piece = tok(text, add_special_tokens=False, split_special_tokens=not special)["input_ids"]
         ids += piece
         labels += piece if is_target else [-100] * len(piece)
     if not any(l != -100 for l in labels[:seq_len]):

@@ -4,12 +4,14 @@
 - ``random``: a seeded random ranking (seeded by ``seed`` and the conversation so far: reproducible).
 - ``bm25``: SQLite FTS5 BM25 over title, artist, album and tags; the query is the user turns, the latest
   counted twice (content words only).
-- ``dense``: MiniLM embedding of the user turns (latest weighted up: weights 1, ½, ¼, …) against each
-  track's "metadata · tags" embedding; the track matrix is computed once and cached under
+- ``dense``: MiniLM embedding of the conversation against each track's "metadata · tags" embedding: the
+  user turns (latest weighted up: weights 1, ½, ¼, …), normalised, plus ``track_weight`` (2) × the mean
+  embedding of the tracks played so far; the track matrix is computed once and cached under
   ``paths.cache_dir()/dense/`` keyed by the catalog's vocab fingerprint and the encoder.
 - ``cf``: item2vec neighbours of the tracks played so far (recent ones weighted up); popularity on the
   first turn and for tracks without a CF vector.
-- ``hybrid``: reciprocal-rank fusion (k=60) of bm25, dense and cf.
+- ``hybrid``: reciprocal-rank fusion (k=60) of bm25, dense and cf (cf only once a played track has a CF
+  vector; its popularity fallback is not fused).
 
 Every list is topped up with popular tracks to ``n`` so all systems return full lists, and never holds an
 excluded (already played) id.
@@ -227,12 +229,12 @@ def track_embeddings(catalog, encoder, cache: bool = True, show_progress: bool =
 
 
 class DenseRecommender:
-    """MiniLM query (user turns, latest weighted up) · track "metadata · tags" embeddings."""
+    """MiniLM query (user turns, latest weighted up, + the played tracks' embeddings) · track embeddings."""
 
     name = "dense"
 
     def __init__(self, catalog, threads: int = 2, encoder=None, decay: float = 0.5, history_turns: int = 4,
-                 track_weight: float = 1.0, cache: bool = True, show_progress: bool = True, **kw):
+                 track_weight: float = 2.0, cache: bool = True, show_progress: bool = True, **kw):
         if encoder is None:
             from .text_encoder import TextEncoder
 
@@ -288,13 +290,17 @@ class CFRecommender:
         self.decay = decay
         self.popular = _popular_ids(catalog)
 
-    def recommend(self, history: list[dict], exclude: set[str], n: int = 100) -> list[str]:
+    def neighbours(self, history: list[dict], exclude: set[str], n: int = 100) -> list[str]:
+        """The item2vec neighbours only ([] when no played track has a CF vector)."""
         played = [t for t in played_ids(history) if t in self.index]
         if not played:
-            return _fill([], self.popular, exclude, n)
+            return []
         w = np.array([self.decay ** (len(played) - 1 - i) for i in range(len(played))], dtype=np.float32)
         q = (w[:, None] * self.mat[[self.index[t] for t in played]]).sum(0)
-        return _fill(_top(self.mat @ q, self.ids, exclude, n), self.popular, exclude, n)
+        return _top(self.mat @ q, self.ids, exclude, n)
+
+    def recommend(self, history: list[dict], exclude: set[str], n: int = 100) -> list[str]:
+        return _fill(self.neighbours(history, exclude, n), self.popular, exclude, n)
 
 
 def rrf(rankings: list[list[str]], k: int = 60, weights: list[float] | None = None) -> list[str]:
@@ -321,5 +327,9 @@ class HybridRecommender:
         self.popular = self.parts[0].popular
 
     def recommend(self, history: list[dict], exclude: set[str], n: int = 100) -> list[str]:
-        fused = rrf([p.recommend(history, exclude, max(n, self.depth)) for p in self.parts], self.k)
+        depth = max(n, self.depth)
+        bm25, dense, cf = self.parts
+        lists = [bm25.recommend(history, exclude, depth), dense.recommend(history, exclude, depth),
+                 cf.neighbours(history, exclude, depth)]  # cf joins only with real neighbours, not its popularity fallback
+        fused = rrf([x for x in lists if x], self.k)
         return _fill(fused, self.popular, exclude, n)

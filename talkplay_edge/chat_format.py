@@ -113,3 +113,26 @@ def prompt_segments(system: str | None, history: Iterable[Mapping[str, str]],
 def build_prompt(system: str | None, history: Iterable[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
     """The prompt as one string (SmolLM2's chat template)."""
     return "".join(text for text, _ in prompt_segments(system, history, add_generation_prompt))
+
+
+def training_segments(conversation: Mapping, catalog, system: str | None = None) -> list[tuple[str, bool, bool]]:
+    """A conversation (the JSONL format) as ``(text, special, is_target)`` pieces for supervised training.
+
+    Built from the same pieces as the runtime's prompt: each assistant turn is ``assistant_turn_text`` of
+    its first acceptable track (music span from the catalog, track context, reply); the loss covers the
+    assistant turn and its ``<|im_end|>`` (``is_target``), nothing of the system or user turns.
+    """
+    out: list[tuple[str, bool, bool]] = [(t, sp, False) for t, sp in
+                                         turn_segments("system", (system if system is not None else DEFAULT_SYSTEM).strip(),
+                                                       content_special=False)]
+    for turn in conversation["turns"]:
+        if turn["role"] == "user":
+            out += [(t, sp, False) for t, sp in turn_segments("user", normalize_message(turn["content"]), content_special=False)]
+            continue
+        ids = turn.get("track_ids") or []
+        track = catalog.get(ids[0]) if ids else None
+        content = assistant_turn_text(catalog.span(track.id) if track else None, track, turn["content"])
+        pieces = turn_segments("assistant", content, content_special=True)
+        # <|im_start|>, "assistant\n" are given; the content and <|im_end|> are what the model must produce
+        out += [(t, sp, i in (2, 3)) for i, (t, sp) in enumerate(pieces)]
+    return out

@@ -141,8 +141,11 @@ class TalkPlay:
 
         # -- token ids of the music vocabulary and of the template markers ---------------------------
         self.music_ids: dict[str, int] = {}
+        buf = (llama_cpp.llama_token * 8)()
         for tok in catalog.vocabulary:
-            ids = self.model.tokenize(tok.encode(), add_bos=False, special=True)
+            raw = tok.encode()
+            k = llama_cpp.llama_tokenize(self.vocab, raw, len(raw), buf, 8, False, True)
+            ids = list(buf[:k]) if k > 0 else []
             if len(ids) != 1:
                 raise ModelCatalogMismatch(f"model {self.model_path} has no single token for {tok} "
                                            f"(catalog {catalog.path}); re-export the model for this catalog")
@@ -167,7 +170,10 @@ class TalkPlay:
         codes = catalog.codes()
         self.track_ids: list[str] = sorted(codes)
         self.track_index = {tid: i for i, tid in enumerate(self.track_ids)}
-        seqs = [[self.music_ids[t] for t in codes[tid]] + [self.end_id] for tid in self.track_ids]
+        width = 1 + max(len(c) for c in codes.values())
+        ids = self.music_ids
+        seqs = np.array([[ids[t] for t in codes[tid]] + [self.end_id] + [-1] * (width - 1 - len(codes[tid]))
+                         for tid in self.track_ids], dtype=np.int64)
         self.trie = CodeTrie.build(seqs)
         self._track_cache: dict[int, Track] = {}
 

@@ -308,8 +308,11 @@ def main(argv: list[str] | None = None) -> dict:
           f"{sum(p.numel() for p in lora_params) / 1e6:.2f}M LoRA, {len(new_ids)} new tokens; device {device} {dtype}")
 
     t = time.time()
-    train = load_examples(cfg.train, tok, catalog, cfg.seq_len, cfg.max_train_conversations)
-    valid = load_examples(cfg.valid, tok, catalog, cfg.seq_len, cfg.eval_batches * cfg.batch_size)
+    if cfg.max_steps == 0:
+        train, valid = [], []
+    else:
+        train = load_examples(cfg.train, tok, catalog, cfg.seq_len, cfg.max_train_conversations)
+        valid = load_examples(cfg.valid, tok, catalog, cfg.seq_len, cfg.eval_batches * cfg.batch_size)
     print(f"data: {len(train)} train / {len(valid)} valid conversations ({time.time() - t:.0f} s)")
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     stream = batches(train, cfg.batch_size, pad, device, rng)
@@ -347,7 +350,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     model.to(torch.float32)
     meta = {**base_info, "vocab_fingerprint": catalog.fingerprint, "config": json.dumps(asdict(cfg))}
-    paths = export_delta(model, lora, new_ids, catalog.vocabulary, meta, out)
+    # max_steps=0 exports the vocabulary expansion alone (untrained LoRA is zero, so it is left out)
+    paths = export_delta(model, lora if cfg.max_steps > 0 else {}, new_ids, catalog.vocabulary, meta, out)
     summary = {"delta": [str(p) for p in paths], "log": log, "tokens_seen": tokens_seen, "config": asdict(cfg)}
     (out / "train_log.json").write_text(json.dumps(summary, indent=2))
     print(f"wrote {', '.join(p.name for p in paths)} to {out}")

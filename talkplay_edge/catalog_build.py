@@ -213,6 +213,7 @@ def create_schema(conn) -> None:
         CREATE VIEW codes AS SELECT t.id AS track_id, {", ".join(f"c.{m}" for m in MODALITIES)}, c.dup,
             {_code_sql("c")} AS code FROM code_rows c JOIN tracks t ON t.rowid = c.track;
         CREATE TRIGGER codes_insert INSTEAD OF INSERT ON codes BEGIN
+            SELECT RAISE(ABORT, 'codes: no track with that id') WHERE NOT EXISTS (SELECT 1 FROM tracks WHERE id = new.track_id);
             INSERT INTO code_rows(track, {mods}, dup)
             VALUES ((SELECT rowid FROM tracks WHERE id = new.track_id), {", ".join(f"new.{m}" for m in MODALITIES)}, coalesce(new.dup, 0));
         END;

@@ -29,6 +29,7 @@ sampling_options = [
     click.option("--seed", type=int, default=None, help="Sampling seed."),
     click.option("--max-new-tokens", type=int, default=96, show_default=True, help="Reply length limit."),
     click.option("--no-force-span", is_flag=True, help="Let the model decide whether to recommend a track."),
+    click.option("--only-local", is_flag=True, help="Recommend only your own indexed files (`talkplay index`)."),
 ]
 
 
@@ -61,9 +62,16 @@ def _load(model_path, catalog_path, threads, n_ctx):
     return TalkPlay.load(model_path, catalog_path, threads=threads, n_ctx=n_ctx)
 
 
-def _session(tp, temperature, top_k, seed, max_new_tokens, no_force_span):
+def _session(tp, temperature, top_k, seed, max_new_tokens, no_force_span, only_local=False):
+    only = None
+    if only_local:
+        from .indexer import local_track_ids
+
+        only = local_track_ids(tp.catalog)
+        if not only:
+            raise UserError(f"{tp.catalog.path}: no local tracks (add your music with `talkplay index PATH`)")
     return tp.chat(temperature=temperature, top_k=top_k, seed=seed, max_new_tokens=max_new_tokens,
-                   force_span=not no_force_span)
+                   force_span=not no_force_span, only=only)
 
 
 def _track_line(i: int | None, t) -> str:
@@ -82,12 +90,12 @@ def _track_line(i: int | None, t) -> str:
 @_fail_cleanly
 @_clean_errors
 def ask(message, n, model_path, catalog_path, threads, n_ctx, temperature, top_k, seed, max_new_tokens,
-        no_force_span, as_json):
+        no_force_span, only_local, as_json):
     """Ask once: a reply and ranked track(s)."""
     if n < 1:
         raise UserError("--n must be at least 1")
     tp = _load(model_path, catalog_path, threads, n_ctx)
-    session = _session(tp, temperature, top_k, seed, max_new_tokens, no_force_span)
+    session = _session(tp, temperature, top_k, seed, max_new_tokens, no_force_span, only_local)
     if as_json:
         reply = session.send(message, n=n)
         click.echo(json.dumps(reply.to_dict(), indent=2, ensure_ascii=False))
@@ -108,12 +116,13 @@ def ask(message, n, model_path, catalog_path, threads, n_ctx, temperature, top_k
 @_options
 @_fail_cleanly
 @_clean_errors
-def chat(model_path, catalog_path, threads, n_ctx, temperature, top_k, seed, max_new_tokens, no_force_span):
+def chat(model_path, catalog_path, threads, n_ctx, temperature, top_k, seed, max_new_tokens, no_force_span,
+         only_local):
     """Chat interactively. Commands: /reset (new conversation), /more [N] (more tracks), /quit."""
     from .chat_format import EmptyMessageError
 
     tp = _load(model_path, catalog_path, threads, n_ctx)
-    session = _session(tp, temperature, top_k, seed, max_new_tokens, no_force_span)
+    session = _session(tp, temperature, top_k, seed, max_new_tokens, no_force_span, only_local)
     interactive = sys.stdin.isatty()
     if interactive:
         click.echo(f"talkplay — {len(tp.track_ids)} tracks. /reset, /more [N], /quit")

@@ -44,7 +44,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -405,11 +405,14 @@ class ChatSession:
     """One conversation. ``send`` answers a message; ``more`` ranks further tracks for the last request.
 
     Options: ``system`` prompt, ``force_span`` (start every assistant turn with a music span; default on),
-    ``temperature`` (0 = greedy) / ``top_k`` / ``seed`` for sampling, ``max_new_tokens`` per reply."""
+    ``temperature`` (0 = greedy) / ``top_k`` / ``seed`` for sampling, ``max_new_tokens`` per reply, ``only``
+    (recommend only these track ids, e.g. ``indexer.local_track_ids(catalog)``)."""
 
     def __init__(self, tp: TalkPlay, system: str | None = None, *, force_span: bool = True,
-                 temperature: float = 0.0, top_k: int = 0, seed: int | None = None, max_new_tokens: int = 96):
+                 temperature: float = 0.0, top_k: int = 0, seed: int | None = None, max_new_tokens: int = 96,
+                 only: Iterable[str] | None = None):
         self.tp = tp
+        self.only = None if only is None else set(only)  # restrict recommendations to these track ids
         self.system = cf.DEFAULT_SYSTEM if system is None else system
         self.force_span, self.temperature, self.top_k = force_span, float(temperature), int(top_k)
         self.max_new_tokens = int(max_new_tokens)
@@ -422,6 +425,10 @@ class ChatSession:
         self.turns: list[list[int]] = []  # token ids of each finished user+assistant exchange
         self.history: list[dict] = []  # [{"role", "content", ["track_ids"]}] as readable text
         self.excl = Exclusions(self.tp.trie)
+        if self.only is not None:  # e.g. --only-local: every other track is excluded up front
+            for i, tid in enumerate(self.tp.track_ids):
+                if tid not in self.only:
+                    self.excl.exclude(i)
         self.recommended: list[str] = []
         self._last_user: list[int] | None = None
         self.compactions = 0

@@ -322,9 +322,10 @@ def test_all_dup_tokens_taken_fails_that_file(tiny_catalog, text_encoder, tagger
     max_dup = conn.execute("select max(cluster) from tokens where kind = 'dup'").fetchone()[0]
     assert max_dup >= 64
     for n in range(1, max_dup + 1):  # fill every collision number of that code with fake tracks
-        conn.execute("insert into codes values (?, ?, ?, ?, ?, ?, ?, ?)", [f"fake{n}", *row[1:6], n, f"{row[7]} x{n}"])
-    conn.execute("update codes set track_id = 'fake0' where track_id = ?", [row[0]])  # dup 0 taken by another track
-    conn.execute("update tracks set id = 'fake0', path = null where id = ?", [row[0]])
+        conn.execute("insert into tracks (id, title, artist) values (?, 'x', 'y')", [f"fake{n}"])
+        conn.execute("insert into codes (track_id, cf, tags, metadata, lyrics, audio, dup) values (?, ?, ?, ?, ?, ?, ?)",
+                     [f"fake{n}", *row[1:6], n])
+    conn.execute("update tracks set id = 'fake0', path = null where id = ?", [row[0]])  # dup 0 taken by another track
     conn.execute("delete from local_files")
     conn.commit()
     conn.close()

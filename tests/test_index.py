@@ -347,3 +347,56 @@ def test_cli_index_json(tiny_catalog, tmp_path, monkeypatch):
     assert data["indexed"] == 1 and data["failed"] == 0 and data["local_tracks"] == 1
     r = runner.invoke(cli, ["index", str(tmp_path / "nope")])
     assert r.exit_code != 0 and "nope" in r.output
+
+
+def test_m3u_playlist_gives_cf_from_neighbours(tiny_catalog, text_encoder, tagger, tmp_path):
+    """Files listed in an .m3u8 take the cf cluster nearest their neighbours' mean item2vec vector."""
+    from talkplay_edge.catalog import CF_SCALE
+    from talkplay_edge.codebook import nearest
+
+    db = tmp_path / "catalog.db"
+    shutil.copy(tiny_catalog, db)
+    with Catalog.open(db) as cat:
+        anchors = [dict(r) for r in cat.conn.execute(
+            "select t.title, t.artist, v.vector from tracks t join cf_vectors v on v.track_id = t.id "
+            "order by t.id limit 2")]
+        centroids = cat.codebook("cf").centroids
+    vecs = np.stack([np.frombuffer(a["vector"], np.int8).astype(np.float32) / CF_SCALE for a in anchors])
+    mean = vecs.mean(0, keepdims=True)
+    want = int(nearest(centroids, mean / np.linalg.norm(mean))[0])
+
+    music = tmp_path / "music"
+    (music / "lists").mkdir(parents=True)
+    for name, freq in (("a.wav", 220.0), ("b.wav", 330.0), ("c.wav", 440.0)):
+        _tone(music / name, seconds=2.0, freq=freq)
+    lines = ["#EXTM3U", "#EXTINF:120,Nobody - Not In The Catalog", "../a.wav",
+             f"#EXTINF:200,{anchors[0]['artist']} - {anchors[0]['title']}", "/elsewhere/missing-file.mp3",
+             f"file://{music / 'b.wav'}".replace(" ", "%20"),
+             f"#EXTINF:-1,{anchors[1]['artist']} - {anchors[1]['title']}", "https://radio.example/stream"]
+    (music / "lists" / "mix.m3u8").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    def cf_of(name: str) -> int:
+        conn = sqlite3.connect(db)
+        v = conn.execute("select c.cf from codes c join tracks t on t.id = c.track_id where t.path = ?",
+                         [str(music / name)]).fetchone()[0]
+        conn.close()
+        return v
+
+    s = index_folder(music, db, encoder=text_encoder, tagger=tagger, progress=False, warn=pytest.fail)
+    assert (s.indexed, s.playlists, s.cf_from_playlists) == (3, 1, 2)
+    assert cf_of("a.wav") == cf_of("b.wav") == want and cf_of("c.wav") == NONE
+    with Catalog.open(db, verify=True) as cat:
+        assert len(set(cat.codes().values())) == len(cat.codes())
+    before = _dump(db)
+    s = index_folder(music, db, encoder=text_encoder, tagger=tagger, progress=False, warn=pytest.fail)
+    assert (s.indexed, s.skipped, s.cf_from_playlists) == (0, 3, 2) and _dump(db) == before
+    # indexing a subfolder does not forget the parent's playlists
+    s = index_folder(music / "lists", db, encoder=text_encoder, tagger=tagger, progress=False, warn=pytest.fail)
+    assert s.cf_from_playlists == 2 and _dump(db) == before
+
+    (music / "lists" / "mix.m3u8").unlink()  # the playlist is gone: back to no cf (no catalog twin)
+    s = index_folder(music, db, encoder=text_encoder, tagger=tagger, progress=False, warn=pytest.fail)
+    assert (s.playlists, s.cf_from_playlists) == (0, 0)
+    assert cf_of("a.wav") == cf_of("b.wav") == NONE
+    with Catalog.open(db, verify=True) as cat:
+        assert cat.conn.execute("select count(*) from local_playlists").fetchone()[0] == 0

@@ -129,17 +129,20 @@ def load_base(cfg: Config):
         gguf = find_base_gguf()
         # the real SmolLM2 tokenizer rebuilt from the GGUF's vocab (transformers' own GGUF conversion adds a
         # BOS and the wrong EOS, and llama.cpp's converter rejects it); the weights do come from gguf_file=
-        tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_files(gguf, Path(cfg.out) / "tokenizer"))
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_files(gguf, Path(cfg.out) / "tokenizer"),
+                                            local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32,
+                                                     local_files_only=True)
         return model, tok, {"base": "smollm2", "base_sha256": BASE_SHA256}
     if cfg.base == "tiny":
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
         from tinymodel import build_tiny_hf_model  # noqa: E402  (the tests' tiny-model builder)
 
         d = build_tiny_hf_model([], Path(cfg.out) / "tiny-base", seed=cfg.seed, layers=cfg.tiny_layers, hidden=cfg.tiny_hidden)
-        return AutoModelForCausalLM.from_pretrained(d), AutoTokenizer.from_pretrained(d), {"base": "tiny", "base_dir": str(d)}
-    return (AutoModelForCausalLM.from_pretrained(cfg.base, torch_dtype=torch.float32),
-            AutoTokenizer.from_pretrained(cfg.base), {"base": cfg.base})
+        return (AutoModelForCausalLM.from_pretrained(d, local_files_only=True),
+                AutoTokenizer.from_pretrained(d, local_files_only=True), {"base": "tiny", "base_dir": str(d)})
+    return (AutoModelForCausalLM.from_pretrained(cfg.base, torch_dtype=torch.float32, local_files_only=True),
+            AutoTokenizer.from_pretrained(cfg.base, local_files_only=True), {"base": cfg.base})
 
 
 def token_description(token: str, catalog) -> str:

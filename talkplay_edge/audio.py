@@ -109,6 +109,14 @@ FEATURE_KEYS = ("danceability", "energy", "key", "mode", "loudness", "speechines
                 "instrumentalness", "liveness", "valence", "tempo")
 
 
+class AudioModelError(RuntimeError):
+    """The musicnn ONNX files are damaged or unreadable."""
+
+
+class AudioModelMissing(AudioModelError, FileNotFoundError):
+    """The musicnn ONNX files are not where they were looked for."""
+
+
 class AudioDecodeError(Exception):
     """A file that cannot be decoded into audio samples (missing, corrupt, unsupported, empty)."""
 
@@ -340,14 +348,20 @@ class AudioTagger:
 
         self.model_dir = Path(model_dir) if model_dir is not None else MODEL_DIR
         path = self.model_dir / MODEL_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: run `python -m export.audio_encoder` to build it")
-        self.labels: list[str] = json.loads((self.model_dir / "tags.json").read_text())
+        for f in (path, self.model_dir / "tags.json"):
+            if not f.is_file():
+                raise AudioModelMissing(f"{f} is missing: restore it (`git checkout {f.parent.name}`) or run "
+                                        "`python -m export.audio_encoder` to rebuild it")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = max(1, int(threads))
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        try:
+            self.labels: list[str] = json.loads((self.model_dir / "tags.json").read_text())
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 — onnxruntime raises its own types for a damaged file
+            raise AudioModelError(f"{self.model_dir}: cannot load the musicnn ONNX model ({e}); restore the files or "
+                                  "run `python -m export.audio_encoder` to rebuild them") from e
         self.max_seconds = max_seconds
 
     def predict(self, waveform_16k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -36,6 +36,24 @@ GENERATED_COLUMNS = ("tags",)  # computed by SQLite from the JSON list columns (
 JSON_COLUMNS = ("artists", "genres", "subgenres", "artist_genres", "playlists")
 
 
+def repair_hint(path: Path) -> str:
+    """What to do about a damaged catalog file, depending on which one it is."""
+    from .paths import embedded_catalog_path, user_catalog_path
+
+    p = Path(path).resolve()
+    if p == embedded_catalog_path().resolve():
+        return "restore the shipped file (`git checkout catalog.db`, or reinstall talkplay-edge)"
+    if p == user_catalog_path().resolve():
+        return ("move it aside and re-run `talkplay index` on your music folder (the user catalog is recreated "
+                "from the embedded one)")
+    return "restore it from a backup, or rebuild it with `talkplay catalog build`"
+
+
+def corrupt(path: Path, e: Exception) -> "CatalogError":
+    """The CatalogError for a database error met while reading ``path``."""
+    return CatalogError(f"{path}: damaged catalog ({e}); {repair_hint(path)}")
+
+
 class CatalogError(Exception):
     """The catalog file is missing, unreadable, of the wrong schema or inconsistent. Names the file."""
 
@@ -115,7 +133,7 @@ class Catalog:
             conn = connect(path, readonly)
             tables = {r[0] for r in conn.execute("select name from sqlite_master where type in ('table','view')")}
         except sqlite3.DatabaseError as e:
-            raise CatalogError(f"{path}: not a readable SQLite catalog ({e})") from e
+            raise CatalogError(f"{path}: not a readable SQLite catalog ({e}); {repair_hint(path)}") from e
         missing = [t for t in REQUIRED_TABLES if t not in tables]
         if missing:
             conn.close()
@@ -132,7 +150,7 @@ class Catalog:
                 cat.verify()
         except sqlite3.DatabaseError as e:
             conn.close()
-            raise CatalogError(f"{path}: corrupt catalog ({e})") from e
+            raise corrupt(path, e) from e
         return cat
 
     def close(self) -> None:
@@ -149,7 +167,7 @@ class Catalog:
         """Recompute the fingerprint from tokens + codebooks and check SQLite's integrity."""
         ok = self.conn.execute("pragma quick_check").fetchone()[0]
         if ok != "ok":
-            raise CatalogError(f"{self.path}: integrity check failed ({ok})")
+            raise CatalogError(f"{self.path}: integrity check failed ({ok}); {repair_hint(self.path)}")
         blobs = [r[0] for r in self.conn.execute("select centroids from codebooks order by modality")]
         if fingerprint(self.vocabulary, blobs) != self.fingerprint:
             raise CatalogError(f"{self.path}: vocabulary fingerprint does not match its tokens/codebooks")

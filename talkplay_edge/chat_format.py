@@ -39,6 +39,8 @@ assistant token ids as they are rather than re-tokenizing its own turns.
 
 from __future__ import annotations
 
+import re
+
 from typing import Iterable, Mapping
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -70,11 +72,15 @@ def assistant_turn_text(track_span: str | None, track, reply: str) -> str:
     return track_span + render_track_context(track) + reply
 
 
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
 def normalize_message(text: str) -> str:
-    """Strip a user message; an empty one is refused (ValueError)."""
+    """Strip a user message; an empty one is refused (ValueError). Lone surrogates (not encodable text,
+    e.g. from a broken UTF-16 source) become U+FFFD; NUL characters are dropped."""
     if not isinstance(text, str):
         raise TypeError("a message is a str")
-    text = text.strip()
+    text = _SURROGATES.sub("\ufffd", text).replace("\x00", "").strip()
     if not text:
         raise EmptyMessageError("empty message: type a request")
     return text

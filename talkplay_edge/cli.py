@@ -40,10 +40,20 @@ def _fail_cleanly(fn):
 
 
 def _describe(e: Exception) -> str:
+    import sqlite3
+
     from .sources import SourceError
 
     if isinstance(e, (CatalogError, SourceError)):
         return str(e)
+    if type(e).__module__.startswith("talkplay_edge."):  # our own errors are written for users: file + fix
+        return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    if isinstance(e, sqlite3.DatabaseError):  # met after the catalog opened: name the file being read
+        from .catalog import corrupt
+        from .paths import default_catalog_path
+
+        params = click.get_current_context().params
+        return str(corrupt(params.get("catalog_path") or default_catalog_path(), e))
     return f"{type(e).__name__}: {e} (run with --debug for the traceback)"
 
 

@@ -674,12 +674,11 @@ def index_folder(root: str | Path, catalog_path: str | Path | None = None, encod
         stored, computed = _vocab_fingerprint(conn)
         if stored != computed:
             raise CatalogError(f"{target}: vocabulary fingerprint does not match its tokens/codebooks")
-        conn.executescript(LOCAL_FILES_SCHEMA)
-
         prefix = str(root_p).rstrip(os.sep) + os.sep  # files under the root, whichever root indexed them
+        has_table = conn.execute("select 1 from sqlite_master where name = 'local_files'").fetchone()
         known = {r["path"]: r for r in conn.execute(
             "select path, mtime_ns, size, track_id, status from local_files where substr(path, 1, ?) = ?",
-            [len(prefix), prefix])}
+            [len(prefix), prefix])} if has_table else {}
         files = list(walk_audio_files(root_p))
         summary.files_seen = len(files)
         todo = []
@@ -695,6 +694,10 @@ def index_folder(root: str | Path, catalog_path: str | Path | None = None, encod
                 summary.skipped += 1
             else:
                 todo.append((path, rel, st))
+
+        if todo:  # the models are loaded only when there is work, and before anything is written
+            encoder, tagger = _load_models(cat, encoder, tagger, threads, warn)
+        conn.executescript(LOCAL_FILES_SCHEMA)
 
         gone = [r for p, r in known.items() if p not in seen and not os.path.lexists(p)]
         if gone:
@@ -724,8 +727,7 @@ def index_folder(root: str | Path, catalog_path: str | Path | None = None, encod
                 warn(line)
 
         try:
-            if todo:  # the models are loaded only when there is work
-                encoder, tagger = _load_models(cat, encoder, tagger, threads, say)
+            if todo:
                 ix = _Indexer(cat, root_p, encoder, tagger, say)
             for start in range(0, len(todo), max(1, batch_size)):
                 chunk = todo[start:start + max(1, batch_size)]

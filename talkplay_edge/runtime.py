@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
@@ -49,7 +50,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from . import chat_format as cf
-from .catalog import Catalog, Track
+from .catalog import Catalog, Track, corrupt
+from .gguf_check import GGUFError, check_gguf
 from .tokens import SPAN_END, SPAN_START
 from .trie import CodeTrie, Exclusions
 
@@ -122,20 +124,24 @@ class TalkPlay:
         if not verbose:
             _quiet_llama()
         self._llama_cpp = llama_cpp
-        mparams = llama_cpp.llama_model_default_params()
-        try:
-            self.model = _internals.LlamaModel(path_model=str(self.model_path), params=mparams, verbose=verbose)
-        except ValueError as e:
-            raise ModelNotFound(f"{self.model_path}: not a loadable GGUF model ({e})") from e
-        self.metadata = self.model.metadata()
-        model_fp = self.metadata.get(FINGERPRINT_KEY, "")
+        try:  # a damaged file is refused here: llama.cpp aborts the process on some damage
+            info = check_gguf(self.model_path)
+        except OSError as e:
+            raise ModelNotFound(f"{self.model_path}: cannot read the model ({e.strerror or e})") from e
+        model_fp = str(info.metadata.get(FINGERPRINT_KEY, ""))
         if model_fp != catalog.fingerprint:
-            self.model.close()
             have = f"vocabulary fingerprint {model_fp[:16]}…" if model_fp else f"no {FINGERPRINT_KEY}"
             raise ModelCatalogMismatch(
                 f"model {self.model_path} ({have}) does not match catalog {catalog.path} (fingerprint "
                 f"{catalog.fingerprint[:16]}…): the model was exported for another music vocabulary. Pass the "
                 "catalog the model was trained with (--catalog), or re-export/retrain the model on this catalog.")
+        mparams = llama_cpp.llama_model_default_params()
+        try:
+            self.model = _internals.LlamaModel(path_model=str(self.model_path), params=mparams, verbose=verbose)
+        except ValueError as e:
+            raise GGUFError(f"{self.model_path}: not a loadable GGUF model ({e}); delete the file so it is "
+                            "rebuilt, or pass another with --model") from e
+        self.metadata = self.model.metadata()
         self.vocab = self.model.vocab
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
 
@@ -167,7 +173,10 @@ class TalkPlay:
                 self.stop_ids.add(i)
 
         # -- the trie over the catalog's codes ------------------------------------------------------------
-        codes = catalog.codes()
+        try:
+            codes = catalog.codes()
+        except sqlite3.DatabaseError as e:
+            raise corrupt(catalog.path, e) from e
         self.track_ids: list[str] = sorted(codes)
         self.track_index = {tid: i for i, tid in enumerate(self.track_ids)}
         width = 1 + max(len(c) for c in codes.values())
@@ -239,7 +248,7 @@ class TalkPlay:
         return ids[0]
 
     def tokenize(self, text: str, special: bool = False) -> list[int]:
-        return self.model.tokenize(text.encode("utf-8"), add_bos=False, special=special) if text else []
+        return self.model.tokenize(text.encode("utf-8", "replace"), add_bos=False, special=special) if text else []
 
     def tokenize_segments(self, segments: Sequence[tuple[str, bool]]) -> list[int]:
         out: list[int] = []
@@ -259,7 +268,10 @@ class TalkPlay:
     def track(self, index: int) -> Track:
         t = self._track_cache.get(index)
         if t is None:
-            t = self.catalog.get(self.track_ids[index])
+            try:
+                t = self.catalog.get(self.track_ids[index])
+            except sqlite3.DatabaseError as e:
+                raise corrupt(self.catalog.path, e) from e
             if t is None:
                 raise KeyError(f"{self.catalog.path}: track {self.track_ids[index]} has a code but no row")
             self._track_cache[index] = t

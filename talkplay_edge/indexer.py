@@ -153,6 +153,10 @@ def ensure_catalog(catalog_path: str | Path | None = None, source: str | Path | 
     if embedded.exists() and target.exists() and target.resolve() == embedded.resolve():
         raise IndexingError(f"{target}: refusing to modify the shipped catalog; index into the user catalog "
                             f"(omit --catalog) or another file")
+    for stale in target.parent.glob(f"{target.name}.tmp-*"):  # left by a copy that was killed
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            stale.unlink(missing_ok=True)
     if target.exists():
         return target, False
     src = Path(source) if source else embedded
@@ -173,6 +177,16 @@ def ensure_catalog(catalog_path: str | Path | None = None, source: str | Path | 
     finally:
         tmp.unlink(missing_ok=True)
     return target, True
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def local_track_ids(catalog: Catalog | str | Path) -> set[str]:

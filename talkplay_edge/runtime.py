@@ -181,6 +181,11 @@ class TalkPlay:
         self.track_index = {tid: i for i, tid in enumerate(self.track_ids)}
         width = 1 + max(len(c) for c in codes.values())
         ids = self.music_ids
+        for tid, code in codes.items():
+            unknown = [t for t in code if t not in ids]
+            if unknown:
+                raise corrupt(catalog.path, ValueError(f"track {tid} has the code token {unknown[0]}, which is not in "
+                                                       "the catalog's vocabulary"))
         seqs = np.array([[ids[t] for t in codes[tid]] + [self.end_id] + [-1] * (width - 1 - len(codes[tid]))
                          for tid in self.track_ids], dtype=np.int64)
         self.trie = CodeTrie.build(seqs)

@@ -162,3 +162,15 @@ def test_debug_shows_the_traceback(tmp_path):
     assert r.exit_code == 1 and r.output.count("\n") == 1 and str(bad) in r.output
     with pytest.raises(CatalogError):
         Catalog.open(bad)
+
+
+def test_code_token_outside_the_vocabulary_is_a_damaged_catalog(runtime_gguf, tiny_catalog, tmp_path):
+    """A flipped bit in a stored cluster number (found by bench/faults.py) names the catalog, not a KeyError."""
+    db = tmp_path / "catalog.db"
+    shutil.copy(tiny_catalog, db)
+    conn = sqlite3.connect(db)
+    conn.execute("update code_rows set metadata = 4635 where track = (select min(track) from code_rows)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(CatalogError, match=f"{db}: damaged catalog .*meta_4635"):
+        TalkPlay.load(runtime_gguf, db)

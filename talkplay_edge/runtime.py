@@ -32,17 +32,21 @@ Threads: one ``TalkPlay`` (one llama context) can serve several sessions from se
 serialises all use of the llama context (a turn holds it from prefill to the last token, ``on_text``
 callbacks run under it); each session keeps its own token history, and because prefill starts at the
 common prefix of the session's tokens and the tokens the KV cache holds, a session always continues from
-its own history even when another session used the context in between (it then re-prefills from the
-shared system prompt).
+its own history even when another session used the context in between. Switching sessions copies the
+outgoing session's KV cells out and the incoming one's back in (``session_cache_mb``, default 128 MB, for
+the most recently used sessions), so a switch costs a memory copy, not a re-prefill of the conversation;
+a session whose snapshot was evicted re-prefills from the shared system prompt.
 """
 
 from __future__ import annotations
 
 import codecs
 import ctypes
+import itertools
 import sqlite3
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -112,7 +116,7 @@ class TalkPlay:
     """A loaded model + catalog. ``chat()`` opens a session; thread-safe (see the module docstring)."""
 
     def __init__(self, model_path: str | Path, catalog: Catalog, *, threads: int = 2, n_ctx: int = 2048,
-                 n_batch: int = 512, max_beam: int = 32, verbose: bool = False):
+                 n_batch: int = 512, max_beam: int = 32, session_cache_mb: float = 128.0, verbose: bool = False):
         import llama_cpp
         from llama_cpp import _internals
 
@@ -211,6 +215,11 @@ class TalkPlay:
         self._batch = llama_cpp.llama_batch_init(max(self.n_batch, self.max_beam), 0, self.n_seq_max)
         self._kv: list[int] = []  # tokens held by sequence 0 of the KV cache, positions 0..len-1
         self._lock = threading.RLock()
+        # sessions sharing the context: the one whose tokens sequence 0 holds, and snapshots of the others'
+        self._owner: int | None = None
+        self._snapshots: "OrderedDict[int, tuple[bytes, list[int]]]" = OrderedDict()  # session id -> (KV, tokens)
+        self.session_cache_bytes = int(session_cache_mb * 2**20)
+        self.snapshot_stats = {"saved": 0, "restored": 0, "evicted": 0}
         self.threads = threads
         self.load_seconds = time.perf_counter() - t0
 
@@ -335,6 +344,48 @@ class TalkPlay:
         self._kv.extend(int(t) for t in tokens)
         return logits
 
+    # -- sessions sharing the context ----------------------------------------------------------------------
+    def _switch_to(self, session_id: int) -> None:
+        """Make sequence 0 hold ``session_id``'s tokens when a snapshot of them exists (call under the lock).
+
+        The outgoing session's KV cells are copied out (``llama_state_seq_get_data``) and the incoming one's
+        copied back, so switching sessions costs a memory copy instead of re-prefilling the whole
+        conversation, and the restored cells are bit-identical to the ones the session computed.
+        Snapshots are kept for the most recently used sessions within ``session_cache_mb``; a session
+        without one re-prefills from the prefix it shares with what the context holds (always correct)."""
+        if self._owner == session_id:
+            return
+        lc, ctx = self._llama_cpp, self.ctx.ctx
+        old = self._owner
+        if old is not None and self._kv and self.session_cache_bytes > 0:
+            size = int(lc.llama_state_seq_get_size(ctx, 0))
+            if 0 < size <= self.session_cache_bytes:
+                buf = (ctypes.c_uint8 * size)()
+                n = int(lc.llama_state_seq_get_data(ctx, buf, size, 0))
+                if n > 0:
+                    self._snapshots[old] = (bytes(memoryview(buf)[:n]), list(self._kv))
+                    self._snapshots.move_to_end(old)
+                    self.snapshot_stats["saved"] += 1
+                    while sum(len(b) for b, _ in self._snapshots.values()) > self.session_cache_bytes:
+                        self._snapshots.popitem(last=False)
+                        self.snapshot_stats["evicted"] += 1
+        self._owner = session_id
+        snap = self._snapshots.pop(session_id, None)
+        if snap is None:
+            return
+        data, tokens = snap
+        lc.llama_memory_seq_rm(self._mem, -1, -1, -1)
+        self._kv = []
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if int(lc.llama_state_seq_set_data(ctx, buf, len(data), 0)) > 0:
+            self._kv = tokens
+            self.snapshot_stats["restored"] += 1
+        else:  # could not restore: start clean (the prompt is re-prefilled)
+            lc.llama_memory_seq_rm(self._mem, -1, -1, -1)
+
+    def _forget(self, session_id: int) -> None:
+        self._snapshots.pop(session_id, None)
+
     # -- constrained span decoding -----------------------------------------------------------------------
     def _beam(self, logits: np.ndarray, excl: Exclusions, n: int, width: int | None = None) -> list[tuple[int, float]]:
         """Rank up to ``n`` tracks by beam search over the trie, starting from ``logits`` (the state after
@@ -418,6 +469,9 @@ class TalkPlay:
         return out
 
 
+_SESSION_IDS = itertools.count()
+
+
 class ChatSession:
     """One conversation. ``send`` answers a message; ``more`` ranks further tracks for the last request.
 
@@ -429,6 +483,7 @@ class ChatSession:
                  temperature: float = 0.0, top_k: int = 0, seed: int | None = None, max_new_tokens: int = 96,
                  only: Iterable[str] | None = None):
         self.tp = tp
+        self.id = next(_SESSION_IDS)
         self.only = None if only is None else set(only)  # restrict recommendations to these track ids
         self.system = cf.DEFAULT_SYSTEM if system is None else system
         self.force_span, self.temperature, self.top_k = force_span, float(temperature), int(top_k)
@@ -439,6 +494,8 @@ class ChatSession:
 
     def reset(self) -> None:
         """Forget the conversation and the recommended tracks."""
+        with self.tp._lock:
+            self.tp._forget(self.id)
         self.turns: list[list[int]] = []  # token ids of each finished user+assistant exchange
         self.history: list[dict] = []  # [{"role", "content", ["track_ids"]}] as readable text
         self.excl = Exclusions(self.tp.trie)
@@ -517,6 +574,7 @@ class ChatSession:
         user_block = self._user_block(message, n)
         timings: dict = {}
         with tp._lock:
+            tp._switch_to(self.id)
             prompt = self._prompt(user_block, n)
             kv_before = len(tp._kv)
             exhausted = self.excl.exhausted
@@ -637,6 +695,7 @@ class ChatSession:
         tp = self.tp
         t0 = time.perf_counter()
         with tp._lock:
+            tp._switch_to(self.id)
             if self.excl.exhausted:
                 return Reply("", [], exhausted=True)
             prev = self.turns[:-1]
@@ -702,6 +761,7 @@ class ModelRecommender:
             toks = toks[-(tp.n_ctx - self._reserve()):]
         excl = Exclusions(tp.trie, [tp.track_index[i] for i in exclude if i in tp.track_index])
         with tp._lock:
+            tp._switch_to(-1)  # the recommender is one more user of the context
             logits = tp._sync(toks)
             ranked = tp.rank(excl, logits, n)
         return [tp.track_ids[i] for i, _ in ranked]

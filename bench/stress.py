@@ -16,7 +16,8 @@ and last turn, the max, the growth over the second half, context compactions; an
 
 ``kill``: indexes a folder (the real clips in ../shared/data/audio plus generated tones) into a fresh user
 catalog (created from the embedded one on the first run), killing the ``talkplay index`` process with
-SIGKILL at a random moment ``--kills`` times, then lets one run finish. After every kill: ``PRAGMA
+SIGKILL at a random moment until it was killed ``--kills`` times (a run that finishes before its moment is
+not a kill: the catalog is then started afresh), then lets one run finish. After every kill: ``PRAGMA
 integrity_check`` is ok, every local file row has its track and code and vice versa, codes are unique,
 no path is indexed twice, the FTS index has one row per track, and no temporary file is left behind.
 The final run must index every remaining file, and a run after it must change nothing.
@@ -315,6 +316,7 @@ def main() -> None:
             p.add_argument("--catalog", type=Path, default=None)
             p.add_argument("--n-ctx", type=int, default=2048)
             p.add_argument("--model-threads", type=int, default=2, help="llama.cpp threads")
+            p.add_argument("--session-cache-mb", type=float, default=128.0, help="KV snapshots of idle sessions")
             p.add_argument("--max-new-tokens", type=int, default=16 if name == "load" else 48)
     sub.choices["load"].add_argument("--threads", type=int, default=8)
     sub.choices["load"].add_argument("--requests", type=int, default=200)
@@ -329,7 +331,8 @@ def main() -> None:
     else:
         from talkplay_edge.runtime import TalkPlay
 
-        tp = TalkPlay.load(a.model, a.catalog, threads=a.model_threads, n_ctx=a.n_ctx)
+        tp = TalkPlay.load(a.model, a.catalog, threads=a.model_threads, n_ctx=a.n_ctx,
+                           session_cache_mb=a.session_cache_mb)
         rss0 = _rss_mb()
         if a.cmd == "load":
             out = run_load(tp, a.threads, a.requests, a.max_new_tokens, replay=not a.no_replay, progress=not a.json)
@@ -337,7 +340,8 @@ def main() -> None:
         else:
             out = run_long(tp, a.turns, a.max_new_tokens, progress=not a.json)
             ok = True
-        out.update(model=str(tp.model_path), catalog=str(tp.catalog.path), rss_after_load_mb=round(rss0, 1))
+        out.update(model=str(tp.model_path), catalog=str(tp.catalog.path), rss_after_load_mb=round(rss0, 1),
+                   rss_end_mb=round(_rss_mb(), 1), n_ctx=tp.n_ctx, session_cache_mb=a.session_cache_mb)
     print(json.dumps(out, indent=2) if a.json else "\n".join(f"{k}: {v}" for k, v in out.items() if k != "log"))
     sys.exit(0 if ok else 1)
 

@@ -210,7 +210,7 @@ class TalkPlay:
         cparams.no_perf = True
         self.ctx = _internals.LlamaContext(model=self.model, params=cparams, verbose=verbose)
         self.n_ctx = int(llama_cpp.llama_n_ctx(self.ctx.ctx))
-        self.n_batch = int(n_batch)
+        self.n_batch = int(llama_cpp.llama_n_batch(self.ctx.ctx))  # llama.cpp may lower it (to n_ctx); larger aborts
         self._mem = llama_cpp.llama_get_memory(self.ctx.ctx)
         self._batch = llama_cpp.llama_batch_init(max(self.n_batch, self.max_beam), 0, self.n_seq_max)
         self._kv: list[int] = []  # tokens held by sequence 0 of the KV cache, positions 0..len-1

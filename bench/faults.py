@@ -55,29 +55,6 @@ def _sha(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
-def _gguf_regions(path: Path) -> tuple[int, int]:
-    """(end of the metadata, start of the tensor data) of a GGUF file."""
-    from talkplay_edge.gguf_check import _Reader  # the same walk the runtime's check does
-
-    import mmap
-    import struct
-
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        r = _Reader(mm, path)
-        r.pos = 8
-        n_tensors, n_kv = r.take("<Q"), r.take("<Q")
-        for _ in range(n_kv):
-            r.string()
-            r.value(r.take("<I"), keep=False)
-        meta_end = r.pos
-        for _ in range(n_tensors):
-            r.string()
-            r.pos += 8 * struct.unpack_from("<I", mm, r.pos)[0] + 4 + 4 + 8
-        data = -(-r.pos // 32) * 32
-        del r
-    return meta_end, data
-
-
 def run_cli(model: Path, catalog: Path, timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).parent / "talkplay"
     cmd = [str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else ["-m", "talkplay_edge.cli"]),
@@ -117,7 +94,10 @@ def judge(case: Case, damaged: Path, proc: subprocess.CompletedProcess | None, s
 def model_cases(model: Path, rng: random.Random, flips: int, truncations: int, foreign: Path | None) -> list:
     """(kind, detail, writer(dst)) for damaged copies of a GGUF model."""
     data = model.read_bytes()
-    meta_end, data_start = _gguf_regions(model)
+    from talkplay_edge.gguf_check import check_gguf
+
+    info = check_gguf(model)
+    meta_end, data_start = info.metadata_end, info.data_start
     out = []
 
     def flipped(off: int, bit: int):

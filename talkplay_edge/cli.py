@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .catalog import Catalog, CatalogError
+from .catalog import Catalog
 from .paths import DEFAULT_DATA_DIR, default_catalog_path, embedded_catalog_path
 
 catalog_option = click.option("--catalog", "catalog_path", type=click.Path(dir_okay=False, path_type=Path),
@@ -42,10 +42,6 @@ def _fail_cleanly(fn):
 def _describe(e: Exception) -> str:
     import sqlite3
 
-    from .sources import SourceError
-
-    if isinstance(e, (CatalogError, SourceError)):
-        return str(e)
     if type(e).__module__.startswith("talkplay_edge."):  # our own errors are written for users: file + fix
         return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
     if isinstance(e, sqlite3.DatabaseError):  # met after the catalog opened: name the file being read

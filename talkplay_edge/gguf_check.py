@@ -49,6 +49,8 @@ class GGUFInfo:
     metadata: dict = field(default_factory=dict)       # scalars and strings (arrays: their length)
     tokens: list[bytes] = field(default_factory=list)  # tokenizer.ggml.tokens
     tensors: dict[str, tuple[tuple[int, ...], int]] = field(default_factory=dict)  # name -> (shape, type)
+    metadata_end: int = 0  # byte offset where the tensor descriptions start
+    data_start: int = 0    # byte offset of the tensor data
 
 
 class _Reader:
@@ -151,6 +153,7 @@ def _check(buf, path: Path) -> GGUFInfo:
             if vtype == ARRAY:
                 arrays[key] = v
             info.metadata[key] = v.decode("utf-8", "replace") if isinstance(v, bytes) else v
+    info.metadata_end = r.pos
     align = info.metadata.get("general.alignment", 32)
     if not isinstance(align, int) or align <= 0 or align & (align - 1):
         r.fail(f"bad general.alignment {align!r}")
@@ -170,7 +173,7 @@ def _check(buf, path: Path) -> GGUFInfo:
             r.fail(f"tensor {name!r} has shape {shape}")
         info.tensors[name] = (shape, ttype)
         specs.append((name, shape, ttype, offset))
-    data_start = -(-r.pos // align) * align
+    data_start = info.data_start = -(-r.pos // align) * align
     for name, shape, ttype, offset in specs:
         block, nbytes = GGML_TYPES[ttype]
         n = 1

@@ -379,8 +379,20 @@ def find_twin(twins: dict[tuple[str, str], tuple[str, int]], title: str | None,
     return None
 
 
-def update_playlist_cf(conn: sqlite3.Connection, root: Path, warn: Callable[[str], None],
-                       max_dup: int) -> tuple[int, int]:
+def dup_numbers(conn: sqlite3.Connection) -> int:
+    """The largest collision number the vocabulary has a ``dup`` token for."""
+    return max([r[0] for r in conn.execute("select cluster from tokens where kind = 'dup'")] or [0])
+
+
+def free_dup(conn: sqlite3.Connection, cl: dict[str, int], max_dup: int) -> int | None:
+    """The smallest collision number no track with the five clusters ``cl`` uses (None: all taken)."""
+    where = " and ".join(f"{m} = ?" for m in MODALITIES)
+    used = {r[0] for r in conn.execute(f"select dup from codes where {where}", [cl[m] for m in MODALITIES])}
+    return next((n for n in range(max_dup + 1) if n not in used), None)
+
+
+def update_playlist_cf(cat: Catalog, root: Path, warn: Callable[[str], None],
+                       twins: dict[tuple[str, str], tuple[str, int]] | None = None) -> tuple[int, int]:
     """Record the .m3u/.m3u8 playlists under ``root`` and re-derive every local track's cf code.
 
     A local track listed in a recorded playlist (under any indexed root) takes the cf cluster nearest
@@ -389,17 +401,21 @@ def update_playlist_cf(conn: sqlite3.Connection, root: Path, warn: Callable[[str
     the item2vec fold-in of a new item: its vector is the centre of its playlist neighbours. A local
     track with no such neighbour inherits its own twin's cluster, else ``none``. Changed codes are
     rewritten (with a free collision number) in one transaction. Returns (playlists, tracks whose cf
-    came from a playlist).
+    came from a playlist). ``twins``: ``catalog_twins`` when the caller has it already.
     """
     from .catalog import CF_SCALE
     from .codebook import nearest
-    from .music_tokenizer import transform
     from .m3u import PLAYLIST_EXTENSIONS, read_m3u
+    from .music_tokenizer import transform
 
-    conn.executescript(LOCAL_PLAYLISTS_SCHEMA)
+    conn = cat.conn
     found = {str(p): rel for p, rel in walk_files(root, PLAYLIST_EXTENSIONS)}
     prefix = str(root).rstrip(os.sep) + os.sep
-    recorded = [r[0] for r in conn.execute("select path from local_playlists")]
+    has_table = conn.execute("select 1 from sqlite_master where name = 'local_playlists'").fetchone()
+    recorded = [r[0] for r in conn.execute("select path from local_playlists")] if has_table else []
+    if not found and not recorded:  # no playlist anywhere: every local file keeps the cluster it was written with
+        return 0, 0
+    conn.executescript(LOCAL_PLAYLISTS_SCHEMA)
     gone = [p for p in recorded if p.startswith(prefix) and p not in found and not os.path.lexists(p)]
 
     playlists: list[list] = []
@@ -413,7 +429,7 @@ def update_playlist_cf(conn: sqlite3.Connection, root: Path, warn: Callable[[str
     local = {r[0]: (r[1], r[2], r[3]) for r in conn.execute(
         "select f.path, t.id, t.title, t.artist from local_files f join tracks t on t.id = f.track_id "
         "where f.status = 'ok'")}
-    twins = catalog_twins(conn)
+    twins = catalog_twins(conn) if twins is None else twins
     vectors: dict[str, np.ndarray] = {}
 
     def vector_of(tid: str) -> np.ndarray | None:
@@ -449,14 +465,12 @@ def update_playlist_cf(conn: sqlite3.Connection, root: Path, warn: Callable[[str
     for tid, title, artist in local.values():
         twin = find_twin(twins, title, artist)
         desired[tid] = twin[1] if twin else NONE
-    cb = conn.execute("select centroids, dim, transform from codebooks where modality = 'cf'").fetchone()
-    if from_playlists and cb is not None and cb[1]:
-        centroids = np.frombuffer(cb[0], dtype=np.float16).astype(np.float32).reshape(-1, cb[1])
+    cb = cat.codebook("cf") if from_playlists else None
+    if cb is not None and cb.centroids.size:
         ids = sorted(from_playlists)
         mean = np.stack([from_playlists[t] for t in ids])
         mean /= np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
-        mean = transform(mean, json.loads(cb[2] or "{}"))
-        for tid, cl in zip(ids, nearest(centroids, mean)):
+        for tid, cl in zip(ids, nearest(cb.centroids, transform(mean, cb.transform))):
             desired[tid] = int(cl)
 
     mods = ", ".join(MODALITIES)
@@ -468,6 +482,7 @@ def update_playlist_cf(conn: sqlite3.Connection, root: Path, warn: Callable[[str
     if not (gone or new or changed):
         return len(found), sum(1 for t in from_playlists if t in current)
     now = time.time()
+    max_dup = dup_numbers(conn)
     conn.execute("begin immediate")
     try:
         for p in gone:
@@ -476,17 +491,13 @@ def update_playlist_cf(conn: sqlite3.Connection, root: Path, warn: Callable[[str
             rel = found[p]
             conn.execute("insert or replace into local_playlists (path, root, relpath, indexed_at) values (?, ?, ?, ?)",
                          [p, str(root), rel, now])
-        where = " and ".join(f"{m} = ?" for m in MODALITIES)
         for tid, cf in changed:
-            cl = dict(zip(MODALITIES, current[tid][1:]))
-            cl["cf"] = cf
+            old = dict(zip(MODALITIES, current[tid][1:]))
+            cl = {**old, "cf": cf}
             conn.execute("delete from codes where track_id = ?", [tid])
-            used = {r[0] for r in conn.execute(f"select dup from codes where {where}", [cl[m] for m in MODALITIES])}
-            dup = next((n for n in range(max_dup + 1) if n not in used), None)
+            dup = free_dup(conn, cl, max_dup)
             if dup is None:  # every collision number of the new code is taken: keep the old code
-                cl = dict(zip(MODALITIES, current[tid][1:]))
-                used = {r[0] for r in conn.execute(f"select dup from codes where {where}", [cl[m] for m in MODALITIES])}
-                dup = next(n for n in range(max_dup + 1) if n not in used)
+                cl, dup = old, free_dup(conn, old, max_dup)
                 warn(f"warning: kept the old cf code of {tid}: every collision token of its new code is taken")
             conn.execute(f"insert into codes (track_id, {mods}, dup, code) values (?, {', '.join('?' * len(MODALITIES))}, ?, ?)",
                          [tid, *[cl[m] for m in MODALITIES], dup, track_code(cl, dup)])
@@ -526,7 +537,7 @@ class _Indexer:
         self.conn, self.root, self.encoder, self.tagger, self.warn = cat.conn, root, encoder, tagger, warn
         self.codebooks = {m: cat.codebook(m) for m in MODALITIES}
         conn = cat.conn
-        self.max_dup = max([r[0] for r in conn.execute("select cluster from tokens where kind = 'dup'")] or [0])
+        self.max_dup = dup_numbers(conn)
         self.twins = catalog_twins(conn)
 
     def cf_cluster(self, title: str, artist: str | None) -> int:
@@ -584,7 +595,7 @@ class _Indexer:
             for i, p in enumerate(batch):
                 self._delete_track(p.track_id)
                 cl = {m: int(clusters[m][i]) for m in MODALITIES}
-                dup = self._free_dup(cl)
+                dup = free_dup(self.conn, cl, self.max_dup)
                 if dup is None:
                     reason = (f"all {self.max_dup} collision tokens of code "
                               f"{track_code(cl, 0)} are taken")
@@ -621,11 +632,6 @@ class _Indexer:
         except BaseException:
             c.execute("rollback")
             raise
-
-    def _free_dup(self, cl: dict[str, int]) -> int | None:
-        where = " and ".join(f"{m} = ?" for m in MODALITIES)
-        used = {r[0] for r in self.conn.execute(f"select dup from codes where {where}", [cl[m] for m in MODALITIES])}
-        return next((n for n in range(self.max_dup + 1) if n not in used), None)
 
     def _delete_track(self, track_id: str) -> None:
         _delete_track(self.conn, track_id)
@@ -762,8 +768,8 @@ def index_folder(root: str | Path, catalog_path: str | Path | None = None, encod
             if bar is not None:
                 bar.close()
 
-        max_dup = max([r[0] for r in conn.execute("select cluster from tokens where kind = 'dup'")] or [0])
-        summary.playlists, summary.cf_from_playlists = update_playlist_cf(conn, root_p, warn, max_dup)
+        summary.playlists, summary.cf_from_playlists = update_playlist_cf(cat, root_p, warn,
+                                                                          ix.twins if todo else None)
 
         stored_after, computed_after = _vocab_fingerprint(conn)
         assert stored_after == stored and computed_after == computed, "indexing changed the music-token vocabulary"

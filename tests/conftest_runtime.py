@@ -51,3 +51,17 @@ def talkplay(runtime_gguf, tiny_catalog):
     cat = tp.catalog
     tp.close()
     cat.close()
+
+
+def check_turn(reply, catalog_ids: set[str], seen: set[str]) -> bool:
+    """Assert one turn's documented outcome: one real catalog track not recommended before in the session
+    (added to ``seen``), or — once every track was recommended — no track at all. Returns whether the
+    catalog was exhausted (the caller then resets the session and ``seen``)."""
+    if reply.exhausted:
+        assert reply.tracks == [] and seen == catalog_ids
+        return True
+    assert len(reply.tracks) == 1
+    track = reply.tracks[0]
+    assert track.id in catalog_ids and track.id not in seen
+    seen.add(track.id)
+    return False

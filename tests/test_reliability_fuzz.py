@@ -15,6 +15,8 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from conftest_runtime import check_turn  # noqa: E402
+
 from talkplay_edge import chat_format as cf  # noqa: E402
 
 EXAMPLES = int(os.environ.get("TALKPLAY_FUZZ_EXAMPLES", "10000"))
@@ -74,15 +76,10 @@ def test_fuzzed_messages(fuzz_tp, fuzz_session):
             return
         assert isinstance(reply.text, str)
         reply.text.encode("utf-8")  # always valid text (no lone surrogates)
-        if reply.exhausted:
-            assert seen == catalog_ids
+        if check_turn(reply, catalog_ids, seen):
             fuzz_session.reset()
             seen = set()
             return
-        assert len(reply.tracks) == 1
-        t = reply.tracks[0]
-        assert t.id in catalog_ids and t.id not in seen
-        seen.add(t.id)
         stats["tracks"] += 1
 
     check()
@@ -94,3 +91,11 @@ def test_fuzzed_messages(fuzz_tp, fuzz_session):
 def test_non_text_is_a_type_error(fuzz_session, bad):
     with pytest.raises(TypeError):
         fuzz_session.send(bad)
+
+
+def test_a_prompt_longer_than_the_batch_with_a_small_context(fuzz_tp):
+    """Found by this fuzz: llama.cpp lowers n_batch to the requested n_ctx (384 < 512), and a prompt chunk
+    longer than that aborted the process (GGML_ASSERT(n_tokens_all <= cparams.n_batch))."""
+    assert fuzz_tp.n_batch <= 384
+    reply = fuzz_tp.chat(max_new_tokens=1).send("\U0001f3b5" * 30_000)
+    assert len(reply.tracks) == 1

@@ -33,7 +33,7 @@ def adapted(tmp_path_factory):
     d = tmp_path_factory.mktemp("mb")
     hf = build_tiny_hf_model([], d / "base-hf", seed=1)
     base = gguf_export.convert_hf_to_gguf(hf, d / "base.gguf", outtype="f32", quiet=True)
-    model = AutoModelForCausalLM.from_pretrained(hf, torch_dtype=torch.float32, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32, local_files_only=True)
     tok = AutoTokenizer.from_pretrained(hf, local_files_only=True)
     n_old = len(tok)
     tok.add_tokens(MUSIC, special_tokens=True)

@@ -48,6 +48,7 @@ def test_train_logs_and_loss_falls(trained):
     log = summary["log"]
     assert [e["step"] for e in log] == [3, 6]
     assert all(e["valid_loss"] > 0 for e in log) and summary["tokens_seen"] > 0
+    assert all(0 <= e["valid_hit1"] <= 1 and e["hit_spans"] > 0 for e in log)
     assert log[-1]["valid_loss"] < log[0]["valid_loss"] * 1.05
 
 
@@ -69,3 +70,87 @@ def test_trained_delta_runs_in_the_runtime(trained, tiny_catalog):
             assert reply.tracks and reply.tracks[0].id in ids
     finally:
         tp.close()
+
+
+def _tiny_setup(tiny_catalog, tmp_path):
+    cfg = train.Config(base="tiny", out=str(tmp_path), seed=1)
+    model, tok, _ = train.load_base(cfg)
+    cat = Catalog.open(tiny_catalog)
+    train.add_music_tokens(model, tok, cat, "mean")
+    with torch.no_grad():  # distinct random rows, so that the music tokens' logits are not tied
+        model.get_input_embeddings().weight.normal_(0, 0.5)
+    return model, tok, cat
+
+
+def test_loss_on_target_positions_equals_full_cross_entropy(tiny_catalog, tmp_path):
+    model, tok, cat = _tiny_setup(tiny_catalog, tmp_path)
+    conv = {"id": "c", "turns": [{"role": "user", "content": "something calm"},
+                                 {"role": "assistant", "content": "Here.", "track_ids": [cat.track_ids()[3]]},
+                                 {"role": "user", "content": "and another"},
+                                 {"role": "assistant", "content": "This one.", "track_ids": [cat.track_ids()[7]]}]}
+    ids, labels = train.encode(conv, tok, cat, 256)
+    x, y = torch.tensor([ids, ids[:-5] + [0] * 5]), torch.tensor([labels, labels[:-5] + [-100] * 5])
+    logits = model(input_ids=x).logits[:, :-1]
+    full = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1), ignore_index=-100)
+    assert torch.allclose(train.loss_of(model, x, y), full, atol=1e-5)
+
+
+def test_quick_hit_rate_equals_greedy_decoding_over_the_trie(tiny_catalog, tmp_path):
+    """The teacher-forced Hit@1 must agree with real greedy decoding over the trie, span by span."""
+    from talkplay_edge.tokens import SPAN_START
+
+    model, tok, cat = _tiny_setup(tiny_catalog, tmp_path)
+    model.eval()
+    trie = train.catalog_trie(tok, cat)
+    start = tok.convert_tokens_to_ids(SPAN_START)
+    emb = model.get_output_embeddings().weight
+    by_index = list(cat.codes())  # the trie's track order
+
+    def encoded(k, tid):
+        conv = {"id": str(k), "turns": [{"role": "user", "content": f"request number {k}"},
+                                        {"role": "assistant", "content": "ok", "track_ids": [tid]}]}
+        return train.encode(conv, tok, cat, 256)
+
+    examples, expected = [], []
+    for k in range(12):
+        ids, labels = encoded(k, cat.track_ids()[k])
+        s = ids.index(start)
+        with torch.no_grad():  # real greedy decoding over the trie, one full forward per step
+            seq, node = ids[:s + 1], trie.root
+            while trie.track[node] < 0:
+                child_ids, _ = trie.children(node)
+                h = model.get_decoder()(input_ids=torch.tensor([seq])).last_hidden_state[0, -1]
+                best = int(child_ids[int((emb[torch.as_tensor(child_ids.astype("int64"))] @ h).argmax())])
+                seq, node = seq + [best], trie.child(node, best)
+        if k % 2 == 0:  # every other example asks for the very track greedy decoding finds: a hit
+            ids, labels = encoded(k, by_index[int(trie.track[node])])
+        expected.append(seq == ids[:len(seq)])
+        examples.append((ids, labels))
+    assert 0 < sum(expected) < len(expected)
+    rate, n = train.span_hit_rate(model, examples, trie, start, limit=100, device="cpu")
+    assert n == len(examples)
+    assert rate == pytest.approx(sum(expected) / len(expected))
+
+
+def test_max_minutes_stops_with_an_eval_and_a_delta(tiny_catalog, tmp_path):
+    with Catalog.open(tiny_catalog) as cat:
+        build_conversations(cat, tmp_path / "conv", seed=1, sizes={"train": 8, "valid": 2, "test": 2, "test_unseen": 2},
+                            show_progress=False)
+    summary = train.main([f"--catalog={tiny_catalog}", f"--train={tmp_path / 'conv' / 'train.jsonl'}",
+                          f"--valid={tmp_path / 'conv' / 'valid.jsonl'}", f"--out={tmp_path / 'out'}", "--base=tiny",
+                          "--max_steps=1000", "--batch_size=2", "--eval_every=500", "--eval_batches=1",
+                          "--max_minutes=0.0001", "--hit_turns=4"])
+    assert [e["step"] for e in summary["log"]] == [1]
+    assert (tmp_path / "out" / "train_log.json").is_file() and load_delta(tmp_path / "out")[0]
+
+
+def test_data_workers_encode_the_same_examples(tiny_catalog, tmp_path):
+    with Catalog.open(tiny_catalog) as cat:
+        build_conversations(cat, tmp_path / "conv", seed=2, sizes={"train": 2100, "valid": 1, "test": 1, "test_unseen": 1},
+                            show_progress=False)
+        _, tok, _ = train.load_base(train.Config(base="tiny", out=str(tmp_path)))
+        train.add_music_tokens(train.load_base(train.Config(base="tiny", out=str(tmp_path)))[0], tok, cat, "mean")
+        path = str(tmp_path / "conv" / "train.jsonl")
+        one = train.load_examples(path, tok, cat, 128, workers=1)
+        two = train.load_examples(path, tok, cat, 128, workers=2)
+    assert len(one) == 2100 and one == two

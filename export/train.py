@@ -63,6 +63,7 @@ class Config:
     max_train_conversations: int = 0  # 0 = all
     data_workers: int = 0  # processes that tokenize the conversations; 0 = one per CPU core
     device: str = "auto"
+    cuda_memory_fraction: float = 0.0  # >0: cap this process's share of GPU memory (a side run beside another)
     dtype: str = "bfloat16"  # float32 on CPU
     seed: int = 0
     # tiny random model (tests / smoke runs): used when base == "tiny"
@@ -398,6 +399,8 @@ def main(argv: list[str] | None = None) -> dict:
     rng = random.Random(cfg.seed)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     dtype = getattr(torch, cfg.dtype) if device == "cuda" else torch.float32
+    if device == "cuda" and cfg.cuda_memory_fraction > 0:
+        torch.cuda.set_per_process_memory_fraction(cfg.cuda_memory_fraction)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     catalog = Catalog.open(cfg.catalog)

@@ -20,19 +20,23 @@ from .paths import DEFAULT_DATA_DIR, default_catalog_path
 @click.option("--limit", type=int, default=None, help="Only the first N conversations.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random system.")
 @click.option("--per-intent", is_flag=True, help="Also print one row per intent (generated data's meta.intents).")
+@click.option("--replies", is_flag=True, help="(--system model) Also chat through the runtime with the user "
+              "messages: real / repeated tracks, replies that name their track.")
 @catalog_option
 @threads_option
 @json_option
 @_fail_cleanly
-def eval_command(system: str, conv_path: Path, limit: int | None, seed: int, per_intent: bool,
+def eval_command(system: str, conv_path: Path, limit: int | None, seed: int, per_intent: bool, replies: bool,
                  catalog_path: Path | None, threads: int, as_json: bool) -> None:
     """Score a recommender on conversations: MRR, Hit@1/10/100 overall and per turn."""
     import time
 
     from .catalog import Catalog
     from .conversations import ConversationFormatError, read_conversations
-    from .evaluate import UnknownSystemError, evaluate, format_table, get_recommender
+    from .evaluate import UnknownSystemError, evaluate, evaluate_replies, format_table, get_recommender
 
+    if replies and system != "model":
+        raise UserError("--replies needs --system model (only the model writes replies)")
     try:
         convs = read_conversations(conv_path, limit=limit)
     except ConversationFormatError as e:
@@ -47,10 +51,13 @@ def eval_command(system: str, conv_path: Path, limit: int | None, seed: int, per
         result = evaluate(rec, convs, set(cat.track_ids()), show_progress=not as_json)
         result.extra = {"conversations_file": str(conv_path), "catalog": str(cat.path), "setup_s": round(setup_s, 2),
                         "limit": limit}
+        chat = evaluate_replies(rec.tp, convs, show_progress=not as_json) if replies else None
     if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=2))
+        click.echo(json.dumps({**result.to_dict(), **({"replies": chat.to_dict()} if chat else {})}, indent=2))
     else:
         click.echo(format_table(result, per_intent=per_intent))
+        if chat:
+            click.echo(chat.format())
         click.echo(f"(setup {setup_s:.1f} s)")
 
 

@@ -216,3 +216,94 @@ def format_table(result: EvalResult, per_intent: bool = False) -> str:
             lines.append(f"{name:>16} {s['turns']:>6} {s['mrr']:>7.4f} {s['hit@1']:>7.4f} {s['hit@10']:>7.4f} "
                          f"{s['hit@100']:>8.4f}")
     return "\n".join(lines)
+
+
+# -- replies: what a user of the chat sees -----------------------------------------------------------------
+def _fold(text: str) -> str:
+    import unicodedata
+
+    text = unicodedata.normalize("NFKD", str(text or "")).encode("ascii", "ignore").decode().lower()
+    return " ".join("".join(c if c.isalnum() else " " for c in text).split())
+
+
+def title_core(title: str) -> str:
+    """A title without version suffixes: "Champagne Supernova - Remastered" -> "Champagne Supernova"."""
+    core = str(title or "").split(" - ")[0]
+    return core.split(" (")[0].split(" [")[0].strip() or str(title or "")
+
+
+def mentions_track(reply: str, track) -> bool:
+    """Does the reply name the track: its title (without version suffixes) or its artist (any of them), as
+    whole words, ignoring case, accents and punctuation?"""
+    text = f" {_fold(reply)} "
+    names = [title_core(track.title), track.artist, *(getattr(track, "artists", ()) or ())]
+    return any(f" {n} " in text for n in map(_fold, names) if n)
+
+
+@dataclass
+class ReplyResult:
+    """Chat turns run through ``ChatSession.send`` (the conversations' user messages, the model's own history)."""
+    conversations: int = 0
+    turns: int = 0
+    with_track: int = 0  # turns that recommended a track
+    real: int = 0  # ... a track of the catalog
+    repeated: int = 0  # ... already recommended in that session
+    mentions: int = 0  # ... whose reply text names the track (title or artist)
+    empty_replies: int = 0
+    exhausted: int = 0
+    reply_chars: int = 0
+    runtime_s: float = 0.0
+    examples: list = field(default_factory=list)  # the first few turns, for a look
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        t = max(self.with_track, 1)
+        d.update(real_rate=self.real / t, repeat_rate=self.repeated / t, mention_rate=self.mentions / t,
+                 track_rate=self.with_track / max(self.turns, 1), mean_reply_chars=self.reply_chars / max(self.turns, 1),
+                 turns_per_s=self.turns / self.runtime_s if self.runtime_s else None)
+        return d
+
+    def format(self) -> str:
+        d = self.to_dict()
+        return (f"replies: {self.turns} turns in {self.conversations} conversations ({self.runtime_s:.1f} s); "
+                f"track in {d['track_rate']:.1%}; real {d['real_rate']:.1%}; repeated {d['repeat_rate']:.1%}; "
+                f"reply names the track in {d['mention_rate']:.1%}; mean reply {d['mean_reply_chars']:.0f} chars; "
+                f"{self.empty_replies} empty")
+
+
+def evaluate_replies(tp, conversations: list[dict], max_new_tokens: int = 64, n_examples: int = 5,
+                     show_progress: bool = False) -> ReplyResult:
+    """Chat through ``tp`` (a ``runtime.TalkPlay``) with each conversation's user messages, greedy, as a user
+    would: count real / repeated tracks and replies that name their track."""
+    catalog_ids = set(tp.track_ids)
+    res = ReplyResult()
+    t0 = time.perf_counter()
+    bar = progress(conversations, desc="replies", unit="conv") if show_progress else conversations
+    for conv in bar:
+        session = tp.chat(max_new_tokens=max_new_tokens)
+        seen: set[str] = set()
+        res.conversations += 1
+        try:
+            for turn in conv["turns"]:
+                if turn["role"] != "user" or not str(turn.get("content", "")).strip():
+                    continue
+                reply = session.send(turn["content"])
+                res.turns += 1
+                res.reply_chars += len(reply.text)
+                res.empty_replies += not reply.text
+                res.exhausted += reply.exhausted
+                if reply.tracks:
+                    track = reply.tracks[0]
+                    res.with_track += 1
+                    res.real += track.id in catalog_ids
+                    res.repeated += track.id in seen
+                    res.mentions += mentions_track(reply.text, track)
+                    seen.add(track.id)
+                if len(res.examples) < n_examples:
+                    res.examples.append({"user": turn["content"], "reply": reply.text,
+                                         "track": f'"{reply.tracks[0].title}" by {reply.tracks[0].artist}'
+                                         if reply.tracks else None})
+        finally:
+            session.reset()  # frees the session's KV snapshot
+    res.runtime_s = time.perf_counter() - t0
+    return res

@@ -1,0 +1,71 @@
+"""`talkplay eval --system model --replies`: chat through the runtime and check what users see."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+from talkplay_edge.evaluate import evaluate_replies, mentions_track, title_core
+
+
+def _track(title, artist, artists=(), tid="t"):
+    return SimpleNamespace(id=tid, title=title, artist=artist, artists=artists)
+
+
+def test_mentions_track_by_title_or_artist_as_whole_words():
+    t = _track("Champagne Supernova - Remastered", "Oasis")
+    assert title_core(t.title) == "Champagne Supernova"
+    assert mentions_track("A classic: champagne supernova!", t)
+    assert mentions_track("Something by OASIS, mid-90s.", t)
+    assert not mentions_track("Something from the oases of the desert, supernovae", t)
+    assert mentions_track("Beyonce at her best", _track("Halo", "Beyoncé"))
+    assert not mentions_track("Music from Asia", _track("Chandelier", "Sia"))
+    assert mentions_track("with Future on it", _track("Mask Off (Remix)", "Future", ("Future", "Kendrick Lamar")))
+    assert not mentions_track("", t)
+
+
+class _FakeSession:
+    def __init__(self, replies):
+        self.replies, self.resets = list(replies), 0
+
+    def send(self, message):
+        text, track = self.replies.pop(0)
+        return SimpleNamespace(text=text, tracks=[track] if track else [], exhausted=track is None)
+
+    def reset(self):
+        self.resets += 1
+
+
+def test_evaluate_replies_counts_what_the_user_sees():
+    a, b, ghost = _track("Halo", "Beyoncé", tid="a"), _track("Yellow", "Coldplay", tid="b"), _track("X", "Y", tid="zz")
+    session = _FakeSession([("Halo it is.", a), ("Here is Halo again", a), ("", None), ("Try this.", ghost), ("Coldplay!", b)])
+    tp = SimpleNamespace(track_ids=["a", "b"], chat=lambda **kw: session)
+    conv = {"turns": [{"role": "user", "content": m} for m in ("one", "two", "three", "four", "five")]}
+    res = evaluate_replies(tp, [conv])
+    d = res.to_dict()
+    assert (res.turns, res.with_track, res.real, res.repeated, res.mentions, res.empty_replies) == (5, 4, 3, 1, 3, 1)
+    assert d["mention_rate"] == 0.75 and session.resets == 1
+
+
+def test_cli_eval_replies_on_the_tiny_model(runtime_gguf, tiny_catalog, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from talkplay_edge.catalog import Catalog
+    from talkplay_edge.cli import cli
+    from talkplay_edge.conversations import build_conversations
+
+    with Catalog.open(tiny_catalog) as cat:
+        build_conversations(cat, tmp_path, seed=3, sizes={"train": 1, "valid": 1, "test": 3, "test_unseen": 1},
+                            show_progress=False)
+    convs = [json.loads(line) for line in (tmp_path / "test.jsonl").read_text().splitlines()]
+    user_turns = sum(t["role"] == "user" for c in convs for t in c["turns"])
+    monkeypatch.setenv("TALKPLAY_MODEL", str(runtime_gguf))
+    r = CliRunner().invoke(cli, ["eval", "--system", "model", "--replies", "--conversations", str(tmp_path / "test.jsonl"),
+                                 "--catalog", str(tiny_catalog), "--threads", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output)["replies"]
+    assert rep["turns"] == user_turns and rep["with_track"] == user_turns  # the runtime forces a span
+    assert rep["real_rate"] == 1.0 and rep["repeated"] == 0
+    r = CliRunner().invoke(cli, ["eval", "--system", "hybrid", "--replies", "--conversations", str(tmp_path / "test.jsonl"),
+                                 "--catalog", str(tiny_catalog)])
+    assert r.exit_code == 1 and "--system model" in r.output

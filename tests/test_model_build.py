@@ -93,3 +93,13 @@ def test_build_model_checks_the_base_hash(adapted, tmp_path):
         build_model(delta_dir, tmp_path / "m.gguf", base=base)
     with pytest.raises(ModelBuildError, match="delta not found"):
         build_model(tmp_path / "nothing", tmp_path / "m.gguf", base=base)
+
+
+def test_compare_unpermutes_what_the_trainer_permutes():
+    from export.compare import llama_cpp_unpermute
+    from export.train import llama_cpp_permute
+
+    w = torch.arange(8 * 4 * 3, dtype=torch.float32).reshape(8 * 4, 3)
+    p = llama_cpp_permute(w, 4)
+    assert not torch.equal(p, w) and torch.equal(llama_cpp_unpermute(p, 4), w)
+    assert np.array_equal(llama_cpp_unpermute(p.numpy(), 4), w.numpy())

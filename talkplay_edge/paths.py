@@ -44,7 +44,9 @@ def data_dir() -> Path:
 
 
 def default_model_path():
-    """The embedded model's GGUF (built from the shipped delta on first use), or None if none ships."""
+    """The embedded model's GGUF (built from the shipped delta on first use), or None if none ships.
+    ``$TALKPLAY_QUANT`` picks the quantisation (default Q8_0; Q4_K_M is smaller for a Raspberry Pi)."""
+    from .model_build import DEFAULT_FTYPE
     from .model_build import default_model_path as build_default
 
-    return build_default()
+    return build_default(os.environ.get("TALKPLAY_QUANT") or DEFAULT_FTYPE)

@@ -189,9 +189,23 @@ def assemble(stash: Path) -> Path | None:
     return unpacked
 
 
+def _environment() -> None:
+    """Print what the training will run on (first call: learn early that something is missing)."""
+    try:
+        import torch
+        import transformers
+
+        gpu = (f"{torch.cuda.get_device_name(0)}, {torch.cuda.mem_get_info()[0] / 2**30:.0f} GiB free"
+               if torch.cuda.is_available() else "NO CUDA DEVICE")
+        _log(f"python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}; {gpu}")
+    except Exception as e:  # report, the training itself will fail with the details
+        _log(f"environment: {type(e).__name__}: {e}")
+
+
 def step(workdir: Path, out: Path, stash: Path = STASH, extra: list[str] | None = None) -> int:
     """One device call: stash the parts sent with it; when all are there, unpack and train every variant."""
     stash.mkdir(parents=True, exist_ok=True)
+    _environment()
     for f in sorted((workdir / PACK_DIR).glob("part-*/*")):
         shutil.copy2(f, stash / f.name)
     if not (stash / "manifest.json").is_file():
@@ -222,7 +236,8 @@ def step(workdir: Path, out: Path, stash: Path = STASH, extra: list[str] | None 
                 f"--max_train_conversations={manifest['conversations']}", *(extra or [])]
         if i > 0:
             args.append("--cuda_memory_fraction=0.4")  # a side variant can never starve the first
-        log = open(out / f"train-{init}.log", "w")
+        (stash / "out").mkdir(parents=True, exist_ok=True)
+        log = open(stash / "out" / f"{init}.log", "w")
         procs.append((init, subprocess.Popen(args, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT), log))
     deadline = time.time() + manifest["max_minutes"] * 60 + 240
     results = {}
@@ -240,6 +255,12 @@ def step(workdir: Path, out: Path, stash: Path = STASH, extra: list[str] | None 
                 shutil.copy2(f, dst / f.name)
         results[init] = {"rc": rc, "files": sorted(p.name for p in dst.iterdir())}
         _log(f"{init}: exit {rc}; {results[init]['files']}")
+    with open(out / "train.log", "w") as combined:  # one file: at most 8 come back
+        for init in results:
+            text = (stash / "out" / f"{init}.log").read_text(errors="replace")
+            combined.write(f"==== init={init} ====\n{text}\n")
+            tail = [l for l in text.splitlines() if l.startswith("{") or "stopping" in l or "Error" in l]
+            print(f"---- {init}: evals ----", *tail[-8:], sep="\n")
     print(json.dumps(results))
     return 0 if all(r["rc"] == 0 for r in results.values()) else 1
 

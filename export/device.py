@@ -37,19 +37,13 @@ import tarfile
 import time
 from pathlib import Path
 
+from talkplay_edge.model_build import sha256_file
+
 CALL_LIMIT = 64 * 2**20  # working tree + carried paths, per call
 PACK_DIR = ".devpack"
 ASIDE = ("catalog.db", "talkplay_edge/models")  # tracked, large, not needed to train
 STASH = Path(os.environ.get("TALKPLAY_DEVICE_STASH", "/root/talkplay-devpack"))
 GGUF_WHEEL = "gguf==0.19.0"  # transformers' gguf_file= loader; the device image lacks it
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def travelling_bytes(root: Path, without: tuple[str, ...] = ASIDE) -> int:
@@ -102,7 +96,7 @@ def pack(root: Path, base_gguf: Path, catalog: Path, train: Path, valid: Path, w
     if chunk < call_limit // 16:
         raise SystemExit(f"the tree alone nearly fills a call ({travelling_bytes(root) / 2**20:.1f} MiB): "
                          "move more aside or ignore untracked files")
-    manifest = {"sha256": _sha256(tar_path), "size": tar_path.stat().st_size, "parts": [],
+    manifest = {"sha256": sha256_file(tar_path), "size": tar_path.stat().st_size, "parts": [],
                 "variants": variants, "max_minutes": max_minutes, "config": config,
                 "conversations": conversations, "packed": time.strftime("%Y-%m-%d %H:%M:%S")}
     with open(tar_path, "rb") as f:
@@ -120,32 +114,28 @@ def pack(root: Path, base_gguf: Path, catalog: Path, train: Path, valid: Path, w
     return manifest
 
 
-def aside(root: Path) -> list[str]:
-    """Move the ``ASIDE`` paths into ``.devpack/aside`` (ignored, so they do not travel)."""
+def _move(root: Path, away: bool, clash: str) -> list[str]:
     moved = []
     for rel in ASIDE:
-        src, dst = root / rel, root / PACK_DIR / "aside" / rel
+        home, parked = root / rel, root / PACK_DIR / "aside" / rel
+        src, dst = (home, parked) if away else (parked, home)
         if src.exists():
             if dst.exists():
-                raise SystemExit(f"{dst} already exists: run `python -m export.device restore` first")
+                raise SystemExit(f"{dst} already exists: {clash}")
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(src), str(dst))
             moved.append(rel)
     return moved
 
 
+def aside(root: Path) -> list[str]:
+    """Move the ``ASIDE`` paths into ``.devpack/aside`` (ignored, so they do not travel)."""
+    return _move(root, True, "run `python -m export.device restore` first")
+
+
 def restore(root: Path) -> list[str]:
     """Undo ``aside`` (``git checkout -- catalog.db talkplay_edge/models`` restores the committed files too)."""
-    back = []
-    for rel in ASIDE:
-        src, dst = root / PACK_DIR / "aside" / rel, root / rel
-        if src.exists():
-            if dst.exists():
-                raise SystemExit(f"{dst} exists and so does its copy in {src.parent}: compare them and keep one")
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(src), str(dst))
-            back.append(rel)
-    return back
+    return _move(root, False, "so does its copy in .devpack/aside: compare them and keep one")
 
 
 # -- on the device --------------------------------------------------------------------------------------
@@ -225,7 +215,7 @@ def step(workdir: Path, out: Path, stash: Path = STASH, extra: list[str] | None 
     for name in ("catalog.db", "conversations/train.jsonl", "conversations/valid.jsonl"):
         if not (data / name).is_file():
             _unxz(payload / f"{name}.xz", data / name)
-    _log(f"unpacked; base sha256 {_sha256(payload / 'base.gguf')[:16]}…; training {manifest['variants']} "
+    _log(f"unpacked; base sha256 {sha256_file(payload / 'base.gguf')[:16]}…; training {manifest['variants']} "
          f"for {manifest['max_minutes']} min each")
     procs = []
     for i, init in enumerate(manifest["variants"]):

@@ -5,7 +5,7 @@ keeps /root while the machine stays warm (30 s after a call) and brings back at 
 ``$OUT``. The tracked tree alone is ~61 MB (``catalog.db`` and the ONNX encoders), and training needs the
 98 MB base GGUF, the catalog and the conversations. So::
 
-    talkplay conversations build --train 120000            # here, once
+    talkplay conversations build --train 100000            # here, once
     python -m export.device pack                          # here: .devpack/part-K, each fits one call
     python -m export.device aside                         # here: move catalog.db + talkplay_edge/models aside
     # device tool, one call per part, back to back (the machine stays warm only 30 s):
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m export.device", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("pack", help="here: split the payload into parts that each fit one device call")
-    p.add_argument("--conversations", type=int, default=120_000, help="training conversations to send")
+    p.add_argument("--conversations", type=int, default=100_000, help="training conversations to send")
     p.add_argument("--train", type=Path, default=Path("conversations/train.jsonl"))
     p.add_argument("--valid", type=Path, default=Path("conversations/valid.jsonl"))
     p.add_argument("--catalog", type=Path, default=Path("catalog.db"))

@@ -97,6 +97,7 @@ def pack(root: Path, base_gguf: Path, catalog: Path, train: Path, valid: Path, w
         raise SystemExit(f"the tree alone nearly fills a call ({travelling_bytes(root) / 2**20:.1f} MiB): "
                          "move more aside or ignore untracked files")
     manifest = {"sha256": sha256_file(tar_path), "size": tar_path.stat().st_size, "parts": [],
+                "base_sha256": sha256_file(base_gguf),
                 "variants": variants, "max_minutes": max_minutes, "config": config,
                 "conversations": conversations, "packed": time.strftime("%Y-%m-%d %H:%M:%S")}
     with open(tar_path, "rb") as f:
@@ -215,8 +216,10 @@ def step(workdir: Path, out: Path, stash: Path = STASH, extra: list[str] | None 
     for name in ("catalog.db", "conversations/train.jsonl", "conversations/valid.jsonl"):
         if not (data / name).is_file():
             _unxz(payload / f"{name}.xz", data / name)
-    _log(f"unpacked; base sha256 {sha256_file(payload / 'base.gguf')[:16]}…; training {manifest['variants']} "
-         f"for {manifest['max_minutes']} min each")
+    base_sha = sha256_file(payload / "base.gguf")
+    if manifest.get("base_sha256") and base_sha != manifest["base_sha256"]:
+        raise SystemExit(f"base.gguf sha256 {base_sha[:16]}… is not the packed base {manifest['base_sha256'][:16]}…")
+    _log(f"unpacked; base sha256 {base_sha[:16]}…; training {manifest['variants']} for {manifest['max_minutes']} min each")
     procs = []
     for i, init in enumerate(manifest["variants"]):
         args = [sys.executable, "-m", "export.train", "--config", manifest["config"], f"--init={init}",

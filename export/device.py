@@ -92,12 +92,13 @@ def pack(root: Path, base_gguf: Path, catalog: Path, train: Path, valid: Path, w
         _xz_member(tar, "conversations/valid.jsonl.xz", valid)
         if wheel:
             tar.add(wheel, arcname=f"wheels/{wheel.name}")
-    chunk = call_limit - travelling_bytes(root) - margin
+    tree = travelling_bytes(root)
+    chunk = call_limit - tree - margin
     if chunk < call_limit // 16:
-        raise SystemExit(f"the tree alone nearly fills a call ({travelling_bytes(root) / 2**20:.1f} MiB): "
+        raise SystemExit(f"the tree alone nearly fills a call ({tree / 2**20:.1f} MiB): "
                          "move more aside or ignore untracked files")
     manifest = {"sha256": sha256_file(tar_path), "size": tar_path.stat().st_size, "parts": [],
-                "base_sha256": sha256_file(base_gguf),
+                "base_sha256": sha256_file(base_gguf), "tree_bytes": tree,
                 "variants": variants, "max_minutes": max_minutes, "config": config,
                 "conversations": conversations, "packed": time.strftime("%Y-%m-%d %H:%M:%S")}
     with open(tar_path, "rb") as f:
@@ -304,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         m = pack(root, a.base or find_base_gguf(), a.catalog, a.train, a.valid, wheel, a.conversations,
                  a.variants.split(","), a.max_minutes, a.config)
         print(json.dumps({"parts": len(m["parts"]), "payload_mb": round(m["size"] / 1e6, 1),
-                          "tree_mb": round(travelling_bytes(root) / 1e6, 1),
+                          "tree_mb": round(m["tree_bytes"] / 1e6, 1),
                           "carry": [f"{PACK_DIR}/part-{k}" for k in range(1, len(m["parts"]) + 1)]}))
     elif a.cmd == "aside":
         print(json.dumps({"moved": aside(root), "tree_mb": round(travelling_bytes(root, ()) / 1e6, 1)}))

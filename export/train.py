@@ -303,10 +303,11 @@ def loss_of(model, x, y):
 def catalog_trie(tok, catalog):
     """The runtime's trie over every track's code (token ids, each path ending in the span-end token)."""
     from talkplay_edge.tokens import SPAN_END
-    from talkplay_edge.trie import CodeTrie
+    from talkplay_edge import trie
 
-    end = tok.convert_tokens_to_ids(SPAN_END)
-    return CodeTrie.build([tok.convert_tokens_to_ids(list(code)) + [end] for code in catalog.codes().values()])
+    vocab = catalog.vocabulary
+    ids = dict(zip(vocab, tok.convert_tokens_to_ids(vocab)))
+    return trie.catalog_trie(catalog.codes(), ids, tok.convert_tokens_to_ids(SPAN_END))[1]
 
 
 @torch.no_grad()
@@ -332,7 +333,7 @@ def span_hit_rate(model, examples, trie, start_id: int, limit: int, device) -> t
                 if pos + 1 >= len(ids):
                     ok = None  # span cut by seq_len: not counted
                     break
-                child_ids, children = trie.children(node)
+                child_ids, _ = trie.children(node)
                 target = ids[pos + 1]
                 scores = hidden[pos] @ out_emb[torch.as_tensor(child_ids.astype("int64"), device=device)].T
                 best = int(child_ids[int(scores.argmax())])

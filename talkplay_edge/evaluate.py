@@ -220,10 +220,12 @@ def format_table(result: EvalResult, per_intent: bool = False) -> str:
 
 # -- replies: what a user of the chat sees -----------------------------------------------------------------
 def _fold(text: str) -> str:
+    """``sources.norm_name`` (case, punctuation, spaces) without accents: "Beyoncé!" -> "beyonce"."""
     import unicodedata
 
-    text = unicodedata.normalize("NFKD", str(text or "")).encode("ascii", "ignore").decode().lower()
-    return " ".join("".join(c if c.isalnum() else " " for c in text).split())
+    from .sources import norm_name
+
+    return norm_name("".join(c for c in unicodedata.normalize("NFKD", str(text or "")) if not unicodedata.combining(c)))
 
 
 def title_core(title: str) -> str:

@@ -57,7 +57,7 @@ from . import chat_format as cf
 from .catalog import Catalog, Track, corrupt
 from .gguf_check import GGUFError, check_gguf
 from .tokens import SPAN_END, SPAN_START
-from .trie import CodeTrie, Exclusions
+from .trie import Exclusions, catalog_trie
 
 FINGERPRINT_KEY = "talkplay.vocab_fingerprint"
 SPAN_MAX_TOKENS = 8  # start + 5 modality tokens + dup + end
@@ -181,18 +181,14 @@ class TalkPlay:
             codes = catalog.codes()
         except sqlite3.DatabaseError as e:
             raise corrupt(catalog.path, e) from e
-        self.track_ids: list[str] = sorted(codes)
-        self.track_index = {tid: i for i, tid in enumerate(self.track_ids)}
-        width = 1 + max(len(c) for c in codes.values())
         ids = self.music_ids
         for tid, code in codes.items():
             unknown = [t for t in code if t not in ids]
             if unknown:
                 raise corrupt(catalog.path, ValueError(f"track {tid} has the code token {unknown[0]}, which is not in "
                                                        "the catalog's vocabulary"))
-        seqs = np.array([[ids[t] for t in codes[tid]] + [self.end_id] + [-1] * (width - 1 - len(codes[tid]))
-                         for tid in self.track_ids], dtype=np.int64)
-        self.trie = CodeTrie.build(seqs)
+        self.track_ids, self.trie = catalog_trie(codes, ids, self.end_id)
+        self.track_index = {tid: i for i, tid in enumerate(self.track_ids)}
         self._track_cache: dict[int, Track] = {}
 
         # -- the llama context: one main sequence (0) plus 2 × max_beam beam sequences -----------------

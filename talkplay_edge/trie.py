@@ -20,7 +20,7 @@ to the root (O(depth)) and prunes every subtree left without a track.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -135,6 +135,16 @@ class CodeTrie:
             out.append(int(self.token[node - 1]))
             node = int(self.parent[node])
         return out[::-1]
+
+
+def catalog_trie(codes: Mapping[str, Sequence[str]], token_ids: Mapping[str, int], end_id: int) -> tuple[list[str], CodeTrie]:
+    """(track ids in trie order = sorted, the trie) over a catalog's codes (``Catalog.codes()``): each track's
+    token ids, then the span-end token. Every code token must be in ``token_ids`` (KeyError otherwise)."""
+    track_ids = sorted(codes)
+    width = 1 + max(len(c) for c in codes.values())
+    seqs = np.array([[token_ids[t] for t in codes[tid]] + [end_id] + [-1] * (width - 1 - len(codes[tid]))
+                     for tid in track_ids], dtype=np.int64)
+    return track_ids, CodeTrie.build(seqs)
 
 
 class Exclusions:

@@ -46,6 +46,8 @@ class Config:
     valid: str = "conversations/valid.jsonl"
     out: str = "out/delta"
     init: str = "text"  # new-token rows: "mean" | "text"
+    init_delta: str = ""  # start from this delta (its LoRA factors and token rows) instead of from zero
+    init_delta_fresh: str = ""  # comma-separated modalities (e.g. "cf") whose rows start from `init` anyway
     lora_r: int = 32
     lora_alpha: int = 64
     lr: float = 3e-4  # LoRA
@@ -196,6 +198,41 @@ def freeze_except_new_rows(model, new_ids: list[int]):
     first_new = min(new_ids)
     emb.register_hook(lambda g: torch.cat([torch.zeros_like(g[:first_new]), g[first_new:]]))
     return emb
+
+
+def load_init_delta(path: str, fresh: str, model, lora: dict[str, "LoRALinear"], new_ids: list[int],
+                    vocab: list[str]) -> int:
+    """Continue from an earlier delta: its LoRA factors (same rank) and token rows. Rows of the modalities
+    named in ``fresh`` keep their ``init`` values (use it when the catalog rebuilt that codebook: same
+    tokens, new meaning). The token list must be the catalog's. Returns how many rows were taken."""
+    from talkplay_edge.model_build import load_delta
+    from talkplay_edge.tokens import parse_token
+
+    tensors, meta = load_delta(Path(path))
+    if json.loads(meta.get("added_tokens", "[]")) != list(vocab):
+        raise SystemExit(f"init_delta {path}: its music tokens are not this catalog's")
+    cfg = model.config
+    with torch.no_grad():
+        for name, m in lora.items():
+            a, b = tensors.get(f"lora_a.{name}"), tensors.get(f"lora_b.{name}")
+            if a is None or b is None:
+                raise SystemExit(f"init_delta {path}: no LoRA factors for {name}")
+            if a.shape != tuple(m.lora_a.shape):
+                raise SystemExit(f"init_delta {path}: {name} has rank {a.shape[0]}, the config says {m.lora_a.shape[0]}")
+            b = torch.from_numpy(b.astype("float32"))
+            if ".attn_q." in name or ".attn_k." in name:  # stored in llama.cpp's row order: undo the permute
+                n_head = cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads
+                b = b.reshape(n_head, b.shape[0] // n_head // 2, 2, b.shape[1]).swapaxes(1, 2).reshape(b.shape)
+            m.lora_a.copy_(torch.from_numpy(a.astype("float32")))
+            m.lora_b.copy_(b / m.scale)  # stored scaled: B·alpha/r
+        rows = torch.from_numpy(tensors["new_token_embd"].astype("float32"))
+        skip = {x.strip() for x in fresh.split(",") if x.strip()}
+        emb = model.get_input_embeddings().weight
+        taken = 0
+        for j, (i, tok) in enumerate(zip(new_ids, vocab)):
+            if parse_token(tok).modality not in skip:
+                emb[i], taken = rows[j], taken + 1
+    return taken
 
 
 # -- data ------------------------------------------------------------------------------------------------
@@ -413,6 +450,9 @@ def main(argv: list[str] | None = None) -> dict:
     lora_params = [p for m in lora.values() for p in (m.lora_a, m.lora_b)]
     for p in lora_params:
         p.requires_grad_(True)
+    if cfg.init_delta:
+        taken = load_init_delta(cfg.init_delta, cfg.init_delta_fresh, model, lora, new_ids, catalog.vocabulary)
+        print(f"init_delta: LoRA factors and {taken} of {len(new_ids)} token rows from {cfg.init_delta}")
     model.to(device=device, dtype=dtype)
     opt = torch.optim.AdamW([{"params": lora_params, "lr": cfg.lr},
                              {"params": [emb], "lr": cfg.emb_lr, "weight_decay": 0.0}],

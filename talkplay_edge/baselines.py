@@ -147,7 +147,7 @@ class BM25Recommender:
         return _fill(hits, self.popular, exclude, n)
 
 
-DENSE_TEXT_VERSION = "meta+tags-v1"
+DENSE_TEXT_VERSION = "meta+tags-v2"  # v2: built from the fixed text store (see TEXT_STORE_VERSION)
 
 
 def track_text(row) -> str:
@@ -160,8 +160,28 @@ def _safe(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", s)[:60]
 
 
+# v2: keys are stored as a [n, 20] uint8 array. v1 stored them as numpy "S20" strings, which drop trailing
+# NUL bytes: a sha1 ending in 0x00 came back 19 bytes long, was embedded again under its full key, and the
+# duplicates collapsed on the next load until keys and rows no longer lined up (wrong vectors for most texts).
+TEXT_STORE_VERSION = "v2"
+
+
 def _text_store_path(encoder) -> "os.PathLike":
-    return cache_dir() / "dense" / f"texts-{_safe(encoder.name)}-{_safe(str(encoder.version))}.npz"
+    name = f"texts-{TEXT_STORE_VERSION}-{_safe(encoder.name)}-{_safe(str(encoder.version))}.npz"
+    return cache_dir() / "dense" / name
+
+
+def _load_text_store(path) -> tuple[dict[bytes, int], np.ndarray] | None:
+    """(sha1 → row, vectors) of a text store, or None when it is unreadable or its keys and rows disagree."""
+    try:
+        with np.load(path) as z:
+            keys, vecs = z["keys"], z["vecs"]
+    except (OSError, ValueError, KeyError):
+        return None
+    if keys.dtype != np.uint8 or keys.ndim != 2 or keys.shape[1] != 20 or len(keys) != len(vecs):
+        return None
+    index = {k.tobytes(): i for i, k in enumerate(keys)}
+    return (index, vecs) if len(index) == len(vecs) else None
 
 
 def _text_key(text: str) -> bytes:
@@ -175,10 +195,9 @@ def embed_texts_cached(texts: list[str], encoder, cache: bool = True, show_progr
     store_keys: dict[bytes, int] = {}
     store = np.zeros((0, getattr(encoder, "dim", 384)), np.float32)
     path = _text_store_path(encoder)
-    if cache and path.is_file():
-        with np.load(path) as z:
-            store = z["vecs"]
-            store_keys = {bytes(k): i for i, k in enumerate(z["keys"])}
+    loaded = _load_text_store(path) if cache and path.is_file() else None
+    if loaded is not None:
+        store_keys, store = loaded
     keys = [_text_key(t) for t in texts]
     todo = list(dict.fromkeys(k for k in keys if k not in store_keys))
     if todo:
@@ -199,7 +218,7 @@ def embed_texts_cached(texts: list[str], encoder, cache: bool = True, show_progr
         if cache:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.stem + f".tmp-{os.getpid()}.npz")
-            all_keys = np.array(sorted(store_keys, key=store_keys.get), dtype="S20")
+            all_keys = np.frombuffer(b"".join(sorted(store_keys, key=store_keys.get)), np.uint8).reshape(-1, 20)
             np.savez(tmp, keys=all_keys, vecs=store)
             os.replace(tmp, path)
     if not texts:

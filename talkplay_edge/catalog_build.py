@@ -31,12 +31,28 @@ DEFAULT_K = 1024
 MAX_ARTIST_GENRES = 8  # as many as the tags text uses
 DUP_RESERVE = 64  # collision tokens in every vocabulary, so tracks indexed later fit without changing it
 SPLITS = (("train", 0.8), ("valid", 0.9), ("test", 1.0))
+# Share of the training playlists left out of item2vec. CF is learnt from training playlists only, so most
+# tracks of valid/test playlists are CF-cold (``<|cf_none|>``: 78% of test targets on the real catalog). If
+# every training playlist fed item2vec, every training target would be CF-warm and a model trained on them
+# would never open a span with ``<|cf_none|>``, i.e. could not reach most test tracks. Leaving a fold out
+# gives training conversations whose tracks are cold the way test tracks are.
+CF_HOLDOUT = 0.3
 
 
 def playlist_split(playlist_id: str, seed: int) -> str:
     """train / valid / test (80/10/10) from a hash of the playlist id, stable across builds."""
     u = int(hashlib.sha256(f"{seed}:{playlist_id}".encode()).hexdigest()[:12], 16) / 16 ** 12
     return next(name for name, cut in SPLITS if u < cut)
+
+
+def cf_playlist_ids(playlist_ids: list[str], seed: int, holdout: float = CF_HOLDOUT) -> set[str]:
+    """The training playlists item2vec learns from: all but the ``round(holdout · n)`` whose hash of the id
+    comes first (an exact, deterministic share, also for a catalog with a handful of playlists)."""
+    def key(pid: str) -> str:
+        return hashlib.sha256(f"cf:{seed}:{pid}".encode()).hexdigest()
+
+    ranked = sorted(set(playlist_ids), key=key)
+    return set(ranked[round(holdout * len(ranked)):])
 
 
 def _log(msg: str, quiet: bool) -> None:
@@ -67,7 +83,7 @@ def resolve_collisions(keys: list[tuple], popularity: list[int | None], ids: lis
 
 def build_catalog(source: SourceData, out_path: str | Path, encoder, seed: int = 0, k: int = DEFAULT_K,
                   k_lyrics: int | None = None, item2vec_epochs: int = 5, kmeans_iters: int = 25,
-                  quiet: bool = False) -> dict:
+                  cf_holdout: float = CF_HOLDOUT, quiet: bool = False) -> dict:
     """Build a catalog file from ``source``; returns its summary (fingerprint, timings, collisions)."""
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -77,12 +93,17 @@ def build_catalog(source: SourceData, out_path: str | Path, encoder, seed: int =
         raise ValueError("no tracks to build a catalog from")
     ids = [t["id"] for t in tracks]
 
-    # 1. playlists and the split (CF is learnt from training playlists only, so eval never sees test co-occurrence)
+    # 1. playlists and the split. CF is learnt from training playlists only (eval never sees test
+    #    co-occurrence), and not from all of them: a held-out fold (CF_HOLDOUT) keeps CF-cold tracks in training
+    if not 0.0 <= cf_holdout < 1.0:
+        raise ValueError(f"cf_holdout must be in [0, 1), not {cf_holdout}")
     for p in source.playlists:
         p["split"] = playlist_split(p["id"], seed)
-    train_lists = [p["track_ids"] for p in source.playlists if p["split"] == "train"]
+    fed = cf_playlist_ids([p["id"] for p in source.playlists if p["split"] == "train"], seed, cf_holdout)
+    train_lists = [p["track_ids"] for p in source.playlists if p["id"] in fed]
     t = time.perf_counter()
-    _log(f"item2vec over {len(train_lists)} training playlists", quiet)
+    _log(f"item2vec over {len(train_lists)} training playlists "
+         f"({sum(p['split'] == 'train' for p in source.playlists) - len(train_lists)} held out)", quiet)
     cf_ids, cf_vecs = train_item2vec(train_lists, epochs=item2vec_epochs, seed=seed)
     cf = dict(zip(cf_ids, np.round(cf_vecs * CF_SCALE).astype(np.int8).astype(np.float32) / CF_SCALE))  # as stored
     timings["item2vec_s"] = time.perf_counter() - t
@@ -132,7 +153,7 @@ def build_catalog(source: SourceData, out_path: str | Path, encoder, seed: int =
     tmp = out_path.with_name(out_path.name + f".tmp-{os.getpid()}")
     tmp.unlink(missing_ok=True)
     try:
-        _write(tmp, source, tracks, clusters, dup, codes, codebooks, vocab, fp, cf, coll, seed, k, timings)
+        _write(tmp, source, tracks, clusters, dup, codes, codebooks, vocab, fp, cf, coll, seed, k, timings, cf_holdout)
         os.replace(tmp, out_path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -233,7 +254,7 @@ def create_schema(conn) -> None:
 
 def _write(path: Path, source: SourceData, tracks: list[dict], clusters: dict, dup: list[int], codes: list[str],
            codebooks: dict[str, Codebook], vocab: list[str], fp: str, cf: dict, coll: dict, seed: int, k: int,
-           timings: dict) -> None:
+           timings: dict, cf_holdout: float) -> None:
     db = sqlite_utils.Database(path)
     db.conn.execute("pragma journal_mode = delete")
     create_schema(db.conn)
@@ -282,7 +303,7 @@ def _write(path: Path, source: SourceData, tracks: list[dict], clusters: dict, d
 
     build = {"seed": seed, "k": k, "k_per_modality": {m: int(cb.centroids.shape[0]) for m, cb in codebooks.items()},
              "modality_order": list(MODALITIES), "token_prefixes": PREFIX, "none_cluster": NONE,
-             "splits": {name: cut for name, cut in SPLITS}, "timings": {k_: round(v, 2) for k_, v in timings.items()}}
+             "splits": {name: cut for name, cut in SPLITS}, "cf_holdout": cf_holdout, "timings": {k_: round(v, 2) for k_, v in timings.items()}}
     meta = {"schema_version": str(SCHEMA_VERSION), "vocab_fingerprint": fp, "vocab_size": str(len(vocab)),
             "collisions": json.dumps(coll), "build": json.dumps(build), "sources": json.dumps(source.stats)}
     db["meta"].create({"key": str, "value": str}, pk="key")

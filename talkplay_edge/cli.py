@@ -72,10 +72,13 @@ def catalog() -> None:
               help="Output file (default: the embedded catalog.db).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-k", "k", type=int, default=1024, show_default=True, help="Codebook size per modality.")
+@click.option("--cf-holdout", type=float, default=0.3, show_default=True,
+              help="Share of training playlists item2vec does not learn from, so training sees CF-cold tracks.")
 @threads_option
 @json_option
 @_fail_cleanly
-def catalog_build(data_dir: Path, out: Path | None, seed: int, k: int, threads: int, as_json: bool) -> None:
+def catalog_build(data_dir: Path, out: Path | None, seed: int, k: int, cf_holdout: float, threads: int,
+                  as_json: bool) -> None:
     """Build a catalog from the source data: embeddings, codebooks, codes, FTS index."""
     from .catalog_build import build_catalog
     from .sources import load_sources
@@ -84,7 +87,7 @@ def catalog_build(data_dir: Path, out: Path | None, seed: int, k: int, threads: 
     out = out or embedded_catalog_path()
     source = load_sources(data_dir)
     encoder = TextEncoder(threads=threads)
-    summary = build_catalog(source, out, encoder, seed=seed, k=k)
+    summary = build_catalog(source, out, encoder, seed=seed, k=k, cf_holdout=cf_holdout)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:

@@ -7,7 +7,7 @@ import pytest
 
 from talkplay_edge.baselines import (
     BM25Recommender, CFRecommender, DenseRecommender, PopularityRecommender, RandomRecommender, content_terms, rrf,
-    track_embeddings,
+    embed_texts_cached, track_embeddings,
 )
 from talkplay_edge.catalog import Catalog
 from talkplay_edge.evaluate import get_recommender
@@ -115,6 +115,37 @@ def test_dense_cache_and_query(cat, text_encoder, tmp_path, monkeypatch):
     out = rec.recommend([{"role": "user", "content": "hello"}, {"role": "assistant", "content": "", "track_ids": ["x"]},
                          {"role": "user", "content": f"{t.title} by {t.artist}"}], set(), 5)
     assert t.id in out
+
+
+def test_text_store_keeps_keys_and_rows_aligned(tmp_path, monkeypatch):
+    """Texts whose sha1 ends in a NUL byte once lost it in the store ("S20" keys), were embedded again, and the
+    duplicate keys then shifted every later row: the store must give each text its own vector, save after save."""
+    import hashlib
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+
+    def expect(texts):  # a vector that says which text it came from
+        return np.array([[float(len(t)), float(sum(map(ord, t)))] + [0.0] * 6 for t in texts], np.float32)
+
+    class HashEncoder:
+        name, version, dim = "hash-encoder", "1", 8
+        calls = 0
+
+        def encode(self, texts, **kw):
+            HashEncoder.calls += len(texts)
+            return expect(texts)
+
+    nul = [t for t in (f"track {i}" for i in range(5000)) if hashlib.sha1(t.encode()).digest()[-1] == 0][:3]
+    assert len(nul) == 3
+    enc = HashEncoder()
+    for round_ in range(4):  # each round adds texts and rewrites the store
+        texts = nul + [f"other {round_} {j}" for j in range(20)] + ["shared text"]
+        before = HashEncoder.calls
+        got = embed_texts_cached(texts, enc, show_progress=False)
+        assert np.array_equal(got, expect(texts))
+        assert HashEncoder.calls - before == (24 if round_ == 0 else 20)  # only the new texts are encoded
+    store = np.load(next((tmp_path / "talkplay-edge" / "dense").glob("texts-*.npz")))
+    assert store["keys"].shape == (len(store["vecs"]), 20)
 
 
 def test_rrf_hand_computed():

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from talkplay_edge.catalog import Catalog, CatalogError
-from talkplay_edge.catalog_build import build_catalog, resolve_collisions
+from talkplay_edge.catalog_build import CF_HOLDOUT, build_catalog, cf_playlist_ids, resolve_collisions
 from talkplay_edge.cli import cli
 from talkplay_edge.music_tokenizer import assign_clusters, embed_modalities
 from talkplay_edge.sources import SourceError, load_sources
@@ -70,9 +70,14 @@ def test_catalog_contents(tiny_catalog):
         for tid, code in codes.items():
             assert (code[3] == "<|lyr_none|>") == (tid not in with_lyrics)
         cf_ids, cf = cat.cf_vectors()
-        train = {t for p in cat.playlists("train") for t in p["track_ids"]}
+        # CF is learnt from the training playlists outside the held-out fold (CF-cold tracks for training)
+        fed_ids = cf_playlist_ids([p["id"] for p in cat.playlists("train")], 0)
+        fed = [p for p in cat.playlists("train") if p["id"] in fed_ids]
+        assert 0 < len(fed) < len(cat.playlists("train"))
+        train = {t for p in fed for t in p["track_ids"]}
         assert set(cf_ids) == train and cf.shape[1] == 64
         assert {tid for tid, code in codes.items() if code[0] != "<|cf_none|>"} == train
+        assert json.loads(cat.meta["build"])["cf_holdout"] == CF_HOLDOUT
         assert {p["split"] for p in cat.playlists()} <= {"train", "valid", "test"}
         assert cat.search("Rainy Day Rock", 5), "FTS finds playlist-name tags"
         assert info["modalities"]["metadata"]["coverage"] == 1.0

@@ -115,6 +115,22 @@ def test_intents_are_true_of_the_target(generated, tiny_catalog, fake_data_dir):
     assert {"faster", "slower", "older", "newer", "other_artist", "more_like_this"} <= set(checked)
 
 
+def test_training_asks_for_cf_cold_tracks_like_test_does(generated, tiny_catalog):
+    """Test playlists' tracks are mostly CF-cold (``<|cf_none|>``, 78% of the real test turns); the catalog's
+    CF holdout must give the training conversations cold targets too, or a model never learns to open a span
+    with ``<|cf_none|>``."""
+    out, _ = generated
+    with Catalog.open(tiny_catalog) as cat:
+        cf = {tid: code[0] for tid, code in cat.codes().items()}
+
+    def cold_share(split: str) -> float:
+        targets = [t["track_ids"][0] for c in read_conversations(out / f"{split}.jsonl") for t in c["turns"]
+                   if t.get("track_ids")]
+        return sum(cf[t] == "<|cf_none|>" for t in targets) / len(targets)
+
+    assert 0.02 < cold_share("train") < 0.95  # exactly 0 without the holdout
+
+
 def test_heldout_patterns_never_in_train_splits(generated, tiny_catalog):
     out, _ = generated
     train, held = pattern_split()

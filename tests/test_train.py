@@ -72,6 +72,37 @@ def test_trained_delta_runs_in_the_runtime(trained, tiny_catalog):
         tp.close()
 
 
+def test_init_delta_continues_from_a_delta(trained, tiny_catalog, tmp_path):
+    """A run started from a delta at lr 0 writes that delta back (LoRA and rows, q/k order included);
+    ``init_delta_fresh=cf`` restarts the cf rows; another rank is refused."""
+    from talkplay_edge.tokens import parse_token
+
+    d, _ = trained
+    before, meta = load_delta(d / "out")
+    common = [f"--catalog={tiny_catalog}", f"--train={d / 'conv' / 'train.jsonl'}",
+              f"--valid={d / 'conv' / 'valid.jsonl'}", "--base=tiny", "--max_steps=1", "--batch_size=2",
+              "--eval_batches=1", "--hit_turns=0", "--lora_r=4", "--lora_alpha=8", "--seq_len=256", "--lr=0",
+              "--emb_lr=0", "--init=text", f"--init_delta={d / 'out'}"]
+    train.main(common + [f"--out={tmp_path / 'same'}"])
+    after, _ = load_delta(tmp_path / "same")
+    assert sorted(after) == sorted(before)
+    lora = [k for k in before if k.startswith("lora_")]
+    assert lora and any(abs(before[k]).max() > 0 for k in lora if k.startswith("lora_b."))
+    for k in before:
+        assert abs(after[k].astype("float32") - before[k].astype("float32")).max() <= 1e-3, k
+
+    train.main(common + [f"--out={tmp_path / 'fresh'}", "--init_delta_fresh=cf"])
+    fresh, _ = load_delta(tmp_path / "fresh")
+    tokens = json.loads(meta["added_tokens"])
+    is_cf = [parse_token(t).modality == "cf" for t in tokens]
+    rows_b, rows_f = before["new_token_embd"].astype("float32"), fresh["new_token_embd"].astype("float32")
+    changed = abs(rows_f - rows_b).max(axis=1) > 1e-3
+    assert changed[is_cf].all() and not changed[[not c for c in is_cf]].any()
+
+    with pytest.raises(SystemExit, match="rank"):
+        train.main(common + [f"--out={tmp_path / 'r8'}", "--lora_r=8"])
+
+
 def _tiny_setup(tiny_catalog, tmp_path):
     cfg = train.Config(base="tiny", out=str(tmp_path), seed=1)
     model, tok, _ = train.load_base(cfg)

@@ -24,8 +24,9 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from talkplay_edge.runtime import ModelRecommender  # noqa: E402
+from talkplay_edge.tokens import NONE, modality_token  # noqa: E402
 
-CF_NONE = "<|cf_none|>"
+CF_NONE = modality_token("cf", NONE)
 
 
 def measure(rec: ModelRecommender, conversations: list[dict]) -> dict:
@@ -44,7 +45,7 @@ def measure(rec: ModelRecommender, conversations: list[dict]) -> dict:
             cold = CF_NONE in tp.catalog.span(target)
             with tp._lock:
                 tp._switch_to(-1)
-                logits = np.array(tp._sync(rec._segments(turns[:i])))[root_tokens]
+                logits = np.array(tp._sync(rec._prompt(turns[:i])))[root_tokens]
             p = np.exp(logits - logits.max())
             p /= p.sum()
             rows["cold" if cold else "warm"].append((float(p[k]), int(p.argmax()) == k))

@@ -22,11 +22,6 @@ from pathlib import Path
 import numpy as np
 
 
-def llama_cpp_unpermute(w, n_head: int):
-    """Inverse of ``train.llama_cpp_permute``: llama.cpp's q/k row order back to Hugging Face's."""
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def torch_model(delta: Path, catalog):
     """(model, tokenizer): the pinned base + the catalog's tokens + the delta, merged, float32, eval mode."""
     import torch
@@ -49,9 +44,9 @@ def torch_model(delta: Path, catalog):
             _, i, kind, _ = gguf.split(".")
             b = tensors[f"lora_b.{gguf}"].astype(np.float32)
             if kind == "attn_q":
-                b = llama_cpp_unpermute(b, cfg.num_attention_heads)
+                b = train.llama_cpp_unpermute(b, cfg.num_attention_heads)
             elif kind == "attn_k":
-                b = llama_cpp_unpermute(b, cfg.num_key_value_heads)
+                b = train.llama_cpp_unpermute(b, cfg.num_key_value_heads)
             parent, attr = inverse[kind].split(".")
             lin = getattr(getattr(model.model.layers[int(i)], parent), attr)
             lin.weight += torch.from_numpy(b @ a.astype(np.float32))

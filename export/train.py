@@ -220,9 +220,8 @@ def load_init_delta(path: str, fresh: str, model, lora: dict[str, "LoRALinear"],
             if a.shape != tuple(m.lora_a.shape):
                 raise SystemExit(f"init_delta {path}: {name} has rank {a.shape[0]}, the config says {m.lora_a.shape[0]}")
             b = torch.from_numpy(b.astype("float32"))
-            if ".attn_q." in name or ".attn_k." in name:  # stored in llama.cpp's row order: undo the permute
-                n_head = cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads
-                b = b.reshape(n_head, b.shape[0] // n_head // 2, 2, b.shape[1]).swapaxes(1, 2).reshape(b.shape)
+            if ".attn_q." in name or ".attn_k." in name:  # stored in llama.cpp's row order
+                b = llama_cpp_unpermute(b, cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads)
             m.lora_a.copy_(torch.from_numpy(a.astype("float32")))
             m.lora_b.copy_(b / m.scale)  # stored scaled: B·alpha/r
         rows = torch.from_numpy(tensors["new_token_embd"].astype("float32"))
@@ -389,6 +388,11 @@ def span_hit_rate(model, examples, trie, start_id: int, limit: int, device) -> t
 def llama_cpp_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """llama.cpp's q/k row order (convert_hf_to_gguf's permute) for rows of an HF q/k projection."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama_cpp_unpermute(w, n_head: int):
+    """Inverse of ``llama_cpp_permute``: llama.cpp's q/k row order back to Hugging Face's (torch or numpy)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def export_delta(model, lora: dict[str, LoRALinear], new_ids: list[int], tokens: list[str], meta: dict,

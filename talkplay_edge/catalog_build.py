@@ -99,11 +99,11 @@ def build_catalog(source: SourceData, out_path: str | Path, encoder, seed: int =
         raise ValueError(f"cf_holdout must be in [0, 1), not {cf_holdout}")
     for p in source.playlists:
         p["split"] = playlist_split(p["id"], seed)
-    fed = cf_playlist_ids([p["id"] for p in source.playlists if p["split"] == "train"], seed, cf_holdout)
+    train_ids = [p["id"] for p in source.playlists if p["split"] == "train"]
+    fed = cf_playlist_ids(train_ids, seed, cf_holdout)
     train_lists = [p["track_ids"] for p in source.playlists if p["id"] in fed]
     t = time.perf_counter()
-    _log(f"item2vec over {len(train_lists)} training playlists "
-         f"({sum(p['split'] == 'train' for p in source.playlists) - len(train_lists)} held out)", quiet)
+    _log(f"item2vec over {len(train_lists)} training playlists ({len(train_ids) - len(train_lists)} held out)", quiet)
     cf_ids, cf_vecs = train_item2vec(train_lists, epochs=item2vec_epochs, seed=seed)
     cf = dict(zip(cf_ids, np.round(cf_vecs * CF_SCALE).astype(np.int8).astype(np.float32) / CF_SCALE))  # as stored
     timings["item2vec_s"] = time.perf_counter() - t

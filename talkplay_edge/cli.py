@@ -72,6 +72,7 @@ def catalog() -> None:
               help="Output file (default: the embedded catalog.db).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-k", "k", type=int, default=1024, show_default=True, help="Codebook size per modality.")
+# = catalog_build.CF_HOLDOUT, written out so that `talkplay` does not import the builder (sqlite-utils, ~90 ms)
 @click.option("--cf-holdout", type=float, default=0.3, show_default=True,
               help="Share of training playlists item2vec does not learn from, so training sees CF-cold tracks.")
 @threads_option

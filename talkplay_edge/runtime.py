@@ -747,14 +747,18 @@ class ModelRecommender:
     def _reserve(self) -> int:
         return min((self.tp.max_beam + 1) * SPAN_MAX_TOKENS, self.tp.n_ctx // 2)
 
+    def _prompt(self, history: list[dict]) -> list[int]:
+        """The tokens up to the answer's ``<|music_start|>``, leaving room for the beam search."""
+        toks = self._segments(history)
+        room = self.tp.n_ctx - self._reserve()
+        return toks[-room:] if len(toks) > room else toks
+
     def close(self) -> None:
         self.tp.close()
 
     def recommend(self, history: list[dict], exclude: set[str], n: int = 100) -> list[str]:
         tp = self.tp
-        toks = self._segments(history)
-        if len(toks) > tp.n_ctx - self._reserve():
-            toks = toks[-(tp.n_ctx - self._reserve()):]
+        toks = self._prompt(history)
         excl = Exclusions(tp.trie, [tp.track_index[i] for i in exclude if i in tp.track_index])
         with tp._lock:
             tp._switch_to(-1)  # the recommender is one more user of the context

@@ -96,7 +96,7 @@ def test_build_model_checks_the_base_hash(adapted, tmp_path):
 
 
 def test_compare_unpermutes_what_the_trainer_permutes():
-    from export.compare import llama_cpp_unpermute
+    from export.train import llama_cpp_unpermute
     from export.train import llama_cpp_permute
 
     w = torch.arange(8 * 4 * 3, dtype=torch.float32).reshape(8 * 4, 3)

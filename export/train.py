@@ -61,6 +61,7 @@ class Config:
     eval_every: int = 200
     eval_batches: int = 10
     hit_turns: int = 100  # valid spans for the quick Hit@1 (0: skip)
+    span_weight: float = 1.0  # loss weight of music-span targets (the recommendation) vs reply text
     max_minutes: float = 0.0  # stop (eval + save) at the first step past this wall time; 0 = no limit
     max_train_conversations: int = 0  # 0 = all
     data_workers: int = 0  # processes that tokenize the conversations; 0 = one per CPU core
@@ -325,15 +326,25 @@ def batches(examples, batch_size: int, pad_id: int, device, rng: random.Random, 
             return
 
 
-def loss_of(model, x, y):
+def loss_of(model, x, y, span_from: int | None = None, span_weight: float = 1.0, parts: bool = False):
     """Mean cross-entropy over the target (assistant) tokens. The output layer runs on those positions alone:
     with a 54k-token vocabulary it is a large share of a small model's cost, and most positions are not
-    targets. Right padding + causal attention: pads affect nothing before them."""
+    targets. Right padding + causal attention: pads affect nothing before them.
+
+    Targets with id >= ``span_from`` (the music tokens) weigh ``span_weight`` times a reply token (a weighted
+    mean). ``parts=True`` returns (loss, summed span CE, span targets) for the valid span loss."""
     hidden = model.get_decoder()(input_ids=x).last_hidden_state[:, :-1]
     target = y[:, 1:]
     keep = target != -100
-    logits = model.get_output_embeddings()(hidden[keep])
-    return F.cross_entropy(logits.float(), target[keep])
+    target = target[keep]
+    ce = F.cross_entropy(model.get_output_embeddings()(hidden[keep]).float(), target, reduction="none")
+    span = target >= span_from if span_from is not None else torch.zeros_like(target, dtype=torch.bool)
+    if span_weight != 1.0:
+        w = 1.0 + (span_weight - 1.0) * span.float()
+        loss = (ce * w).sum() / w.sum()
+    else:
+        loss = ce.mean()
+    return (loss, ce[span].sum(), int(span.sum())) if parts else loss
 
 
 def catalog_trie(tok, catalog):
@@ -476,15 +487,20 @@ def main(argv: list[str] | None = None) -> dict:
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     trie = catalog_trie(tok, catalog) if cfg.hit_turns else None
     start_id = tok.convert_tokens_to_ids(SPAN_START)
+    span_from = min(new_ids)  # music tokens (span markers included) are the appended rows
     stream = batches(train, cfg.batch_size, pad, device, rng)
 
     @torch.no_grad()
-    def valid_loss() -> float:
+    def valid_loss() -> tuple[float, float]:
+        """(mean loss over assistant tokens, mean loss over music-span tokens alone), both unweighted."""
         model.eval()
         held = valid[:cfg.eval_batches * cfg.batch_size]
-        losses = [loss_of(model, x, y).item() for x, y in batches(held, cfg.batch_size, pad, device, rng, forever=False)]
+        losses, span_ce, span_n = [], 0.0, 0
+        for x, y in batches(held, cfg.batch_size, pad, device, rng, forever=False):
+            loss, ce, n = loss_of(model, x, y, span_from, parts=True)
+            losses, span_ce, span_n = losses + [loss.item()], span_ce + ce.item(), span_n + n
         model.train()
-        return sum(losses) / max(len(losses), 1)
+        return sum(losses) / max(len(losses), 1), span_ce / max(span_n, 1)
 
     meta = {**base_info, "vocab_fingerprint": catalog.fingerprint, "config": json.dumps(asdict(cfg))}
 
@@ -509,7 +525,7 @@ def main(argv: list[str] | None = None) -> dict:
             g["lr"] = lr * frac * (0.1 + 0.9 * decay)
         for _ in range(cfg.grad_accum):
             x, y = next(stream)
-            loss = loss_of(model, x, y) / cfg.grad_accum
+            loss = loss_of(model, x, y, span_from, cfg.span_weight) / cfg.grad_accum
             loss.backward()
             tokens_seen += int((x != pad).sum())
         torch.nn.utils.clip_grad_norm_(lora_params + [emb], 1.0)
@@ -520,8 +536,9 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{tokens_seen / (time.time() - t0):.0f} tok/s", flush=True)
         out_of_time = cfg.max_minutes > 0 and time.time() - t0 > cfg.max_minutes * 60
         if step % cfg.eval_every == 0 or step == cfg.max_steps or out_of_time:
-            entry = {"step": step, "train_loss": loss.item() * cfg.grad_accum, "valid_loss": valid_loss(),
-                     "tokens_seen": tokens_seen, "elapsed_s": round(time.time() - t0, 1)}
+            v_loss, v_span = valid_loss()
+            entry = {"step": step, "train_loss": loss.item() * cfg.grad_accum, "valid_loss": v_loss,
+                     "valid_span_loss": v_span, "tokens_seen": tokens_seen, "elapsed_s": round(time.time() - t0, 1)}
             if trie is not None:
                 entry["valid_hit1"], entry["hit_spans"] = span_hit_rate(model, valid, trie, start_id, cfg.hit_turns, device)
             log.append(entry)

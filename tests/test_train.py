@@ -126,6 +126,27 @@ def test_loss_on_target_positions_equals_full_cross_entropy(tiny_catalog, tmp_pa
     assert torch.allclose(train.loss_of(model, x, y), full, atol=1e-5)
 
 
+def test_span_weight_reweights_music_targets_only(tiny_catalog, tmp_path):
+    model, tok, cat = _tiny_setup(tiny_catalog, tmp_path)
+    conv = {"id": "c", "turns": [{"role": "user", "content": "something calm"},
+                                 {"role": "assistant", "content": "Here.", "track_ids": [cat.track_ids()[3]]}]}
+    ids, labels = train.encode(conv, tok, cat, 256)
+    x, y = torch.tensor([ids]), torch.tensor([labels])
+    span_from = tok.convert_tokens_to_ids(cat.vocabulary[0])
+    logits = model(input_ids=x).logits[0, :-1]
+    target = y[0, 1:]
+    keep = target != -100
+    ce = torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="none")
+    span = target[keep] >= span_from
+    assert 0 < int(span.sum()) < int(keep.sum())  # both kinds of target are present
+    w = 1 + 3.0 * span.float()
+    assert torch.allclose(train.loss_of(model, x, y, span_from, 4.0), (ce * w).sum() / w.sum(), atol=1e-5)
+    assert torch.allclose(train.loss_of(model, x, y, span_from, 1.0), ce.mean(), atol=1e-5)
+    loss, span_ce, n = train.loss_of(model, x, y, span_from, parts=True)
+    assert n == int(span.sum()) and torch.allclose(span_ce, ce[span].sum(), atol=1e-4)
+    assert not torch.allclose(train.loss_of(model, x, y, span_from, 4.0), ce.mean())
+
+
 def test_quick_hit_rate_equals_greedy_decoding_over_the_trie(tiny_catalog, tmp_path):
     """The teacher-forced Hit@1 must agree with real greedy decoding over the trie, span by span."""
     from talkplay_edge.tokens import SPAN_START

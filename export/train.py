@@ -326,25 +326,25 @@ def batches(examples, batch_size: int, pad_id: int, device, rng: random.Random, 
             return
 
 
-def loss_of(model, x, y, span_from: int | None = None, span_weight: float = 1.0, parts: bool = False):
-    """Mean cross-entropy over the target (assistant) tokens. The output layer runs on those positions alone:
-    with a 54k-token vocabulary it is a large share of a small model's cost, and most positions are not
-    targets. Right padding + causal attention: pads affect nothing before them.
-
-    Targets with id >= ``span_from`` (the music tokens) weigh ``span_weight`` times a reply token (a weighted
-    mean). ``parts=True`` returns (loss, summed span CE, span targets) for the valid span loss."""
+def target_ce(model, x, y) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy, target id) of every target (assistant) token. The output layer runs on those positions
+    alone: with a 54k-token vocabulary it is a large share of a small model's cost, and most positions are
+    not targets. Right padding + causal attention: pads affect nothing before them."""
     hidden = model.get_decoder()(input_ids=x).last_hidden_state[:, :-1]
     target = y[:, 1:]
     keep = target != -100
-    target = target[keep]
-    ce = F.cross_entropy(model.get_output_embeddings()(hidden[keep]).float(), target, reduction="none")
-    span = target >= span_from if span_from is not None else torch.zeros_like(target, dtype=torch.bool)
-    if span_weight != 1.0:
-        w = 1.0 + (span_weight - 1.0) * span.float()
-        loss = (ce * w).sum() / w.sum()
-    else:
-        loss = ce.mean()
-    return (loss, ce[span].sum(), int(span.sum())) if parts else loss
+    logits = model.get_output_embeddings()(hidden[keep])
+    return F.cross_entropy(logits.float(), target[keep], reduction="none"), target[keep]
+
+
+def loss_of(model, x, y, span_from: int | None = None, span_weight: float = 1.0):
+    """Mean cross-entropy over the target tokens; targets with id >= ``span_from`` (the music tokens) weigh
+    ``span_weight`` times a reply token (a weighted mean)."""
+    ce, target = target_ce(model, x, y)
+    if span_from is None or span_weight == 1.0:
+        return ce.mean()
+    w = 1.0 + (span_weight - 1.0) * (target >= span_from).float()
+    return (ce * w).sum() / w.sum()
 
 
 def catalog_trie(tok, catalog):
@@ -497,8 +497,9 @@ def main(argv: list[str] | None = None) -> dict:
         held = valid[:cfg.eval_batches * cfg.batch_size]
         losses, span_ce, span_n = [], 0.0, 0
         for x, y in batches(held, cfg.batch_size, pad, device, rng, forever=False):
-            loss, ce, n = loss_of(model, x, y, span_from, parts=True)
-            losses, span_ce, span_n = losses + [loss.item()], span_ce + ce.item(), span_n + n
+            ce, target = target_ce(model, x, y)
+            span = target >= span_from
+            losses, span_ce, span_n = losses + [ce.mean().item()], span_ce + ce[span].sum().item(), span_n + int(span.sum())
         model.train()
         return sum(losses) / max(len(losses), 1), span_ce / max(span_n, 1)
 

@@ -13,6 +13,7 @@ keeps /root while the machine stays warm (30 s after a call) and brings back at 
     #   run(command="python3 -m export.device step", carry=[".devpack/part-2"], timeout_s=600)
     python -m export.device restore                       # here, at once: put them back
     python -m export.device install <files_at>/text       # the returned delta becomes the shipped model
+    python -m export.calibrate --write                     # then fit its span calibration (export/calibrate.py)
 
 ``pack`` writes one tar (base GGUF, ``catalog.db.xz``, the conversations as ``.xz``, the ``gguf`` wheel),
 split into parts with a manifest (sha256 of every part and of the whole). ``step`` runs on the device: it
@@ -260,13 +261,17 @@ def step(workdir: Path, out: Path, stash: Path = STASH, extra: list[str] | None 
 
 
 def install(src: Path, root: Path) -> list[Path]:
-    """Replace the shipped delta (talkplay_edge/models/talkplay-smollm2) with the shards in ``src``."""
+    """Replace the shipped delta (talkplay_edge/models/talkplay-smollm2) with the shards in ``src``. The old
+    delta's span calibration is removed (it was fitted to the old model): refit it with export.calibrate."""
+    from talkplay_edge.calibration import CALIBRATION_FILE
+
     shards = sorted(src.glob("delta-*.safetensors"))
     if not shards:
         raise SystemExit(f"no delta-*.safetensors in {src}")
     dst = root / "talkplay_edge" / "models" / "talkplay-smollm2"
     for old in dst.glob("delta-*.safetensors"):
         old.unlink()
+    (dst / CALIBRATION_FILE).unlink(missing_ok=True)
     return [Path(shutil.copy2(s, dst / s.name)) for s in shards]
 
 
@@ -316,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         return step(root, out, extra=a.extra)
     elif a.cmd == "install":
-        print(json.dumps({"installed": [str(p) for p in install(a.src, root)]}))
+        print(json.dumps({"installed": [str(p) for p in install(a.src, root)],
+                          "next": "python -m export.calibrate --write  (fit the new delta's span calibration)"}))
     return 0
 
 

@@ -8,7 +8,7 @@ and the embedding rows of the added music tokens. On first use this module
 2. dequantises every tensor, adds ``B @ A`` to each adapted weight, appends the new token rows to
    ``token_embd`` (tied with the output layer), and appends the music tokens to the GGUF tokenizer as
    CONTROL tokens, plus the ``talkplay.vocab_fingerprint`` key;
-3. writes an F16 GGUF and quantises it with llama.cpp (``llama_model_quantize``) into the cache dir.
+3. writes an F16 GGUF (with the delta's span calibration, ``calibration.py``, if it has one) and quantises it with llama.cpp (``llama_model_quantize``) into the cache dir.
 
 Delta layout (safetensors, float16 or float32; names are GGUF tensor names, so no layout juggling here):
 
@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .calibration import CALIBRATION_KEY, calibration_file, read_calibration
 from .paths import PACKAGE_DIR, cache_dir
 from .progress import progress
 
@@ -197,9 +198,10 @@ def load_delta(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
 
 
 def delta_sha256(path: Path) -> str:
-    """One hash over all shards of a delta (names and bytes), to key the built model in the cache."""
+    """One hash over all shards of a delta (names and bytes) and its span calibration, if any, to key the
+    built model in the cache."""
     h = hashlib.sha256()
-    for f in delta_files(path):
+    for f in delta_files(path) + [c for c in [calibration_file(path)] if c.is_file()]:
         h.update(f.name.encode() + sha256_file(f).encode())
     return h.hexdigest()
 
@@ -214,11 +216,18 @@ def build_model(delta_path: Path, out: Path, ftype: str = "Q8_0", base: Path | N
     if got != want:
         raise ModelBuildError(f"{base}: sha256 {got[:12]}… is not the pinned base {want[:12]}…")
     added = json.loads(meta.get("added_tokens", "[]"))
+    extra = {"talkplay.delta_sha256": delta_sha256(delta_path)}
+    try:
+        calibration = read_calibration(delta_path)
+    except ValueError as e:
+        raise ModelBuildError(str(e)) from e
+    if calibration is not None:
+        extra[CALIBRATION_KEY] = calibration.to_json()
     out.parent.mkdir(parents=True, exist_ok=True)
     f16 = out.with_name(f"{out.stem}.f16-{os.getpid()}.gguf")
     try:
         merge_delta_into_gguf(base, tensors, added, meta.get("vocab_fingerprint", ""), f16,
-                              extra_kv={"talkplay.delta_sha256": delta_sha256(delta_path)}, quiet=quiet)
+                              extra_kv=extra, quiet=quiet)
         if ftype.upper() == "F16":
             os.replace(f16, out)
         else:

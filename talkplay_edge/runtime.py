@@ -15,6 +15,9 @@ Decoding (see ``chat_format`` for the exact token format):
   earlier in the session, so each span resolves to a real, new track. The mask is applied by gathering
   the logits of the allowed ids only (O(children)); token ids are mapped to tracks by the runtime, never
   by detokenizing (llama.cpp drops long control tokens).
+- A span step scores the allowed children with the model's log-probabilities, or, when the GGUF carries a
+  span calibration (``calibration.py``; ``span_calibration=`` or ``$TALKPLAY_SPAN_CALIBRATION`` override
+  it, "off" disables it), with the calibrated mix of the model and a prior that weighs every track equally.
 - After ``<|music_end|>`` the runtime writes the track's real title, artist and year
   (``chat_format.render_track_context``) into the context and the model continues with the reply.
 - Greedy by default; ``temperature``/``top_k`` with a ``seed`` sample instead. ``send(..., n=5)`` ranks
@@ -43,6 +46,7 @@ from __future__ import annotations
 import codecs
 import ctypes
 import itertools
+import os
 import sqlite3
 import threading
 import time
@@ -54,6 +58,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from . import chat_format as cf
+from .calibration import CALIBRATION_KEY, SpanCalibration
 from .catalog import Catalog, Track, corrupt
 from .gguf_check import GGUFError, check_gguf
 from .tokens import SPAN_END, SPAN_START
@@ -116,7 +121,8 @@ class TalkPlay:
     """A loaded model + catalog. ``chat()`` opens a session; thread-safe (see the module docstring)."""
 
     def __init__(self, model_path: str | Path, catalog: Catalog, *, threads: int = 2, n_ctx: int = 2048,
-                 n_batch: int = 512, max_beam: int = 32, session_cache_mb: float = 128.0, verbose: bool = False):
+                 n_batch: int = 512, max_beam: int = 32, session_cache_mb: float = 128.0, verbose: bool = False,
+                 span_calibration: "SpanCalibration | str | None" = None):
         import llama_cpp
         from llama_cpp import _internals
 
@@ -190,6 +196,12 @@ class TalkPlay:
         self.track_ids, self.trie = catalog_trie(codes, ids, self.end_id)
         self.track_index = {tid: i for i, tid in enumerate(self.track_ids)}
         self._track_cache: dict[int, Track] = {}
+        # the span calibration: given, else $TALKPLAY_SPAN_CALIBRATION, else the model's own (GGUF metadata)
+        if span_calibration is None:
+            span_calibration = os.environ.get("TALKPLAY_SPAN_CALIBRATION") or self.metadata.get(CALIBRATION_KEY)
+        self.calibration = (span_calibration if isinstance(span_calibration, SpanCalibration)
+                            else SpanCalibration.parse(span_calibration))
+        self._log_count = np.log(np.maximum(self.trie.count, 1).astype(np.float64))
 
         # -- the llama context: one main sequence (0) plus 2 × max_beam beam sequences -----------------
         self.max_beam = max(1, int(max_beam))
@@ -403,12 +415,10 @@ class TalkPlay:
                 cands: list[tuple[float, int, int]] = []
                 for score, node, seq in beams:
                     lg = row[seq]
-                    mx = lg.max()
-                    lse = mx + np.log(np.exp(lg - mx).sum())
                     toks, kids = excl.allowed(node)
                     if len(toks) == 0:
                         continue
-                    lp = lg[toks.astype(np.int64)] - lse
+                    lp = self.span_scores(lg, toks, kids, depth)
                     keep = np.argsort(-lp)[:width]
                     cands += [(score + float(lp[k]), int(kids[k]), seq) for k in keep]
                 cands.sort(key=lambda c: -c[0])
@@ -449,6 +459,19 @@ class TalkPlay:
             for s in range(1, self.n_seq_max):
                 lc.llama_memory_seq_rm(self._mem, s, -1, -1)
         return [(t, s) for s, t in finished[:n]]
+
+    def span_scores(self, logits: np.ndarray, toks: np.ndarray, kids: np.ndarray, depth: int,
+                    normalise: bool = True) -> np.ndarray:
+        """Log-scores of the allowed children ``kids`` (token ids ``toks``) of a node at ``depth`` of a span:
+        the model's log-probabilities, or their calibrated form (``SpanCalibration``). ``normalise=False``
+        leaves out the log-normaliser shared by the children (a greedy pick or a sample needs none)."""
+        lg = logits[toks.astype(np.int64)]
+        if self.calibration is not None:
+            return self.calibration.scores(lg, self._log_count[kids], depth, normalise)
+        if not normalise:
+            return lg
+        mx = logits.max()
+        return lg - (mx + np.log(np.exp(logits - mx).sum()))
 
     def rank(self, excl: Exclusions, logits: np.ndarray, n: int) -> list[tuple[int, float]]:
         """Up to ``n`` distinct tracks (beam search; reruns excluding what it found until ``n`` or exhausted)."""
@@ -618,7 +641,7 @@ class ChatSession:
                                     logits = tp._append(undecoded)
                                     undecoded = []
                                 tm = time.perf_counter()
-                                k = self._pick(logits[toks.astype(np.int64)])
+                                k = self._pick(tp.span_scores(logits, toks, kids, len(path), normalise=False))
                                 span_mask_s += time.perf_counter() - tm
                             path.append(int(toks[k]))
                             node = int(kids[k])

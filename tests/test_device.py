@@ -103,3 +103,27 @@ def test_aside_and_restore_round_trip(tmp_path):
     assert device.restore(tmp_path) == ["catalog.db", "talkplay_edge/models"]
     assert (tmp_path / "catalog.db").read_bytes() == b"db"
     assert (tmp_path / "talkplay_edge" / "models" / "m" / "w.bin").read_bytes() == b"w"
+
+
+def test_install_replaces_the_delta_and_drops_its_calibration(tmp_path):
+    """install: the returned shards replace the shipped ones; the old span calibration (fitted to the old
+    delta) goes with them; a folder without shards is refused and changes nothing."""
+    from export.device import install
+
+    shipped = tmp_path / "root" / "talkplay_edge" / "models" / "talkplay-smollm2"
+    shipped.mkdir(parents=True)
+    (shipped / "delta-01-of-02.safetensors").write_bytes(b"old1")
+    (shipped / "delta-02-of-02.safetensors").write_bytes(b"old2")
+    (shipped / "span_calibration.json").write_text('{"alpha": [1], "beta": [1]}')
+    (shipped / "README.md").write_text("kept")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit, match="no delta"):
+        install(empty, tmp_path / "root")
+    assert (shipped / "span_calibration.json").is_file() and len(list(shipped.glob("delta-*"))) == 2
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "delta-01-of-01.safetensors").write_bytes(b"new")
+    install(new, tmp_path / "root")
+    assert sorted(p.name for p in shipped.iterdir()) == ["README.md", "delta-01-of-01.safetensors"]
+    assert (shipped / "delta-01-of-01.safetensors").read_bytes() == b"new"

@@ -103,3 +103,32 @@ def test_compare_unpermutes_what_the_trainer_permutes():
     p = llama_cpp_permute(w, 4)
     assert not torch.equal(p, w) and torch.equal(llama_cpp_unpermute(p, 4), w)
     assert np.array_equal(llama_cpp_unpermute(p.numpy(), 4), w.numpy())
+
+
+def test_build_model_carries_the_span_calibration(adapted, tmp_path):
+    """A delta's span_calibration.json goes into the GGUF (and into the cache key); a bad one is refused."""
+    from gguf import GGUFReader
+
+    from talkplay_edge.calibration import CALIBRATION_KEY, SpanCalibration
+    from talkplay_edge.model_build import delta_sha256, sha256_file
+
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    base, _, _, delta_dir = adapted
+    delta = tmp_path / "delta"
+    delta.mkdir()
+    for f in sorted(delta_dir.glob("delta-*.safetensors")):  # the same delta, pinned to this test's base
+        with safe_open(str(f), framework="numpy") as st:
+            save_file({k: st.get_tensor(k) for k in st.keys()}, str(delta / f.name),
+                      metadata={**st.metadata(), "base_sha256": sha256_file(base)})
+    plain_key = delta_sha256(delta)
+    cal = SpanCalibration((0.75, 0.5, 1.0), (0.3, 0.4, 0.05))
+    (delta / "span_calibration.json").write_text(cal.to_json())
+    assert delta_sha256(delta) != plain_key
+    out = build_model(delta, tmp_path / "m.gguf", ftype="F16", base=base, quiet=True)
+    field = GGUFReader(out).fields[CALIBRATION_KEY]
+    assert SpanCalibration.parse(field.contents()) == cal
+    (delta / "span_calibration.json").write_text('{"alpha": [1]}')
+    with pytest.raises(ModelBuildError, match="span_calibration.json"):
+        build_model(delta, tmp_path / "m2.gguf", ftype="F16", base=base, quiet=True)

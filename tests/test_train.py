@@ -207,3 +207,28 @@ def test_data_workers_encode_the_same_examples(tiny_catalog, tmp_path):
         one = train.load_examples(path, tok, cat, 128, workers=1)
         two = train.load_examples(path, tok, cat, 128, workers=2)
     assert len(one) == 2100 and one == two
+
+
+def test_calibrate_fits_and_stores_a_span_calibration(trained, tiny_catalog):
+    """export.calibrate on the tiny trained delta: per-depth (alpha, beta) from its grid, never a worse NLL
+    than the model alone, written beside the delta and read back as the delta's calibration."""
+    from export import calibrate
+    from talkplay_edge.calibration import read_calibration
+
+    d, _ = trained
+    res = calibrate.main([f"--delta={d / 'out'}", "--config=", "--conversations=4", "--min_samples=3", "--write",
+                          "--json", f"--catalog={tiny_catalog}", f"--valid={d / 'conv' / 'valid.jsonl'}",
+                          "--base=tiny", "--seq_len=256", "--lora_alpha=8"])
+    assert res["conversations"] == 4 and res["choices"] > 0
+    assert len(res["alpha"]) == len(res["beta"]) == len(res["depths"]) >= calibrate.MIN_DEPTHS
+    fitted = [r for r in res["depths"] if r["choices"] >= 3]
+    assert fitted, "no depth had enough choices to fit"
+    for r in fitted:
+        assert r["alpha"] in calibrate.ALPHAS and r["beta"] in calibrate.BETAS
+        assert r["nll_calibrated"] <= r["nll_model"] + 1e-9
+    for r in res["depths"]:
+        if r["choices"] < 3:
+            assert (r["alpha"], r["beta"]) == (0.0, 1.0)
+    cal = read_calibration(d / "out")
+    assert list(cal.alpha) == res["alpha"] and list(cal.beta) == res["beta"]
+    assert res["choices"] == sum(r["choices"] for r in res["depths"])

@@ -1,0 +1,80 @@
+"""Span calibration: how a music-span step scores the children of a trie node.
+
+A model trained on few conversations ranks a node's children well but is over-confident, and it ignores
+how many catalog tracks lie below each child. At depth ``d`` of a span (0 = the cf token) the runtime can
+score the allowed children as
+
+    beta[d] * logit(child) + alpha[d] * log(tracks below child),   normalised over the children,
+
+``alpha`` weighing a prior that gives every catalog track the same mass and ``beta`` an inverse temperature
+on the model. ``export/calibrate.py`` fits (alpha, beta) per depth on held-out conversations (least
+negative log-likelihood of the true spans) and stores them beside the delta (``span_calibration.json``);
+``model_build`` writes them into the GGUF under ``talkplay.span_calibration``; the runtime reads them
+from there (or from ``$TALKPLAY_SPAN_CALIBRATION``, "off" to disable). Without one, a span step scores with
+the model's log-probabilities over the whole vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+CALIBRATION_KEY = "talkplay.span_calibration"
+CALIBRATION_FILE = "span_calibration.json"
+
+
+@dataclass(frozen=True)
+class SpanCalibration:
+    """Per-depth ``alpha`` (track-count prior weight) and ``beta`` (inverse temperature); depths past the
+    lists use the last entry."""
+
+    alpha: tuple[float, ...]
+    beta: tuple[float, ...]
+
+    @classmethod
+    def parse(cls, value) -> "SpanCalibration | None":
+        """From a JSON string or a dict ``{"alpha": [...], "beta": [...]}``; None, "" or "off" give None."""
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "off", "none")):
+            return None
+        try:
+            d = json.loads(value) if isinstance(value, str) else dict(value)
+            alpha, beta = tuple(float(a) for a in d["alpha"]), tuple(float(b) for b in d["beta"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f'span calibration {value!r}: expected JSON {{"alpha": [...], "beta": [...]}} ({e})') from e
+        if not alpha or len(alpha) != len(beta) or not np.isfinite(alpha + beta).all():
+            raise ValueError(f"span calibration {value!r}: alpha and beta must be equal-length lists of numbers")
+        return cls(alpha, beta)
+
+    def to_json(self) -> str:
+        return json.dumps({"alpha": list(self.alpha), "beta": list(self.beta)})
+
+    def scores(self, logits: np.ndarray, log_counts: np.ndarray, depth: int, normalise: bool = True) -> np.ndarray:
+        """Calibrated log-probabilities of the allowed children (``logits`` and ``log_counts`` are theirs);
+        ``normalise=False`` leaves out the shared log-normaliser (enough to pick or sample a child)."""
+        d = min(depth, len(self.alpha) - 1)
+        s = self.beta[d] * np.asarray(logits, dtype=np.float64) + self.alpha[d] * np.asarray(log_counts, dtype=np.float64)
+        if not normalise:
+            return s
+        m = s.max()
+        return s - (m + np.log(np.exp(s - m).sum()))
+
+
+def calibration_file(delta_path: Path) -> Path:
+    """Where a delta's calibration lives: ``span_calibration.json`` in a delta directory, or
+    ``<name>.span_calibration.json`` beside a single-file delta."""
+    delta_path = Path(delta_path)
+    return delta_path / CALIBRATION_FILE if delta_path.is_dir() else delta_path.with_name(f"{delta_path.stem}.{CALIBRATION_FILE}")
+
+
+def read_calibration(delta_path: Path) -> SpanCalibration | None:
+    """The calibration stored with a delta, or None (a malformed file raises ValueError naming it)."""
+    f = calibration_file(delta_path)
+    if not f.is_file():
+        return None
+    try:
+        return SpanCalibration.parse(json.loads(f.read_text()))
+    except ValueError as e:
+        raise ValueError(f"{f}: {e}") from e

@@ -1,0 +1,97 @@
+"""Span calibration: its scores, and the runtime's use of it (greedy picks and beam scores)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from talkplay_edge.calibration import SpanCalibration, calibration_file, read_calibration
+
+
+def test_parse_and_scores():
+    cal = SpanCalibration.parse('{"alpha": [1, 0.5], "beta": [0, 2]}')
+    assert cal == SpanCalibration.parse({"alpha": [1, 0.5], "beta": [0, 2]}) == SpanCalibration((1.0, 0.5), (0.0, 2.0))
+    assert SpanCalibration.parse(cal.to_json()) == cal
+    for off in (None, "", "off", "OFF"):
+        assert SpanCalibration.parse(off) is None
+    for bad in ('{"alpha": [1]}', '{"alpha": [1], "beta": [1, 2]}', '{"alpha": [], "beta": []}', "[1, 2",
+                '{"alpha": ["x"], "beta": [1]}', '{"alpha": [NaN], "beta": [1]}'):
+        with pytest.raises(ValueError, match="span calibration"):
+            SpanCalibration.parse(bad)
+    logits, counts = np.array([3.0, 1.0, -2.0]), np.array([1.0, 10.0, 89.0])
+    # depth 0: alpha 1, beta 0 is the track-count prior: each child gets its share of the tracks
+    assert np.allclose(np.exp(cal.scores(logits, np.log(counts), 0)), counts / counts.sum())
+    # depth 1 and past the list: softmax(2 * logits + 0.5 * log counts)
+    s = 2 * logits + 0.5 * np.log(counts)
+    want = s - np.log(np.exp(s).sum())
+    assert np.allclose(cal.scores(logits, np.log(counts), 1), want)
+    assert np.allclose(cal.scores(logits, np.log(counts), 7), want)
+
+
+def test_read_calibration_beside_a_delta(tmp_path):
+    d = tmp_path / "delta"
+    d.mkdir()
+    assert read_calibration(d) is None
+    calibration_file(d).write_text('{"alpha": [0.5], "beta": [0.25], "valid": "v.jsonl"}')  # extra keys: a report
+    assert read_calibration(d) == SpanCalibration((0.5,), (0.25,))
+    assert calibration_file(tmp_path / "delta.safetensors").name == "delta.span_calibration.json"
+    calibration_file(d).write_text("{")
+    with pytest.raises(ValueError, match="span_calibration.json"):
+        read_calibration(d)
+
+
+@pytest.fixture()
+def prior_only(runtime_gguf, tiny_catalog):
+    """The tiny model with a calibration that ignores it (beta 0): every track weighs the same."""
+    from talkplay_edge.runtime import TalkPlay
+
+    tp = TalkPlay.load(runtime_gguf, tiny_catalog, threads=1, n_ctx=1024,
+                       span_calibration='{"alpha": [1], "beta": [0]}')
+    yield tp
+    cat = tp.catalog
+    tp.close()
+    cat.close()
+
+
+def test_greedy_span_follows_the_track_counts(prior_only):
+    """With beta 0 and alpha 1 a greedy span takes, at every node, the child with the most tracks below it
+    (the first of equals), whatever the model says."""
+    tp = prior_only
+    trie = tp.trie
+    reply = tp.chat(max_new_tokens=4).send("anything")
+    node = trie.root
+    while trie.track[node] < 0:
+        _, kids = trie.children(node)
+        node = int(kids[int(np.argmax(trie.count[kids]))])
+    assert reply.tracks[0].id == tp.track_ids[int(trie.track[node])]
+
+
+def test_beam_scores_are_calibrated(prior_only, talkplay):
+    """Beam search with the track-count prior alone gives every track log(1 / tracks); without a
+    calibration the scores are the model's log-probabilities (different, all below 0)."""
+    from talkplay_edge.trie import Exclusions
+
+    def rank(tp):
+        with tp._lock:
+            tp._switch_to(-1)  # as ModelRecommender does: one more user of the context
+            prompt = tp.tokenize_segments([("<|im_start|>user\nanything<|im_end|>\n<|im_start|>assistant\n", True)])
+            logits = tp._sync(prompt + [tp.start_id])
+            return tp.rank(Exclusions(tp.trie), logits, 5)
+
+    n_tracks = int(prior_only.trie.count[0])
+    ranked = rank(prior_only)
+    assert len(ranked) == 5 and len({t for t, _ in ranked}) == 5
+    assert all(abs(score + math.log(n_tracks)) < 1e-9 for _, score in ranked)
+    assert talkplay.calibration is None
+    plain = rank(talkplay)
+    assert all(score < 0 for _, score in plain) and any(abs(score + math.log(n_tracks)) > 1e-3 for _, score in plain)
+
+
+def test_unnormalised_scores_pick_the_same_child():
+    cal = SpanCalibration((0.5,), (0.3,))
+    logits, logc = np.array([1.0, 4.0, 2.0, -1.0]), np.log([5.0, 1.0, 40.0, 2.0])
+    full, raw = cal.scores(logits, logc, 0), cal.scores(logits, logc, 0, normalise=False)
+    assert np.allclose(full - raw, full[0] - raw[0]) and not np.allclose(full, raw)
+    assert int(np.argmax(full)) == int(np.argmax(raw)) == 2

@@ -8,7 +8,8 @@ and the embedding rows of the added music tokens. On first use this module
 2. dequantises every tensor, adds ``B @ A`` to each adapted weight, appends the new token rows to
    ``token_embd`` (tied with the output layer), and appends the music tokens to the GGUF tokenizer as
    CONTROL tokens, plus the ``talkplay.vocab_fingerprint`` key;
-3. writes an F16 GGUF (with the delta's span calibration, ``calibration.py``, if it has one) and quantises it with llama.cpp (``llama_model_quantize``) into the cache dir.
+3. writes an F16 GGUF (with the delta's span calibration, ``calibration.py``, if it has one) and
+   quantises it with llama.cpp (``llama_model_quantize``) into the cache dir.
 
 Delta layout (safetensors, float16 or float32; names are GGUF tensor names, so no layout juggling here):
 

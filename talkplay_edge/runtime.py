@@ -197,10 +197,16 @@ class TalkPlay:
         self.track_index = {tid: i for i, tid in enumerate(self.track_ids)}
         self._track_cache: dict[int, Track] = {}
         # the span calibration: given, else $TALKPLAY_SPAN_CALIBRATION, else the model's own (GGUF metadata)
-        if span_calibration is None:
-            span_calibration = os.environ.get("TALKPLAY_SPAN_CALIBRATION") or self.metadata.get(CALIBRATION_KEY)
-        self.calibration = (span_calibration if isinstance(span_calibration, SpanCalibration)
-                            else SpanCalibration.parse(span_calibration))
+        source = "span_calibration="
+        if span_calibration is None and os.environ.get("TALKPLAY_SPAN_CALIBRATION"):
+            span_calibration, source = os.environ["TALKPLAY_SPAN_CALIBRATION"], "$TALKPLAY_SPAN_CALIBRATION"
+        elif span_calibration is None:
+            span_calibration, source = self.metadata.get(CALIBRATION_KEY), f"{self.model_path} ({CALIBRATION_KEY})"
+        try:
+            self.calibration = (span_calibration if isinstance(span_calibration, SpanCalibration)
+                                else SpanCalibration.parse(span_calibration))
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from e
         self._log_count = np.log(np.maximum(self.trie.count, 1).astype(np.float64))
 
         # -- the llama context: one main sequence (0) plus 2 × max_beam beam sequences -----------------

@@ -95,3 +95,19 @@ def test_unnormalised_scores_pick_the_same_child():
     full, raw = cal.scores(logits, logc, 0), cal.scores(logits, logc, 0, normalise=False)
     assert np.allclose(full - raw, full[0] - raw[0]) and not np.allclose(full, raw)
     assert int(np.argmax(full)) == int(np.argmax(raw)) == 2
+
+
+def test_a_bad_calibration_is_refused_naming_its_source(runtime_gguf, tiny_catalog, monkeypatch):
+    from talkplay_edge.runtime import TalkPlay
+
+    monkeypatch.setenv("TALKPLAY_SPAN_CALIBRATION", '{"alpha": [1]}')
+    with pytest.raises(ValueError, match=r"\$TALKPLAY_SPAN_CALIBRATION: span calibration"):
+        TalkPlay.load(runtime_gguf, tiny_catalog, threads=1, n_ctx=256)
+    monkeypatch.setenv("TALKPLAY_SPAN_CALIBRATION", "off")
+    tp = TalkPlay.load(runtime_gguf, tiny_catalog, threads=1, n_ctx=256, span_calibration='{"alpha": [2], "beta": [0.5]}')
+    try:
+        assert tp.calibration == SpanCalibration((2.0,), (0.5,))  # an explicit argument wins over the variable
+    finally:
+        cat = tp.catalog
+        tp.close()
+        cat.close()

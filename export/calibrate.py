@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +25,7 @@ import numpy as np
 import torch
 
 from export import train as T
-from talkplay_edge.calibration import SpanCalibration, calibration_file
+from talkplay_edge.calibration import SpanCalibration, calibration_file, log_track_counts
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25)
 BETAS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.25)
@@ -59,7 +57,7 @@ def collect(model, examples, trie, start_id: int, show_progress: bool = True) ->
     from talkplay_edge.progress import progress
 
     out_emb = model.get_output_embeddings().weight
-    log_count = np.log(np.maximum(trie.count, 1).astype(np.float64))
+    log_count = log_track_counts(trie)
     samples = []
     it = progress(examples, desc="spans", unit="conv") if show_progress else examples
     for ids, labels in it:
@@ -84,16 +82,15 @@ def collect(model, examples, trie, start_id: int, show_progress: bool = True) ->
 
 
 def _nll(samples, alpha: float, beta: float) -> np.ndarray:
-    out = np.empty(len(samples))
-    for i, (_, logits, logc, target) in enumerate(samples):
-        s = beta * logits + alpha * logc
-        m = s.max()
-        out[i] = m + math.log(np.exp(s - m).sum()) - s[target]
-    return out
+    """Negative log-likelihood of the true child of each sample under (alpha, beta) (the runtime's scores)."""
+    cal = SpanCalibration((alpha,), (beta,))
+    return np.array([-cal.scores(logits, logc, 0)[target] for _, logits, logc, target in samples])
 
 
 def _top1(samples, alpha: float, beta: float) -> float:
-    return float(np.mean([int(np.argmax(beta * lg + alpha * lc) == t) for _, lg, lc, t in samples])) if samples else 0.0
+    cal = SpanCalibration((alpha,), (beta,))
+    hits = [int(np.argmax(cal.scores(lg, lc, 0, normalise=False))) == t for _, lg, lc, t in samples]
+    return float(np.mean(hits)) if hits else 0.0
 
 
 def fit(samples, min_samples: int = 30) -> tuple[SpanCalibration, list[dict]]:
@@ -102,14 +99,16 @@ def fit(samples, min_samples: int = 30) -> tuple[SpanCalibration, list[dict]]:
     alpha, beta, report = [], [], []
     for d in range(depths):
         xs = [x for x in samples if x[0] == d]
-        a, b = 0.0, 1.0
+        a, b, nll = 0.0, 1.0, {}
         if len(xs) >= min_samples:
-            a, b = min(((a, b) for a in ALPHAS for b in BETAS), key=lambda ab: _nll(xs, *ab).mean())
+            nll = {(a, b): _nll(xs, a, b).mean() for a in ALPHAS for b in BETAS}  # holds (0, 1), the model alone
+            a, b = min(nll, key=nll.get)
+        else:
+            nll[a, b] = _nll(xs, a, b).mean() if xs else 0.0
         alpha.append(a)
         beta.append(b)
-        model_nll = float(_nll(xs, 0.0, 1.0).mean()) if xs else 0.0
         report.append({"depth": d, "choices": len(xs), "alpha": a, "beta": b,
-                       "nll_model": round(model_nll, 4), "nll_calibrated": round(float(_nll(xs, a, b).mean()) if xs else 0.0, 4),
+                       "nll_model": round(float(nll[0.0, 1.0]), 4), "nll_calibrated": round(float(nll[a, b]), 4),
                        "top1_model": round(_top1(xs, 0.0, 1.0), 4), "top1_calibrated": round(_top1(xs, a, b), 4)})
     return SpanCalibration(tuple(alpha), tuple(beta)), report
 
@@ -164,4 +163,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    main()

@@ -62,6 +62,11 @@ class SpanCalibration:
         return s - (m + np.log(np.exp(s - m).sum()))
 
 
+def log_track_counts(trie) -> np.ndarray:
+    """log(tracks below each trie node): the prior's term, indexed by node id (computed once per trie)."""
+    return np.log(np.maximum(trie.count, 1).astype(np.float64))
+
+
 def calibration_file(delta_path: Path) -> Path:
     """Where a delta's calibration lives: ``span_calibration.json`` in a delta directory, or
     ``<name>.span_calibration.json`` beside a single-file delta."""

@@ -58,7 +58,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from . import chat_format as cf
-from .calibration import CALIBRATION_KEY, SpanCalibration
+from .calibration import CALIBRATION_KEY, SpanCalibration, log_track_counts
 from .catalog import Catalog, Track, corrupt
 from .gguf_check import GGUFError, check_gguf
 from .tokens import SPAN_END, SPAN_START
@@ -207,7 +207,7 @@ class TalkPlay:
                                 else SpanCalibration.parse(span_calibration))
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from e
-        self._log_count = np.log(np.maximum(self.trie.count, 1).astype(np.float64))
+        self._log_count = log_track_counts(self.trie) if self.calibration is not None else None
 
         # -- the llama context: one main sequence (0) plus 2 × max_beam beam sequences -----------------
         self.max_beam = max(1, int(max_beam))

@@ -9,6 +9,11 @@ child teach nothing) keep (0, 1), the model alone. ``--write`` stores the result
 
     python -m export.calibrate --delta talkplay_edge/models/talkplay-smollm2 --conversations 200 --write
 
+``--retrieval`` fits a retrieval prior too (``talkplay_edge.retrieval``): the hybrid retrievers rank the
+catalog for each span's conversation so far; a grid picks the ``RetrievalSpec`` (weight, gamma, k0) under
+which that prior alone gives the true tracks the least NLL, and (alpha, beta) are then fitted per depth
+with the retrieved masses in place of the track counts. The spec is stored with the calibration.
+
 The model is the trainer's (``export/train.py``: base + LoRA + token rows, float32, CPU is fine); the
 config gives the base, catalog, valid file and sequence length.
 """
@@ -26,9 +31,13 @@ import torch
 
 from export import train as T
 from talkplay_edge.calibration import SpanCalibration, calibration_file, log_track_counts
+from talkplay_edge.retrieval import RetrievalPrior, RetrievalSpec
 
-ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25)
-BETAS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.25)
+ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+BETAS = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.25)
+RETRIEVAL_WEIGHTS = (0.3, 0.5, 0.7, 0.85)
+RETRIEVAL_GAMMAS = (0.5, 1.0, 1.5)
+RETRIEVAL_K0S = (1.0, 10.0, 60.0)
 MIN_DEPTHS = 6  # cf, tag, meta, lyr, aud, end-or-dup
 
 
@@ -51,21 +60,28 @@ def load_model(cfg: T.Config, delta: str):
 
 
 @torch.no_grad()
-def collect(model, examples, trie, start_id: int, show_progress: bool = True) -> list[tuple[int, np.ndarray, np.ndarray, int]]:
-    """(depth, child logits, child log track counts, index of the true child) at every multi-child step of
-    every true span whose tokens are targets."""
+def collect_spans(model, encoder, conversations, trie, start_id: int, show_progress: bool = True) -> list[dict]:
+    """Every true music span of ``conversations`` whose tokens are targets, teacher-forced: a dict with the
+    conversation before its turn (``history``, ``played``), the true track (trie index) and ``steps``, one
+    (depth, child logits, child node ids, index of the true child) per multi-child step. Spans cut by
+    ``seq_len`` are left out."""
+    from talkplay_edge.evaluate import iter_turns
     from talkplay_edge.progress import progress
 
     out_emb = model.get_output_embeddings().weight
-    log_count = log_track_counts(trie)
-    samples = []
-    it = progress(examples, desc="spans", unit="conv") if show_progress else examples
-    for ids, labels in it:
+    spans = []
+    it = progress(conversations, desc="spans", unit="conv") if show_progress else conversations
+    for conversation in it:
+        ex = encoder(conversation)
+        if not ex:
+            continue
+        ids, labels = ex
+        turns = [t for t in iter_turns(conversation) if t[2]]
         starts = [i for i, t in enumerate(ids) if t == start_id and i + 1 < len(ids) and labels[i + 1] != -100]
         if not starts:
             continue
         hidden = model.get_decoder()(input_ids=torch.tensor([ids])).last_hidden_state[0]
-        for s in starts:
+        for s, (_, history, _, played) in zip(starts, turns):
             node, pos, depth, steps = trie.root, s, 0, []
             while trie.track[node] < 0 and pos + 1 < len(ids):
                 child_ids, kids = trie.children(node)
@@ -74,11 +90,40 @@ def collect(model, examples, trie, start_id: int, show_progress: bool = True) ->
                     break  # not a catalog code (cannot happen with this catalog's data)
                 if len(child_ids) > 1:
                     logits = (hidden[pos] @ out_emb[torch.as_tensor(child_ids.astype("int64"))].T).double().numpy()
-                    steps.append((depth, logits, log_count[kids], int(np.searchsorted(child_ids, ids[pos + 1]))))
+                    steps.append((depth, logits, kids.copy(), int(np.searchsorted(child_ids, ids[pos + 1]))))
                 node, pos, depth = child, pos + 1, depth + 1
             if trie.track[node] >= 0:  # spans cut by seq_len are left out
-                samples += steps
-    return samples
+                spans.append({"history": history, "played": played, "track": int(trie.track[node]), "steps": steps})
+    return spans
+
+
+def samples_of(spans, log_prior) -> list[tuple[int, np.ndarray, np.ndarray, int]]:
+    """(depth, child logits, child log prior mass, index of the true child) of every step; ``log_prior(i)``
+    gives span ``i``'s log mass below every node."""
+    out = []
+    for i, span in enumerate(spans):
+        lm = log_prior(i)
+        out += [(d, logits, lm[kids], target) for d, logits, kids, target in span["steps"]]
+    return out
+
+
+def fit_retrieval(spans, rankings: list[list[int]], trie, depth: int) -> tuple[RetrievalSpec, float, float]:
+    """The grid's ``RetrievalSpec`` under which the retrieval prior alone gives the true tracks the least mean
+    NLL; returns (spec, its NLL, the uniform prior's NLL)."""
+    best = None
+    for weight in RETRIEVAL_WEIGHTS:
+        for gamma in RETRIEVAL_GAMMAS:
+            for k0 in RETRIEVAL_K0S:
+                spec = RetrievalSpec(weight, gamma, k0, depth)
+                nll = []
+                for span, ranked in zip(spans, rankings):
+                    w = spec.rank_weights(len(ranked))
+                    hit = [j for j, t in enumerate(ranked) if t == span["track"]]
+                    nll.append(-np.log((1 - weight) / trie.n_tracks + (weight * w[hit[0]] if hit else 0.0)))
+                v = float(np.mean(nll))
+                if best is None or v < best[1]:
+                    best = (spec, v)
+    return best[0], best[1], float(np.log(trie.n_tracks))
 
 
 def _nll(samples, alpha: float, beta: float) -> np.ndarray:
@@ -93,7 +138,7 @@ def _top1(samples, alpha: float, beta: float) -> float:
     return float(np.mean(hits)) if hits else 0.0
 
 
-def fit(samples, min_samples: int = 30) -> tuple[SpanCalibration, list[dict]]:
+def fit(samples, min_samples: int = 30, retrieval: RetrievalSpec | None = None) -> tuple[SpanCalibration, list[dict]]:
     """Per depth, the grid's (alpha, beta) of least NLL; the report has n, NLL and top-1 before and after."""
     depths = max([d for d, *_ in samples] + [MIN_DEPTHS - 1]) + 1
     alpha, beta, report = [], [], []
@@ -110,7 +155,7 @@ def fit(samples, min_samples: int = 30) -> tuple[SpanCalibration, list[dict]]:
         report.append({"depth": d, "choices": len(xs), "alpha": a, "beta": b,
                        "nll_model": round(float(nll[0.0, 1.0]), 4), "nll_calibrated": round(float(nll[a, b]), 4),
                        "top1_model": round(_top1(xs, 0.0, 1.0), 4), "top1_calibrated": round(_top1(xs, a, b), 4)})
-    return SpanCalibration(tuple(alpha), tuple(beta)), report
+    return SpanCalibration(tuple(alpha), tuple(beta), retrieval), report
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -124,6 +169,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--write", action="store_true", help=f"store it beside the delta ({calibration_file(Path('DELTA')).name})")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--retrieval", action="store_true",
+                   help="fit a retrieval prior too (talkplay_edge.retrieval: the hybrid retrievers' ranking)")
+    p.add_argument("--retrieval_depth", type=int, default=600, help="tracks of the retrieved ranking given mass")
     args, overrides = p.parse_known_args(argv)  # the rest: trainer config overrides, --key=value
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -136,14 +184,31 @@ def main(argv: list[str] | None = None) -> dict:
     model, tok, catalog = load_model(cfg, args.delta)
     from talkplay_edge.tokens import SPAN_START
 
-    examples = T.load_examples(cfg.valid, tok, catalog, cfg.seq_len, args.conversations)
+    from talkplay_edge.conversations import read_conversations
+
+    conversations = read_conversations(cfg.valid, args.conversations or None)
     trie = T.catalog_trie(tok, catalog)
-    samples = collect(model, examples, trie, tok.convert_tokens_to_ids(SPAN_START), show_progress=not args.json)
+    spans = collect_spans(model, T.Encoder(tok, catalog, cfg.seq_len), conversations, trie,
+                          tok.convert_tokens_to_ids(SPAN_START), show_progress=not args.json)
+    spec, extra = None, {}
+    if args.retrieval and spans:
+        track_ids = sorted(catalog.codes())  # trie order
+        prior = RetrievalPrior(catalog, trie, {t: i for i, t in enumerate(track_ids)},
+                               RetrievalSpec(depth=args.retrieval_depth), show_progress=not args.json)
+        rankings = [prior.ranking(s["history"], set(s["played"])) for s in spans]
+        spec, nll, uniform = fit_retrieval(spans, rankings, trie, args.retrieval_depth)
+        prior = RetrievalPrior(catalog, trie, prior.track_index, spec)
+        masses = [np.log(prior.mass(r)) for r in rankings]
+        samples = samples_of(spans, lambda i: masses[i])
+        extra = {"retrieval": {**spec.to_dict(), "nll_prior": round(nll, 4), "nll_uniform": round(uniform, 4)}}
+    else:
+        log_count = log_track_counts(trie)
+        samples = samples_of(spans, lambda i: log_count)
     if not samples:
         raise SystemExit(f"{cfg.valid}: no music spans to fit on")
-    calibration, report = fit(samples, args.min_samples)
-    result = {"alpha": list(calibration.alpha), "beta": list(calibration.beta), "valid": cfg.valid,
-              "conversations": len(examples), "choices": len(samples), "depths": report,
+    calibration, report = fit(samples, args.min_samples, spec)
+    result = {"alpha": list(calibration.alpha), "beta": list(calibration.beta), **extra, "valid": cfg.valid,
+              "conversations": len(conversations), "spans": len(spans), "choices": len(samples), "depths": report,
               "seconds": round(time.time() - t, 1)}
     if args.write:
         f = calibration_file(Path(args.delta))
@@ -152,7 +217,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"{len(examples)} conversations of {cfg.valid}, {len(samples)} choices, {result['seconds']} s")
+        print(f"{len(conversations)} conversations of {cfg.valid}, {len(spans)} spans, {len(samples)} choices, "
+              f"{result['seconds']} s")
+        if spec is not None:
+            r = result["retrieval"]
+            print(f"retrieval prior: weight {spec.weight}, gamma {spec.gamma}, k0 {spec.k0}, depth {spec.depth}; "
+                  f"NLL of the true track {r['nll_uniform']:.3f} (uniform) → {r['nll_prior']:.3f}")
         print("depth  choices  alpha  beta   NLL model → calibrated   top-1 model → calibrated")
         for r in report:
             print(f"{r['depth']:5d}  {r['choices']:7d}  {r['alpha']:5.2f}  {r['beta']:4.2f}   "

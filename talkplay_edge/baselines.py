@@ -122,6 +122,8 @@ class BM25Recommender:
         self.latest_weight = latest_weight
         self.column_weights = column_weights
         self.popular = _popular_ids(catalog)
+        self._terms: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._rows: dict[int, int] | None = None
 
     def query_terms(self, history: list[dict]) -> list[str]:
         turns = user_turns(history)
@@ -133,7 +135,8 @@ class BM25Recommender:
             terms += content_terms(t)
         return terms
 
-    def search(self, terms: list[str], limit: int) -> list[str]:
+    def search_fts(self, terms: list[str], limit: int) -> list[str]:
+        """The ranking as one FTS5 query: ``"t1" OR "t2" …`` ordered by bm25, then id."""
         if not terms:
             return []
         match = " OR ".join(f'"{t}"' for t in terms)
@@ -141,6 +144,44 @@ class BM25Recommender:
         q = (f"select tracks.id from tracks_fts join tracks on tracks.rowid = tracks_fts.rowid "
              f"where tracks_fts match ? order by bm25(tracks_fts, {w}), tracks.id limit ?")
         return [r[0] for r in self.catalog.conn.execute(q, [match, limit])]
+
+    def _term_scores(self, term: str) -> tuple[np.ndarray, np.ndarray]:
+        """(row numbers, BM25 score) of the tracks matching one term; memoised (a common tag term matches
+        most of the catalog, and scoring it is most of a query's cost)."""
+        got = self._terms.get(term)
+        if got is None:
+            if self._rows is None:
+                rows = self.catalog.conn.execute("select rowid, id from tracks").fetchall()
+                ids = [r[1] for r in rows]
+                order = sorted(range(len(ids)), key=ids.__getitem__)
+                self._ids = ids
+                self._id_rank = np.empty(len(ids), dtype=np.int64)
+                self._id_rank[order] = np.arange(len(ids))
+                self._rows = {r[0]: i for i, r in enumerate(rows)}
+            w = ", ".join(str(x) for x in self.column_weights)
+            hits = self.catalog.conn.execute(f"select rowid, bm25(tracks_fts, {w}) from tracks_fts where tracks_fts match ?",
+                                             [f'"{term}"']).fetchall()
+            got = (np.array([self._rows[r] for r, _ in hits], dtype=np.int64),
+                   np.array([-b for _, b in hits], dtype=np.float64))
+            if len(self._terms) >= 2000:
+                self._terms.clear()
+            self._terms[term] = got
+        return got
+
+    def search(self, terms: list[str], limit: int) -> list[str]:
+        """``search_fts``'s ranking, from memoised per-term scores. FTS5's bm25 is a sum over the query's
+        phrases (a repeated term counts again); adding the per-term scores in the query's order gives each
+        track the same double as FTS5, so the order is the same, ties (by id) included."""
+        if not terms:
+            return []
+        parts = [self._term_scores(t) for t in terms]
+        rows = np.concatenate([r for r, _ in parts])
+        if not len(rows):
+            return []
+        uniq, inv = np.unique(rows, return_inverse=True)
+        score = np.bincount(inv, weights=np.concatenate([s for _, s in parts]), minlength=len(uniq))
+        order = np.lexsort((self._id_rank[uniq], -score))[:limit]
+        return [self._ids[i] for i in uniq[order]]
 
     def recommend(self, history: list[dict], exclude: set[str], n: int = 100) -> list[str]:
         hits = self.search(self.query_terms(history), n + len(exclude))
@@ -226,19 +267,67 @@ def embed_texts_cached(texts: list[str], encoder, cache: bool = True, show_progr
     return store[[store_keys[k] for k in keys]]
 
 
+def track_vectors_file(catalog_path) -> "os.PathLike":
+    """The shipped track vectors beside a catalog: ``catalog.db`` → ``catalog.vectors.npz``."""
+    from pathlib import Path
+
+    p = Path(catalog_path)
+    return p.with_name(p.stem + ".vectors.npz")
+
+
+def _vectors_key(catalog, encoder, ids: list[str]) -> tuple[str, str]:
+    key = f"{catalog.fingerprint[:16]}-{_safe(encoder.name)}-{_safe(str(encoder.version))}-{DENSE_TEXT_VERSION}"
+    return key, hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+
+
+def write_track_vectors(catalog, encoder, path=None, show_progress: bool = True) -> dict:
+    """Store ``track_embeddings`` beside the catalog (``track_vectors_file``) as int8 rows with a scale each
+    (¼ of float32; rankings agree with the float vectors to within noise), so a fresh install needs not
+    embed every track (minutes on 2 cores) before dense retrieval works. Returns a summary."""
+    ids, mat = track_embeddings(catalog, encoder, show_progress=show_progress)
+    key, digest = _vectors_key(catalog, encoder, ids)
+    scale = np.maximum(np.abs(mat).max(axis=1), 1e-12).astype(np.float32) / 127.0
+    q = np.round(mat / scale[:, None]).astype(np.int8)
+    path = path or track_vectors_file(catalog.path)
+    tmp = path.with_name(path.stem + f".tmp-{os.getpid()}.npz")
+    np.savez_compressed(tmp, key=np.array(key), digest=np.array(digest), q=q, scale=scale)
+    os.replace(tmp, path)
+    return {"path": str(path), "tracks": len(ids), "bytes": path.stat().st_size, "key": key, "digest": digest}
+
+
+def read_track_vectors(catalog, encoder, ids: list[str]) -> np.ndarray | None:
+    """The shipped vectors (L2-normalised float32) when the file beside the catalog matches its tracks and
+    the encoder; None otherwise (missing, stale or unreadable: the caller embeds the tracks instead)."""
+    path = track_vectors_file(catalog.path)
+    if not path.is_file():
+        return None
+    key, digest = _vectors_key(catalog, encoder, ids)
+    try:
+        with np.load(path) as z:
+            if str(z["key"]) != key or str(z["digest"]) != digest or z["q"].shape[0] != len(ids):
+                return None
+            mat = z["q"].astype(np.float32) * z["scale"][:, None]
+    except (OSError, ValueError, KeyError):
+        return None
+    norms = np.linalg.norm(mat, axis=1, keepdims=True)
+    return mat / np.where(norms > 0, norms, 1.0)
+
+
 def track_embeddings(catalog, encoder, cache: bool = True, show_progress: bool = True) -> tuple[list[str], np.ndarray]:
     """(track ids, float32 [n, dim] L2-normalised) of ``track_text``; cached as .npy per catalog and encoder
-    (``cache_dir()/dense/<fingerprint>-<encoder>-….npy``), built from the per-encoder text store."""
+    (``cache_dir()/dense/<fingerprint>-<encoder>-….npy``), taken from the vectors shipped beside the catalog
+    (``write_track_vectors``) when they match, else built from the per-encoder text store."""
     rows = catalog.rows("id, title, artist, album, year, tags").fetchall()
     ids = [r["id"] for r in rows]
-    key = f"{catalog.fingerprint[:16]}-{_safe(encoder.name)}-{_safe(str(encoder.version))}-{DENSE_TEXT_VERSION}"
-    digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+    key, digest = _vectors_key(catalog, encoder, ids)
     path = cache_dir() / "dense" / f"{key}-{digest}.npy"
     if cache and path.is_file():
         mat = np.load(path)
         if mat.shape[0] == len(ids):
             return ids, mat
-    mat = embed_texts_cached([track_text(r) for r in rows], encoder, cache=cache, show_progress=show_progress)
+    mat = read_track_vectors(catalog, encoder, ids) if cache else None
+    if mat is None:
+        mat = embed_texts_cached([track_text(r) for r in rows], encoder, cache=cache, show_progress=show_progress)
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.stem + f".tmp-{os.getpid()}.npy")
@@ -345,10 +434,13 @@ class HybridRecommender:
         self.k, self.depth = k, depth
         self.popular = self.parts[0].popular
 
-    def recommend(self, history: list[dict], exclude: set[str], n: int = 100) -> list[str]:
-        depth = max(n, self.depth)
+    def fused(self, history: list[dict], exclude: set[str], depth: int | None = None) -> list[str]:
+        """The fused ranking (each part asked for ``depth`` tracks, default ``self.depth``), before the top-up."""
+        depth = depth or self.depth
         bm25, dense, cf = self.parts
         lists = [bm25.recommend(history, exclude, depth), dense.recommend(history, exclude, depth),
                  cf.neighbours(history, exclude, depth)]  # cf joins only with real neighbours, not its popularity fallback
-        fused = rrf([x for x in lists if x], self.k)
-        return _fill(fused, self.popular, exclude, n)
+        return rrf([x for x in lists if x], self.k)
+
+    def recommend(self, history: list[dict], exclude: set[str], n: int = 100) -> list[str]:
+        return _fill(self.fused(history, exclude, max(n, self.depth)), self.popular, exclude, n)

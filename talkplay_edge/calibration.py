@@ -4,14 +4,16 @@ A model trained on few conversations ranks a node's children well but is over-co
 how many catalog tracks lie below each child. At depth ``d`` of a span (0 = the cf token) the runtime can
 score the allowed children as
 
-    beta[d] * logit(child) + alpha[d] * log(tracks below child),   normalised over the children,
+    beta[d] * logit(child) + alpha[d] * log(prior mass below child),   normalised over the children,
 
-``alpha`` weighing a prior that gives every catalog track the same mass and ``beta`` an inverse temperature
-on the model. ``export/calibrate.py`` fits (alpha, beta) per depth on held-out conversations (least
-negative log-likelihood of the true spans) and stores them beside the delta (``span_calibration.json``);
-``model_build`` writes them into the GGUF under ``talkplay.span_calibration``; the runtime reads them
-from there (or from ``$TALKPLAY_SPAN_CALIBRATION``, "off" to disable). Without one, a span step scores with
-the model's log-probabilities over the whole vocabulary.
+``beta`` an inverse temperature on the model and ``alpha`` the weight of a prior over the catalog's tracks:
+by default every track weighs the same (the mass below a child is its share of the tracks); with a
+retrieval spec (``retrieval.py``) part of the mass goes to the tracks the on-device retrievers find for the
+conversation. ``export/calibrate.py`` fits (alpha, beta) per depth, and the retrieval spec, on held-out
+conversations (least negative log-likelihood of the true spans) and stores them beside the delta
+(``span_calibration.json``); ``model_build`` writes them into the GGUF under ``talkplay.span_calibration``;
+the runtime reads them from there (or from ``$TALKPLAY_SPAN_CALIBRATION``, "off" to disable). Without one,
+a span step scores with the model's log-probabilities over the whole vocabulary.
 """
 
 from __future__ import annotations
@@ -22,17 +24,21 @@ from pathlib import Path
 
 import numpy as np
 
+from .retrieval import RetrievalSpec
+
 CALIBRATION_KEY = "talkplay.span_calibration"
 CALIBRATION_FILE = "span_calibration.json"
 
 
 @dataclass(frozen=True)
 class SpanCalibration:
-    """Per-depth ``alpha`` (track-count prior weight) and ``beta`` (inverse temperature); depths past the
-    lists use the last entry."""
+    """Per-depth ``alpha`` (prior weight) and ``beta`` (inverse temperature); depths past the lists use the
+    last entry. ``retrieval`` (``retrieval.RetrievalSpec``), when set, moves part of the prior's mass onto
+    the tracks the on-device retrievers find for the conversation; otherwise every track weighs the same."""
 
     alpha: tuple[float, ...]
     beta: tuple[float, ...]
+    retrieval: "RetrievalSpec | None" = None
 
     @classmethod
     def parse(cls, value) -> "SpanCalibration | None":
@@ -46,13 +52,21 @@ class SpanCalibration:
             raise ValueError(f'span calibration {value!r}: expected JSON {{"alpha": [...], "beta": [...]}} ({e})') from e
         if not alpha or len(alpha) != len(beta) or not np.isfinite(alpha + beta).all():
             raise ValueError(f"span calibration {value!r}: alpha and beta must be equal-length lists of numbers")
-        return cls(alpha, beta)
+        try:
+            retrieval = RetrievalSpec.parse(d.get("retrieval"))
+        except ValueError as e:
+            raise ValueError(f"span calibration {value!r}: {e}") from e
+        return cls(alpha, beta, retrieval)
 
     def to_json(self) -> str:
-        return json.dumps({"alpha": list(self.alpha), "beta": list(self.beta)})
+        d = {"alpha": list(self.alpha), "beta": list(self.beta)}
+        if self.retrieval is not None:
+            d["retrieval"] = self.retrieval.to_dict()
+        return json.dumps(d)
 
     def scores(self, logits: np.ndarray, log_counts: np.ndarray, depth: int, normalise: bool = True) -> np.ndarray:
-        """Calibrated log-probabilities of the allowed children (``logits`` and ``log_counts`` are theirs);
+        """Calibrated log-probabilities of the allowed children (``logits`` and ``log_counts``, the log prior
+        mass below each, are theirs);
         ``normalise=False`` leaves out the shared log-normaliser (enough to pick or sample a child)."""
         d = min(depth, len(self.alpha) - 1)
         s = self.beta[d] * np.asarray(logits, dtype=np.float64) + self.alpha[d] * np.asarray(log_counts, dtype=np.float64)

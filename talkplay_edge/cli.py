@@ -98,6 +98,25 @@ def catalog_build(data_dir: Path, out: Path | None, seed: int, k: int, cf_holdou
                    f"fingerprint {summary['vocab_fingerprint'][:16]}")
 
 
+@catalog.command("vectors")
+@catalog_option
+@threads_option
+@json_option
+@_fail_cleanly
+def catalog_vectors(catalog_path: Path | None, threads: int, as_json: bool) -> None:
+    """Embed every track's text (MiniLM) and store the vectors beside the catalog (CATALOG.vectors.npz, int8),
+    so dense retrieval and the model's retrieval prior need no embedding pass on a fresh install."""
+    from .baselines import write_track_vectors
+    from .text_encoder import TextEncoder
+
+    with Catalog.open(catalog_path or default_catalog_path()) as cat:
+        summary = write_track_vectors(cat, TextEncoder(threads=threads))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        click.echo(f"{summary['tracks']} track vectors → {summary['path']} ({summary['bytes'] / 1e6:.1f} MB)")
+
+
 @cli.command()
 @catalog_option
 @json_option

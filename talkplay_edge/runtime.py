@@ -17,7 +17,9 @@ Decoding (see ``chat_format`` for the exact token format):
   by detokenizing (llama.cpp drops long control tokens).
 - A span step scores the allowed children with the model's log-probabilities, or, when the GGUF carries a
   span calibration (``calibration.py``; ``span_calibration=`` or ``$TALKPLAY_SPAN_CALIBRATION`` override
-  it, "off" disables it), with the calibrated mix of the model and a prior that weighs every track equally.
+  it, "off" disables it), with the calibrated mix of the model and a prior over the tracks: every track
+  equal, or, when the calibration has a retrieval spec (``retrieval.py``), weighted towards the tracks that
+  BM25, MiniLM and item2vec retrieve for the conversation so far (computed once per request).
 - After ``<|music_end|>`` the runtime writes the track's real title, artist and year
   (``chat_format.render_track_context``) into the context and the model continues with the reply.
 - Greedy by default; ``temperature``/``top_k`` with a ``seed`` sample instead. ``send(..., n=5)`` ranks
@@ -59,6 +61,7 @@ import numpy as np
 
 from . import chat_format as cf
 from .calibration import CALIBRATION_KEY, SpanCalibration, log_track_counts
+from .retrieval import RetrievalPrior
 from .catalog import Catalog, Track, corrupt
 from .gguf_check import GGUFError, check_gguf
 from .tokens import SPAN_END, SPAN_START
@@ -208,6 +211,10 @@ class TalkPlay:
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from e
         self._log_count = log_track_counts(self.trie) if self.calibration is not None else None
+        self.retrieval = (RetrievalPrior(catalog, self.trie, self.track_index, self.calibration.retrieval, threads)
+                          if self.calibration is not None and self.calibration.retrieval is not None else None)
+        if self.retrieval is not None:
+            self.retrieval.load()  # the retrievers load now (their index and vectors), not on the first request
 
         # -- the llama context: one main sequence (0) plus 2 × max_beam beam sequences -----------------
         self.max_beam = max(1, int(max_beam))
@@ -401,7 +408,8 @@ class TalkPlay:
         self._snapshots.pop(session_id, None)
 
     # -- constrained span decoding -----------------------------------------------------------------------
-    def _beam(self, logits: np.ndarray, excl: Exclusions, n: int, width: int | None = None) -> list[tuple[int, float]]:
+    def _beam(self, logits: np.ndarray, excl: Exclusions, n: int, width: int | None = None,
+              log_prior: np.ndarray | None = None) -> list[tuple[int, float]]:
         """Rank up to ``n`` tracks by beam search over the trie, starting from ``logits`` (the state after
         ``<|music_start|>`` on sequence 0). Returns [(track index, log-prob)], best first. Sequence 0 is left
         as it was."""
@@ -424,7 +432,7 @@ class TalkPlay:
                     toks, kids = excl.allowed(node)
                     if len(toks) == 0:
                         continue
-                    lp = self.span_scores(lg, toks, kids, depth)
+                    lp = self.span_scores(lg, toks, kids, depth, log_prior=log_prior)
                     keep = np.argsort(-lp)[:width]
                     cands += [(score + float(lp[k]), int(kids[k]), seq) for k in keep]
                 cands.sort(key=lambda c: -c[0])
@@ -467,25 +475,36 @@ class TalkPlay:
         return [(t, s) for s, t in finished[:n]]
 
     def span_scores(self, logits: np.ndarray, toks: np.ndarray, kids: np.ndarray, depth: int,
-                    normalise: bool = True) -> np.ndarray:
+                    normalise: bool = True, log_prior: np.ndarray | None = None) -> np.ndarray:
         """Log-scores of the allowed children ``kids`` (token ids ``toks``) of a node at ``depth`` of a span:
-        the model's log-probabilities, or their calibrated form (``SpanCalibration``). ``normalise=False``
+        the model's log-probabilities, or their calibrated form (``SpanCalibration``) with the request's
+        ``log_prior`` (``retrieval_prior``; default: every track weighs the same). ``normalise=False``
         leaves out the log-normaliser shared by the children (a greedy pick or a sample needs none)."""
         lg = logits[toks.astype(np.int64)]
         if self.calibration is not None:
-            return self.calibration.scores(lg, self._log_count[kids], depth, normalise)
+            prior = self._log_count if log_prior is None else log_prior
+            return self.calibration.scores(lg, prior[kids], depth, normalise)
         if not normalise:
             return lg
         mx = logits.max()
         return lg - (mx + np.log(np.exp(logits - mx).sum()))
 
-    def rank(self, excl: Exclusions, logits: np.ndarray, n: int) -> list[tuple[int, float]]:
+    def retrieval_prior(self, history: list[dict], exclude: Iterable[str] = ()) -> np.ndarray | None:
+        """Log prior mass below every trie node for a request (the conversation so far, ending with the user
+        message to answer), when the calibration carries a retrieval prior; else None (every track weighs
+        the same)."""
+        if self.retrieval is None:
+            return None
+        return self.retrieval.log_mass(history, set(exclude))
+
+    def rank(self, excl: Exclusions, logits: np.ndarray, n: int,
+             log_prior: np.ndarray | None = None) -> list[tuple[int, float]]:
         """Up to ``n`` distinct tracks (beam search; reruns excluding what it found until ``n`` or exhausted)."""
         out: list[tuple[int, float]] = []
         ex = excl.copy()
         logits = np.array(logits, dtype=np.float64)  # a copy: the beams' decodes overwrite llama's buffer
         while len(out) < n and not ex.exhausted:
-            got = self._beam(logits, ex, n - len(out), width=max(n - len(out), 4))
+            got = self._beam(logits, ex, n - len(out), width=max(n - len(out), 4), log_prior=log_prior)
             if not got:
                 break
             for t, s in got:
@@ -620,6 +639,8 @@ class ChatSession:
             span_mask_s, text_mask_s = 0.0, 0.0  # time spent choosing tokens (masks, sampling), not decoding
             first_track_s = None
             budget = self.max_new_tokens
+            log_prior = None  # the retrieval prior, computed when a span opens
+            request = self.history + [{"role": "user", "content": cf.normalize_message(message)[-2000:]}]
             while True:
                 ts = time.perf_counter()
                 if pending:
@@ -629,8 +650,12 @@ class ChatSession:
                         in_span, node = True, 0
                     pending = []
                 if in_span:
+                    if log_prior is None and tp.retrieval is not None:
+                        tm = time.perf_counter()
+                        log_prior = tp.retrieval_prior(request, self.recommended)
+                        timings["retrieval_s"] = time.perf_counter() - tm
                     if n > 1:
-                        idxs = [t for t, _ in tp.rank(self.excl, logits, n)]
+                        idxs = [t for t, _ in tp.rank(self.excl, logits, n, log_prior)]
                         if not idxs:  # cannot happen: spans only open while tracks remain
                             raise RuntimeError("no track left for the span")
                         path = tp.trie.path(idxs[0])
@@ -647,7 +672,8 @@ class ChatSession:
                                     logits = tp._append(undecoded)
                                     undecoded = []
                                 tm = time.perf_counter()
-                                k = self._pick(tp.span_scores(logits, toks, kids, len(path), normalise=False))
+                                k = self._pick(tp.span_scores(logits, toks, kids, len(path), normalise=False,
+                                                              log_prior=log_prior))
                                 span_mask_s += time.perf_counter() - tm
                             path.append(int(toks[k]))
                             node = int(kids[k])
@@ -731,7 +757,8 @@ class ChatSession:
             if len(prompt) > tp.n_ctx - SPAN_MAX_TOKENS:
                 prompt = list(self._system_tokens) + self._last_user + [tp.start_id]
             logits = tp._sync(prompt)
-            ranked = tp.rank(self.excl, logits, n)
+            log_prior = tp.retrieval_prior(self.history[:-1], self.recommended)
+            ranked = tp.rank(self.excl, logits, n, log_prior)
             tracks = []
             for i, _ in ranked:
                 self.excl.exclude(i)
@@ -792,5 +819,5 @@ class ModelRecommender:
         with tp._lock:
             tp._switch_to(-1)  # the recommender is one more user of the context
             logits = tp._sync(toks)
-            ranked = tp.rank(excl, logits, n)
+            ranked = tp.rank(excl, logits, n, tp.retrieval_prior(history, exclude))
         return [tp.track_ids[i] for i, _ in ranked]

@@ -151,3 +151,16 @@ def test_text_store_keeps_keys_and_rows_aligned(tmp_path, monkeypatch):
 def test_rrf_hand_computed():
     assert rrf([["a", "b"], ["b", "c"]], k=1) == ["b", "a", "c"]  # b: 1/3 + 1/2, a: 1/2, c: 1/3
     assert rrf([["a"], ["b"]], k=60) == ["a", "b"]  # tie broken by id
+
+
+def test_bm25_memoised_search_equals_the_fts5_query(cat):
+    """``search`` (per-term scores, memoised, summed in query order) must rank exactly as one FTS5 query,
+    repeated terms and ties included, before and after the memo is warm."""
+    rec = BM25Recommender(cat)
+    words = sorted({w for t in cat.tracks()[:40] for w in content_terms(f"{t.title} {t.artist} {t.album or ''}")})
+    assert len(words) >= 6
+    queries = [words[:1], words[:3], words[2:6] * 2 + words[:1], [words[0]] * 3 + words[-2:], words[::2], ["zzzqqq"]]
+    for _ in range(2):
+        for q in queries:
+            assert rec.search(q, 50) == rec.search_fts(q, 50), q
+    assert rec.search([], 5) == [] and rec.search(["zzzqqq"], 5) == []

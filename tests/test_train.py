@@ -232,3 +232,28 @@ def test_calibrate_fits_and_stores_a_span_calibration(trained, tiny_catalog):
     cal = read_calibration(d / "out")
     assert list(cal.alpha) == res["alpha"] and list(cal.beta) == res["beta"]
     assert res["choices"] == sum(r["choices"] for r in res["depths"])
+
+
+def test_calibrate_fits_a_retrieval_prior(trained, tiny_catalog, tmp_path):
+    """``--retrieval``: the prior's spec comes from its grid, (alpha, beta) are fitted with the retrieved
+    masses, and the written calibration carries the spec (so the GGUF and the runtime do)."""
+    import shutil
+
+    from export import calibrate
+    from talkplay_edge.calibration import read_calibration
+
+    d, _ = trained
+    delta = tmp_path / "delta"
+    shutil.copytree(d / "out", delta)
+    res = calibrate.main([f"--delta={delta}", "--config=", "--conversations=4", "--min_samples=3", "--write",
+                          "--json", "--retrieval", "--retrieval_depth=30", f"--catalog={tiny_catalog}",
+                          f"--valid={d / 'conv' / 'valid.jsonl'}", "--base=tiny", "--seq_len=256", "--lora_alpha=8"])
+    r = res["retrieval"]
+    assert r["weight"] in calibrate.RETRIEVAL_WEIGHTS and r["gamma"] in calibrate.RETRIEVAL_GAMMAS
+    assert r["k0"] in calibrate.RETRIEVAL_K0S and r["depth"] == 30
+    assert r["nll_prior"] > 0 and res["spans"] > 0 and res["choices"] > 0
+    for row in res["depths"]:
+        assert row["nll_calibrated"] <= row["nll_model"] + 1e-9
+    cal = read_calibration(delta)
+    assert cal.retrieval is not None and cal.retrieval.to_dict() == {k: r[k] for k in ("weight", "gamma", "k0", "depth")}
+    assert list(cal.alpha) == res["alpha"]

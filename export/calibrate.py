@@ -110,16 +110,16 @@ def samples_of(spans, log_prior) -> list[tuple[int, np.ndarray, np.ndarray, int]
 def fit_retrieval(spans, rankings: list[list[int]], trie, depth: int) -> tuple[RetrievalSpec, float, float]:
     """The grid's ``RetrievalSpec`` under which the retrieval prior alone gives the true tracks the least mean
     NLL; returns (spec, its NLL, the uniform prior's NLL)."""
+    # the true track's place in each ranking (None: not retrieved) does not depend on the spec
+    places = [ranked.index(s["track"]) if s["track"] in ranked else None for s, ranked in zip(spans, rankings)]
     best = None
     for weight in RETRIEVAL_WEIGHTS:
         for gamma in RETRIEVAL_GAMMAS:
             for k0 in RETRIEVAL_K0S:
                 spec = RetrievalSpec(weight, gamma, k0, depth)
-                nll = []
-                for span, ranked in zip(spans, rankings):
-                    w = spec.rank_weights(len(ranked))
-                    hit = [j for j, t in enumerate(ranked) if t == span["track"]]
-                    nll.append(-np.log((1 - weight) / trie.n_tracks + (weight * w[hit[0]] if hit else 0.0)))
+                nll = [-np.log((1 - weight) / trie.n_tracks
+                               + (0.0 if j is None else weight * spec.rank_weights(len(ranked))[j]))
+                       for j, ranked in zip(places, rankings)]
                 v = float(np.mean(nll))
                 if best is None or v < best[1]:
                     best = (spec, v)

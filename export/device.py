@@ -13,7 +13,7 @@ keeps /root while the machine stays warm (30 s after a call) and brings back at 
     #   run(command="python3 -m export.device step", carry=[".devpack/part-2"], timeout_s=600)
     python -m export.device restore                       # here, at once: put them back
     python -m export.device install <files_at>/text       # the returned delta becomes the shipped model
-    python -m export.calibrate --write                     # then fit its span calibration (export/calibrate.py)
+    python -m export.calibrate --retrieval --write         # then fit its span calibration (export/calibrate.py)
 
 ``pack`` writes one tar (base GGUF, ``catalog.db.xz``, the conversations as ``.xz``, the ``gguf`` wheel),
 split into parts with a manifest (sha256 of every part and of the whole). ``step`` runs on the device: it
@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         return step(root, out, extra=a.extra)
     elif a.cmd == "install":
         print(json.dumps({"installed": [str(p) for p in install(a.src, root)],
-                          "next": "python -m export.calibrate --write  (fit the new delta's span calibration)"}))
+                          "next": "python -m export.calibrate --retrieval --write  (fit the new delta's span calibration)"}))
     return 0
 
 

@@ -122,8 +122,8 @@ class BM25Recommender:
         self.latest_weight = latest_weight
         self.column_weights = column_weights
         self.popular = _popular_ids(catalog)
-        self._terms: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        self._rows: dict[int, int] | None = None
+        self._terms: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # term -> (row numbers, scores)
+        self._index: tuple[dict[int, int], list[str], np.ndarray] | None = None  # see _row_index
 
     def query_terms(self, history: list[dict]) -> list[str]:
         turns = user_turns(history)
@@ -150,23 +150,26 @@ class BM25Recommender:
         most of the catalog, and scoring it is most of a query's cost)."""
         got = self._terms.get(term)
         if got is None:
-            if self._rows is None:
-                rows = self.catalog.conn.execute("select rowid, id from tracks").fetchall()
-                ids = [r[1] for r in rows]
-                order = sorted(range(len(ids)), key=ids.__getitem__)
-                self._ids = ids
-                self._id_rank = np.empty(len(ids), dtype=np.int64)
-                self._id_rank[order] = np.arange(len(ids))
-                self._rows = {r[0]: i for i, r in enumerate(rows)}
+            row_of, _, _ = self._row_index()
             w = ", ".join(str(x) for x in self.column_weights)
             hits = self.catalog.conn.execute(f"select rowid, bm25(tracks_fts, {w}) from tracks_fts where tracks_fts match ?",
                                              [f'"{term}"']).fetchall()
-            got = (np.array([self._rows[r] for r, _ in hits], dtype=np.int64),
+            got = (np.array([row_of[r] for r, _ in hits], dtype=np.int64),
                    np.array([-b for _, b in hits], dtype=np.float64))
             if len(self._terms) >= 2000:
                 self._terms.clear()
             self._terms[term] = got
         return got
+
+    def _row_index(self) -> tuple[dict[int, int], list[str], np.ndarray]:
+        """(SQLite rowid -> row number, track id of each row, rank of each row's id in id order), read once."""
+        if self._index is None:
+            rows = self.catalog.conn.execute("select rowid, id from tracks").fetchall()
+            ids = [r[1] for r in rows]
+            id_rank = np.empty(len(ids), dtype=np.int64)
+            id_rank[sorted(range(len(ids)), key=ids.__getitem__)] = np.arange(len(ids))
+            self._index = ({r[0]: i for i, r in enumerate(rows)}, ids, id_rank)
+        return self._index
 
     def search(self, terms: list[str], limit: int) -> list[str]:
         """``search_fts``'s ranking, from memoised per-term scores. FTS5's bm25 is a sum over the query's
@@ -180,8 +183,9 @@ class BM25Recommender:
             return []
         uniq, inv = np.unique(rows, return_inverse=True)
         score = np.bincount(inv, weights=np.concatenate([s for _, s in parts]), minlength=len(uniq))
-        order = np.lexsort((self._id_rank[uniq], -score))[:limit]
-        return [self._ids[i] for i in uniq[order]]
+        _, ids, id_rank = self._row_index()
+        order = np.lexsort((id_rank[uniq], -score))[:limit]
+        return [ids[i] for i in uniq[order]]
 
     def recommend(self, history: list[dict], exclude: set[str], n: int = 100) -> list[str]:
         hits = self.search(self.query_terms(history), n + len(exclude))

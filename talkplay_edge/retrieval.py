@@ -89,7 +89,7 @@ class RetrievalPrior:
     def ranking(self, history: list[dict], exclude: set[str]) -> list[int]:
         """Track indices (trie order) the retrievers rank for the conversation so far, best first."""
         ids = self.hybrid.fused(history, exclude, self.spec.depth)[:self.spec.depth]
-        return [self.track_index[t] for t in ids if t in self.track_index and t not in exclude]
+        return [self.track_index[t] for t in ids if t in self.track_index]  # fused() leaves out ``exclude``
 
     def mass(self, ranked: list[int]) -> np.ndarray:
         """Prior mass below every node for a ranking of track indices."""

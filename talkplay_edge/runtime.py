@@ -640,7 +640,8 @@ class ChatSession:
             first_track_s = None
             budget = self.max_new_tokens
             log_prior = None  # the retrieval prior, computed when a span opens
-            request = self.history + [{"role": "user", "content": cf.normalize_message(message)[-2000:]}]
+            user_turn = {"role": "user", "content": cf.normalize_message(message)[-2000:]}
+            request = self.history + [user_turn]
             while True:
                 ts = time.perf_counter()
                 if pending:
@@ -732,7 +733,7 @@ class ChatSession:
         reply_text = text.decode("utf-8", errors="replace").strip()
         self.recommended += [t.id for t in tracks]
         self._last_user = user_block
-        self.history.append({"role": "user", "content": cf.normalize_message(message)[-2000:]})
+        self.history.append(user_turn)
         self.history.append({"role": "assistant", "content": reply_text, "track_ids": [t.id for t in tracks]})
         timings.update(total_s=time.perf_counter() - t0, first_track_s=first_track_s, span_tokens=span_steps,
                        span_s=span_time, text_tokens=text_steps, text_s=text_time, span_mask_s=span_mask_s,

@@ -14,6 +14,10 @@ catalog for each span's conversation so far; a grid picks the ``RetrievalSpec`` 
 which that prior alone gives the true tracks the least NLL, and (alpha, beta) are then fitted per depth
 with the retrieved masses in place of the track counts. The spec is stored with the calibration.
 
+The spans of first turns (no track played yet) get a second fit of their own, stored as the calibration's
+``cold`` part, which the runtime uses for such requests (``--no_cold``: none): with only the user's words in
+the context the model deserves a different weight against the prior. The main fit stays on every span.
+
 The model is the trainer's (``export/train.py``: base + LoRA + token rows, float32, CPU is fine); the
 config gives the base, catalog, valid file and sequence length.
 """
@@ -21,6 +25,7 @@ config gives the base, catalog, valid file and sequence length.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
@@ -172,6 +177,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--retrieval", action="store_true",
                    help="fit a retrieval prior too (talkplay_edge.retrieval: the hybrid retrievers' ranking)")
     p.add_argument("--retrieval_depth", type=int, default=600, help="tracks of the retrieved ranking given mass")
+    p.add_argument("--no_cold", dest="cold", action="store_false",
+                   help="one (alpha, beta) for every request (default: a second one, \"cold\", for requests with "
+                        "no track played yet, fitted on those spans alone)")
+    p.add_argument("--min_cold_spans", type=int, default=50, help="fewer first-turn spans: no cold part")
     args, overrides = p.parse_known_args(argv)  # the rest: trainer config overrides, --key=value
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -199,14 +208,22 @@ def main(argv: list[str] | None = None) -> dict:
         spec, nll, uniform = fit_retrieval(spans, rankings, trie, args.retrieval_depth)
         prior = RetrievalPrior(catalog, trie, prior.track_index, spec)
         masses = [np.log(prior.mass(r)) for r in rankings]
-        samples = samples_of(spans, lambda i: masses[i])
+        log_prior = masses.__getitem__
         extra = {"retrieval": {**spec.to_dict(), "nll_prior": round(nll, 4), "nll_uniform": round(uniform, 4)}}
     else:
         log_count = log_track_counts(trie)
-        samples = samples_of(spans, lambda i: log_count)
+        log_prior = lambda i: log_count  # noqa: E731
+    samples = samples_of(spans, log_prior)
     if not samples:
         raise SystemExit(f"{cfg.valid}: no music spans to fit on")
     calibration, report = fit(samples, args.min_samples, spec)
+    cold = [i for i, s in enumerate(spans) if not s["played"]]  # first turns: no track played yet
+    if args.cold and len(cold) >= args.min_cold_spans:
+        cold_cal, cold_report = fit(samples_of([spans[i] for i in cold], lambda j: log_prior(cold[j])),
+                                    args.min_samples)
+        calibration = dataclasses.replace(calibration, cold=cold_cal)
+        extra["cold"] = {"alpha": list(cold_cal.alpha), "beta": list(cold_cal.beta), "spans": len(cold),
+                         "depths": cold_report}
     result = {"alpha": list(calibration.alpha), "beta": list(calibration.beta), **extra, "valid": cfg.valid,
               "conversations": len(conversations), "spans": len(spans), "choices": len(samples), "depths": report,
               "seconds": round(time.time() - t, 1)}
@@ -223,10 +240,17 @@ def main(argv: list[str] | None = None) -> dict:
             r = result["retrieval"]
             print(f"retrieval prior: weight {spec.weight}, gamma {spec.gamma}, k0 {spec.k0}, depth {spec.depth}; "
                   f"NLL of the true track {r['nll_uniform']:.3f} (uniform) → {r['nll_prior']:.3f}")
-        print("depth  choices  alpha  beta   NLL model → calibrated   top-1 model → calibrated")
-        for r in report:
-            print(f"{r['depth']:5d}  {r['choices']:7d}  {r['alpha']:5.2f}  {r['beta']:4.2f}   "
-                  f"{r['nll_model']:9.3f} → {r['nll_calibrated']:.3f}        {r['top1_model']:.3f} → {r['top1_calibrated']:.3f}")
+        tables = [("", report)]
+        if "cold" in result:
+            tables = [(f"every request ({len(spans)} spans):", report),
+                      (f"cold: first turns, no track played yet ({len(cold)} spans):", result["cold"]["depths"])]
+        for title, rows in tables:
+            if title:
+                print(title)
+            print("depth  choices  alpha  beta   NLL model → calibrated   top-1 model → calibrated")
+            for r in rows:
+                print(f"{r['depth']:5d}  {r['choices']:7d}  {r['alpha']:5.2f}  {r['beta']:4.2f}   "
+                      f"{r['nll_model']:9.3f} → {r['nll_calibrated']:.3f}        {r['top1_model']:.3f} → {r['top1_calibrated']:.3f}")
         if args.write:
             print(f"wrote {result['written']}")
     return result

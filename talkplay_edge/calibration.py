@@ -14,6 +14,10 @@ conversations (least negative log-likelihood of the true spans) and stores them 
 (``span_calibration.json``); ``model_build`` writes them into the GGUF under ``talkplay.span_calibration``;
 the runtime reads them from there (or from ``$TALKPLAY_SPAN_CALIBRATION``, "off" to disable). Without one,
 a span step scores with the model's log-probabilities over the whole vocabulary.
+
+A calibration may carry a second (alpha, beta), ``cold``, for requests with no track played yet in the
+conversation (the first turn): there the model has only the user's words to go on and weighs differently
+against the prior, so ``export/calibrate.py`` fits it on those spans alone.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class SpanCalibration:
     alpha: tuple[float, ...]
     beta: tuple[float, ...]
     retrieval: "RetrievalSpec | None" = None
+    cold: "SpanCalibration | None" = None  # (alpha, beta) for a request with no track played yet
 
     @classmethod
     def parse(cls, value) -> "SpanCalibration | None":
@@ -56,13 +61,30 @@ class SpanCalibration:
             retrieval = RetrievalSpec.parse(d.get("retrieval"))
         except ValueError as e:
             raise ValueError(f"span calibration {value!r}: {e}") from e
-        return cls(alpha, beta, retrieval)
+        cold = None
+        if d.get("cold") is not None:
+            c = d["cold"]
+            if not isinstance(c, dict):
+                raise ValueError(f'span calibration {value!r}: "cold" must be {{"alpha": [...], "beta": [...]}}')
+            cold = cls.parse({"alpha": c.get("alpha"), "beta": c.get("beta")})
+        return cls(alpha, beta, retrieval, cold)
 
     def to_json(self) -> str:
         d = {"alpha": list(self.alpha), "beta": list(self.beta)}
         if self.retrieval is not None:
             d["retrieval"] = self.retrieval.to_dict()
+        if self.cold is not None:
+            d["cold"] = {"alpha": list(self.cold.alpha), "beta": list(self.cold.beta)}
         return json.dumps(d)
+
+    def pick(self, cold: bool) -> "SpanCalibration":
+        """The (alpha, beta) for a request: ``cold`` (no track played yet) when there is one, else these."""
+        return self.cold if cold and self.cold is not None else self
+
+    def uses_logits(self, depth: int) -> bool:
+        """Whether a step at ``depth`` reads the model's logits (beta 0 scores by the prior alone, so the
+        runtime need not decode before it)."""
+        return self.beta[min(depth, len(self.beta) - 1)] != 0.0
 
     def scores(self, logits: np.ndarray, log_counts: np.ndarray, depth: int, normalise: bool = True) -> np.ndarray:
         """Calibrated log-probabilities of the allowed children (``logits`` and ``log_counts``, the log prior
@@ -74,6 +96,11 @@ class SpanCalibration:
             return s
         m = s.max()
         return s - (m + np.log(np.exp(s - m).sum()))
+
+
+def is_cold(history: list[dict]) -> bool:
+    """Whether a conversation so far has no track played (no assistant turn with a track): the first turn."""
+    return not any(t.get("role") == "assistant" and t.get("track_ids") for t in history)
 
 
 def log_track_counts(trie) -> np.ndarray:

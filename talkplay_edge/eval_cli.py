@@ -17,7 +17,11 @@ from .paths import DEFAULT_DATA_DIR, default_catalog_path
               "(or one the runtime registers, e.g. model).")
 @click.option("--conversations", "conv_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Conversations JSONL (e.g. conversations/test.jsonl).")
-@click.option("--limit", type=int, default=None, help="Only the first N conversations.")
+@click.option("--limit", type=int, default=None, help="Only the first N conversations (after --skip).")
+@click.option("--skip", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Leave out the first N conversations (e.g. those a calibration was fitted on).")
+@click.option("--max-turn", type=click.IntRange(min=1), default=None,
+              help="Only score assistant turns up to this index (1: first turns only).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random system.")
 @click.option("--per-intent", is_flag=True, help="Also print one row per intent (generated data's meta.intents).")
 @click.option("--replies", is_flag=True, help="(--system model) Also chat through the runtime with the user "
@@ -26,8 +30,8 @@ from .paths import DEFAULT_DATA_DIR, default_catalog_path
 @threads_option
 @json_option
 @_fail_cleanly
-def eval_command(system: str, conv_path: Path, limit: int | None, seed: int, per_intent: bool, replies: bool,
-                 catalog_path: Path | None, threads: int, as_json: bool) -> None:
+def eval_command(system: str, conv_path: Path, limit: int | None, skip: int, max_turn: int | None, seed: int,
+                 per_intent: bool, replies: bool, catalog_path: Path | None, threads: int, as_json: bool) -> None:
     """Score a recommender on conversations: MRR, Hit@1/10/100 overall and per turn."""
     import time
 
@@ -38,7 +42,7 @@ def eval_command(system: str, conv_path: Path, limit: int | None, seed: int, per
     if replies and system != "model":
         raise UserError("--replies needs --system model (only the model writes replies)")
     try:
-        convs = read_conversations(conv_path, limit=limit)
+        convs = read_conversations(conv_path, limit=None if limit is None else skip + limit)[skip:]
     except ConversationFormatError as e:
         raise UserError(str(e)) from e
     with Catalog.open(catalog_path or default_catalog_path()) as cat:
@@ -48,9 +52,9 @@ def eval_command(system: str, conv_path: Path, limit: int | None, seed: int, per
         except UnknownSystemError as e:
             raise UserError(str(e)) from e
         setup_s = time.perf_counter() - t0
-        result = evaluate(rec, convs, set(cat.track_ids()), show_progress=not as_json)
+        result = evaluate(rec, convs, set(cat.track_ids()), show_progress=not as_json, max_turn=max_turn)
         result.extra = {"conversations_file": str(conv_path), "catalog": str(cat.path), "setup_s": round(setup_s, 2),
-                        "limit": limit}
+                        "limit": limit, "skip": skip, "max_turn": max_turn}
         chat = evaluate_replies(rec.tp, convs, show_progress=not as_json) if replies else None
     if as_json:
         click.echo(json.dumps({**result.to_dict(), **({"replies": chat.to_dict()} if chat else {})}, indent=2))

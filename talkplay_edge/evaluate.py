@@ -152,8 +152,9 @@ def iter_turns(conversation: dict):
 
 
 def evaluate(recommender: Recommender, conversations: list[dict], catalog_ids: set[str], n: int = N_RANKED,
-             show_progress: bool = False) -> EvalResult:
-    """Score ``recommender`` on every assistant turn of ``conversations`` (see the module docstring)."""
+             show_progress: bool = False, max_turn: int | None = None) -> EvalResult:
+    """Score ``recommender`` on every assistant turn of ``conversations`` (see the module docstring), or on
+    those up to ``max_turn`` (1: the first turns only)."""
     t0 = time.perf_counter()
     ranks: list[int | None] = []
     by_turn: dict[int, list[int | None]] = {}
@@ -164,6 +165,8 @@ def evaluate(recommender: Recommender, conversations: list[dict], catalog_ids: s
         meta = conv.get("meta") or {}
         intents = meta.get("intents") if isinstance(meta.get("intents"), list) else []
         for idx, history, targets, played in iter_turns(conv):
+            if max_turn is not None and idx > max_turn:
+                break
             exclude = set(played)
             known = [t for t in targets if t in catalog_ids]
             if not known:

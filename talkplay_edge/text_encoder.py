@@ -15,6 +15,7 @@ only, activations stay fp32), so a track embedded alone later gets the vector it
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -52,8 +53,18 @@ def session_options(threads: int = 2):
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.add_session_config_entry("session.disable_quant_qdq", "1")
+    # no busy-waiting between runs: idle encoder threads would take the cores llama.cpp decodes on
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.log_severity_level = 3
     return so
+
+
+def _release_free_heap() -> None:
+    """Return freed heap pages to the OS (glibc's ``malloc_trim``; nothing elsewhere)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _sha256(path: Path) -> str:
@@ -101,9 +112,7 @@ class TextEncoder:
             raise TextEncoderError(f"{d / 'tokenizer.json'}: unreadable ({e}); re-run `{EXPORT_COMMAND}`") from e
         self._tok.enable_truncation(max_length=self.max_length)
         self._tok.no_padding()  # padding is done per length-sorted batch below
-        self._tok_full = Tokenizer.from_file(str(d / "tokenizer.json"))  # for encode_long: no truncation
-        self._tok_full.no_truncation()
-        self._tok_full.no_padding()
+        self._tok_untruncated = None  # encode_long's tokenizer (no truncation), made on first use: ~9 MB
         self._cls = self._tok.token_to_id("[CLS]")
         self._sep = self._tok.token_to_id("[SEP]")
         self._pad = self._tok.token_to_id("[PAD]") or 0
@@ -112,6 +121,7 @@ class TextEncoder:
 
         self._sess = ort.InferenceSession(str(d / "model.onnx"), session_options(threads),
                                           providers=["CPUExecutionProvider"])
+        _release_free_heap()  # onnxruntime frees ~30 MB of load-time buffers that glibc would keep
         self._inputs = [i.name for i in self._sess.get_inputs()]
         self._output = "sentence_embedding" if "sentence_embedding" in [o.name for o in self._sess.get_outputs()] \
             else self._sess.get_outputs()[0].name
@@ -186,7 +196,14 @@ class TextEncoder:
         stride = chunk_tokens if stride is None else int(stride)
         if not 1 <= stride <= chunk_tokens:
             raise ValueError(f"stride must be in 1..chunk_tokens ({chunk_tokens}), got {stride}")
-        toks = self._tok_full.encode(text, add_special_tokens=False).ids
+        if self._tok_untruncated is None:
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
+            tok.no_truncation()
+            tok.no_padding()
+            self._tok_untruncated = tok
+        toks = self._tok_untruncated.encode(text, add_special_tokens=False).ids
         if len(toks) <= chunk_tokens:
             return self.encode([text])[0]
         starts = list(range(0, len(toks) - chunk_tokens + 1, stride))

@@ -164,3 +164,44 @@ def test_bm25_memoised_search_equals_the_fts5_query(cat):
         for q in queries:
             assert rec.search(q, 50) == rec.search_fts(q, 50), q
     assert rec.search([], 5) == [] and rec.search(["zzzqqq"], 5) == []
+
+
+def test_track_vectors_int8():
+    """``TrackVectors`` scores like the L2-normalised float rows it quantises (every row, the last partial
+    block too), gives float rows back, and holds a quarter of float32's bytes."""
+    from talkplay_edge.baselines import TrackVectors
+
+    rng = np.random.default_rng(0)
+    mat = rng.normal(size=(TrackVectors.BLOCK + 37, 24)).astype(np.float32)
+    vec = TrackVectors.quantize(mat)
+    want = vec.q.astype(np.float64) / np.linalg.norm(vec.q.astype(np.float64), axis=1, keepdims=True)
+    v = rng.normal(size=24).astype(np.float32)
+    got = vec @ v
+    assert got.shape == (len(mat),) and np.allclose(got, want @ v, atol=1e-5)
+    assert np.allclose(vec[[3, len(mat) - 1]], want[[3, len(mat) - 1]], atol=1e-6)
+    assert np.abs(want - mat / np.linalg.norm(mat, axis=1, keepdims=True)).max() < 0.02  # int8 rounding
+    assert vec.nbytes < mat.nbytes / 3
+    assert len(TrackVectors.quantize(np.zeros((0, 24), np.float32)) @ v) == 0
+
+
+def test_dense_takes_the_shipped_int8_vectors(cat, text_encoder, tmp_path, monkeypatch):
+    """With vectors shipped beside the catalog the dense retriever holds them as int8 (no float copy) and
+    ranks as the float vectors read from the same file."""
+    import shutil
+
+    from talkplay_edge.baselines import TrackVectors, _top, read_track_vectors, write_track_vectors
+    from talkplay_edge.catalog import Catalog
+
+    db = tmp_path / "cat.db"
+    shutil.copy(cat.path, db)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with Catalog.open(db) as c:
+        write_track_vectors(c, text_encoder, show_progress=False)
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "fresh"))
+        rec = DenseRecommender(c, encoder=text_encoder, show_progress=False)
+        assert isinstance(rec.mat, TrackVectors)
+        floats = read_track_vectors(c, text_encoder, rec.ids)
+        h, exclude = history_for(c, 2)
+        q = rec.query(h)
+        assert np.allclose(rec.mat @ q, floats @ q, atol=1e-5)
+        assert rec.recommend(h, exclude, 10) == _top(floats @ q, rec.ids, exclude, 10)

@@ -111,3 +111,58 @@ def test_a_bad_calibration_is_refused_naming_its_source(runtime_gguf, tiny_catal
         cat = tp.catalog
         tp.close()
         cat.close()
+
+
+def test_a_beta_zero_step_decodes_nothing(prior_only, monkeypatch):
+    """Where beta is 0 a span step is scored by the prior alone, so the greedy span decodes no token before
+    it: the whole span goes to llama.cpp in one batch with the track context."""
+    tp = prior_only
+    calls = []
+    append = tp._append
+    monkeypatch.setattr(tp, "_append", lambda tokens: calls.append(list(tokens)) or append(tokens))
+    reply = tp.chat(max_new_tokens=1).send("anything")
+    track = tp.track_index[reply.tracks[0].id]
+    path = [int(t) for t in tp.trie.path(track)]
+    node, branching = tp.trie.root, 0
+    for tok in path[:-1]:
+        node = tp.trie.child(node, tok)
+        branching += len(tp.trie.children(node)[0]) > 1
+    assert branching, "the test needs a span with a choice after its first step"
+    assert calls[0][:len(path)] == path
+
+
+def test_a_cold_part_scores_the_first_turn(runtime_gguf, tiny_catalog, monkeypatch):
+    """A calibration's ``cold`` (alpha, beta) scores requests with no track played yet, the main one every
+    later request: the first greedy span follows the track counts (cold alpha 1, beta 0) although the main
+    part is the model alone, and the second turn's steps are scored as warm."""
+    from talkplay_edge.calibration import is_cold
+    from talkplay_edge.runtime import TalkPlay
+
+    cal = SpanCalibration.parse('{"alpha": [0], "beta": [1], "cold": {"alpha": [1], "beta": [0]}}')
+    assert cal.cold == SpanCalibration((1.0,), (0.0,)) and SpanCalibration.parse(cal.to_json()) == cal
+    assert cal.pick(True) is cal.cold and cal.pick(False) is cal
+    with pytest.raises(ValueError, match="cold"):
+        SpanCalibration.parse('{"alpha": [0], "beta": [1], "cold": [1, 0]}')
+    assert is_cold([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}])
+    assert not is_cold([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x", "track_ids": ["t"]}])
+
+    tp = TalkPlay.load(runtime_gguf, tiny_catalog, threads=1, n_ctx=1024, span_calibration=cal)
+    try:
+        seen = []
+        scores = tp.span_scores
+        monkeypatch.setattr(tp, "span_scores", lambda *a, **kw: seen.append(kw.get("cold")) or scores(*a, **kw))
+        session = tp.chat(max_new_tokens=4)
+        first = session.send("anything")
+        trie, node = tp.trie, tp.trie.root
+        while trie.track[node] < 0:
+            _, kids = trie.children(node)
+            node = int(kids[int(np.argmax(trie.count[kids]))])
+        assert first.tracks[0].id == tp.track_ids[int(trie.track[node])]
+        assert seen and all(seen)
+        seen.clear()
+        session.send("another one")
+        assert seen and not any(seen)
+    finally:
+        cat = tp.catalog
+        tp.close()
+        cat.close()

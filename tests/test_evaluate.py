@@ -141,6 +141,13 @@ def test_cli_eval_json_and_errors(tiny_catalog, tmp_path):
     r = CliRunner().invoke(cli, ["eval", "--system", "popularity", "--conversations", str(good),
                                  "--catalog", str(tiny_catalog), "--limit", "1"])
     assert r.exit_code == 0 and "MRR" in r.output and "2 scored turns" in r.output
+    # --skip 1: conversation b alone; --max-turn 1: first turns only (a's turn 1 and b's)
+    d = json.loads(CliRunner().invoke(cli, ["eval", "--system", "popularity", "--conversations", str(good),
+                                            "--catalog", str(tiny_catalog), "--skip", "1", "--json"]).stdout)
+    assert d["conversations"] == 1 and d["turns"] == 1 and d["overall"]["hit@1"] == 1.0
+    d = json.loads(CliRunner().invoke(cli, ["eval", "--system", "popularity", "--conversations", str(good),
+                                            "--catalog", str(tiny_catalog), "--max-turn", "1", "--json"]).stdout)
+    assert d["turns"] == 2 and list(d["per_turn"]) == ["1"] and d["skipped_unknown_target"] == 0
 
     bad = tmp_path / "bad.jsonl"
     _write(bad, convs, extra_line='{"id": "x", "turns": [{"role": "assistant", "content": "no ids"}]}')

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -220,3 +221,24 @@ def test_manual_mean_pooling_matches_transformers(reference):
     pooled = (h * m).sum(1) / m.sum(1)
     pooled /= np.linalg.norm(pooled, axis=1, keepdims=True)
     np.testing.assert_allclose(pooled, ref[:16], atol=1e-5)
+
+
+def test_idle_encoder_threads_do_not_spin(enc):
+    """Between queries the encoder's threads sleep instead of busy-waiting (onnxruntime spins by default),
+    so they leave the cores to llama.cpp: CPU time with pauses between queries stays near that without."""
+    import resource
+
+    def cpu():
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    def run(pause):
+        c = cpu()
+        for i in range(10):
+            enc.encode([f"a short query, number {i}"])
+            time.sleep(pause)
+        return cpu() - c
+
+    run(0.0)
+    busy, paused = run(0.0), run(0.02)
+    assert paused < 1.5 * busy + 0.03, (busy, paused)

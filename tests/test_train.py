@@ -257,3 +257,31 @@ def test_calibrate_fits_a_retrieval_prior(trained, tiny_catalog, tmp_path):
     cal = read_calibration(delta)
     assert cal.retrieval is not None and cal.retrieval.to_dict() == {k: r[k] for k in ("weight", "gamma", "k0", "depth")}
     assert list(cal.alpha) == res["alpha"]
+
+
+def test_calibrate_fits_a_cold_part(trained, tiny_catalog, tmp_path):
+    """First-turn spans (no track played yet) get their own (alpha, beta), stored as the calibration's
+    ``cold`` part; the main fit stays on every choice, the same as without a cold part."""
+    import shutil
+
+    from export import calibrate
+    from talkplay_edge.calibration import read_calibration
+
+    d, _ = trained
+    delta = tmp_path / "delta"
+    shutil.copytree(d / "out", delta)
+    res = calibrate.main([f"--delta={delta}", "--config=", "--conversations=4", "--min_samples=2", "--write",
+                          "--json", "--min_cold_spans=1", f"--catalog={tiny_catalog}",
+                          f"--valid={d / 'conv' / 'valid.jsonl'}", "--base=tiny", "--seq_len=256", "--lora_alpha=8"])
+    cold = res["cold"]
+    assert cold["spans"] == 4  # one first turn per conversation
+    assert sum(r["choices"] for r in res["depths"]) == res["choices"] > sum(r["choices"] for r in cold["depths"]) > 0
+    for r in cold["depths"]:
+        assert r["nll_calibrated"] <= r["nll_model"] + 1e-9
+    cal = read_calibration(delta)
+    assert cal.cold is not None and list(cal.cold.alpha) == cold["alpha"] and list(cal.cold.beta) == cold["beta"]
+    assert list(cal.alpha) == res["alpha"]
+    no_cold = calibrate.main([f"--delta={delta}", "--config=", "--conversations=4", "--min_samples=2", "--json",
+                              "--min_cold_spans=1", "--no_cold", f"--catalog={tiny_catalog}",
+                              f"--valid={d / 'conv' / 'valid.jsonl'}", "--base=tiny", "--seq_len=256", "--lora_alpha=8"])
+    assert "cold" not in no_cold and (no_cold["alpha"], no_cold["beta"]) == (res["alpha"], res["beta"])

@@ -50,7 +50,7 @@ def user_turns(history: list[dict]) -> list[str]:
 
 
 def played_ids(history: list[dict]) -> list[str]:
-    return [tid for t in history if t.get("role") == "assistant" for tid in t.get("track_ids", [])]
+    return [tid for t in history if t.get("role") == "assistant" for tid in t.get("track_ids") or []]
 
 
 def content_terms(text: str) -> list[str]:
@@ -123,6 +123,7 @@ class BM25Recommender:
         self.column_weights = column_weights
         self.popular = _popular_ids(catalog)
         self._terms: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # term -> (row numbers, scores)
+        self._memo_postings = 0  # rows held in self._terms
         self._index: tuple[dict[int, int], list[str], np.ndarray] | None = None  # see _row_index
 
     def query_terms(self, history: list[dict]) -> list[str]:
@@ -156,9 +157,11 @@ class BM25Recommender:
                                              [f'"{term}"']).fetchall()
             got = (np.array([row_of[r] for r, _ in hits], dtype=np.int64),
                    np.array([-b for _, b in hits], dtype=np.float64))
-            if sum(len(r) for r, _ in self._terms.values()) > 2_000_000:  # ~32 MB of memoised postings
+            if self._memo_postings > 2_000_000:  # ~32 MB of memoised postings
                 self._terms.clear()
+                self._memo_postings = 0
             self._terms[term] = got
+            self._memo_postings += len(got[0])
         return got
 
     def _row_index(self) -> tuple[dict[int, int], list[str], np.ndarray]:
@@ -308,12 +311,17 @@ class TrackVectors:
 
     def __init__(self, q: np.ndarray):
         self.q = np.ascontiguousarray(q, dtype=np.int8)
-        norms = np.zeros(len(self.q), dtype=np.float32)
-        for s in range(0, len(self.q), self.BLOCK):  # in blocks: no float copy of the whole matrix
-            b = self.q[s:s + self.BLOCK].astype(np.float32)
-            norms[s:s + self.BLOCK] = np.sqrt(np.einsum("ij,ij->i", b, b))
-        self.inv_norm = (1.0 / np.where(norms > 0, norms, 1.0)).astype(np.float32)
         self.shape = self.q.shape
+        norms = np.zeros(len(self.q), dtype=np.float32)
+        for rows, b in self._blocks():
+            norms[rows] = np.sqrt(np.einsum("ij,ij->i", b, b))
+        self.inv_norm = (1.0 / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+
+    def _blocks(self):
+        """(row slice, its rows as float32) in blocks: never a float copy of the whole matrix."""
+        for s in range(0, len(self), self.BLOCK):
+            rows = slice(s, s + self.BLOCK)
+            yield rows, self.q[rows].astype(np.float32)
 
     @classmethod
     def quantize(cls, mat: np.ndarray) -> "TrackVectors":
@@ -329,8 +337,8 @@ class TrackVectors:
     def __matmul__(self, v: np.ndarray) -> np.ndarray:
         v = np.asarray(v, dtype=np.float32)
         out = np.empty(len(self), dtype=np.float32)
-        for s in range(0, len(self), self.BLOCK):
-            out[s:s + self.BLOCK] = np.einsum("ij,j->i", self.q[s:s + self.BLOCK].astype(np.float32), v)
+        for rows, b in self._blocks():
+            out[rows] = np.einsum("ij,j->i", b, v)
         return out * self.inv_norm
 
     @property

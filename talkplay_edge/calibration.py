@@ -100,7 +100,9 @@ class SpanCalibration:
 
 def is_cold(history: list[dict]) -> bool:
     """Whether a conversation so far has no track played (no assistant turn with a track): the first turn."""
-    return not any(t.get("role") == "assistant" and t.get("track_ids") for t in history)
+    from .baselines import played_ids
+
+    return not played_ids(history)
 
 
 def log_track_counts(trie) -> np.ndarray:

@@ -242,3 +242,91 @@ def test_idle_encoder_threads_do_not_spin(enc):
     run(0.0)
     busy, paused = run(0.0), run(0.02)
     assert paused < 1.5 * busy + 0.03, (busy, paused)
+
+
+# ------------------------------------------------------------------------------ int8 embedding tables
+
+def test_int8_tables_give_the_same_vectors_bit_for_bit(enc):
+    """The encoder loads model.onnx with its int8 embedding tables looked up before dequantising
+    (``onnx_lookup``); every vector equals, bit for bit, that of a session on the file as exported (which
+    folds the tables into fp32)."""
+    import onnxruntime as ort
+
+    from talkplay_edge.text_encoder import session_options
+
+    assert enc.int8_tables == 2  # word and position embeddings
+    plain = ort.InferenceSession(str(MODEL_DIR / "model.onnx"), session_options(2),
+                                 providers=["CPUExecutionProvider"])
+    texts = SHORT + [_long_text(150), "ünïcödé — 東京 · ♫"]
+    ids = [e.ids for e in enc._tok.encode_batch(texts)]
+    width = max(map(len, ids))
+    input_ids = np.array([i + [0] * (width - len(i)) for i in ids], np.int64)
+    mask = np.array([[1] * len(i) + [0] * (width - len(i)) for i in ids], np.int64)
+    feeds = {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": np.zeros_like(input_ids)}
+    names = [i.name for i in plain.get_inputs()]
+    want = plain.run(None, {k: feeds[k] for k in names})[0]
+    got = enc._sess.run(None, {k: feeds[k] for k in names})[0]
+    assert np.array_equal(got, want)
+
+
+def _table_graph(scale: np.ndarray, zero_point: np.ndarray | None, axis: int = 0, extra_use: bool = False):
+    """A graph ``Gather(DequantizeLinear(q [50, 8], scale, zero point), ids)`` (+ optionally a second use of
+    the dequantised table), its int8 table and a float reference table."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    q = rng.integers(-127, 128, (50, 8)).astype(np.int8)
+    inits = [numpy_helper.from_array(q, "t_q"), numpy_helper.from_array(scale.astype(np.float32), "t_s")]
+    dq_in = ["t_q", "t_s"]
+    if zero_point is not None:
+        inits.append(numpy_helper.from_array(zero_point.astype(np.int8), "t_zp"))
+        dq_in.append("t_zp")
+    nodes = [helper.make_node("DequantizeLinear", dq_in, ["t_dq"], axis=axis),
+             helper.make_node("Gather", ["t_dq", "ids"], ["rows"])]
+    outputs = [helper.make_tensor_value_info("rows", TensorProto.FLOAT, [None, None, None])]
+    if extra_use:
+        nodes.append(helper.make_node("ReduceSum", ["t_dq"], ["total"], keepdims=0))
+        outputs.append(helper.make_tensor_value_info("total", TensorProto.FLOAT, []))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [None, None])],
+                          outputs, inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m.SerializeToString(), q
+
+
+@pytest.mark.parametrize("kind", ["per_row", "single", "no_zero_point"])
+def test_int8_lookups_rewrites_a_table_exactly(kind):
+    import onnx
+    import onnxruntime as ort
+
+    from talkplay_edge.onnx_lookup import int8_lookups
+
+    rng = np.random.default_rng(2)
+    scale = {"single": np.array(0.013)}.get(kind, rng.uniform(0.001, 0.05, 50))
+    model, q = _table_graph(scale, None if kind == "no_zero_point" else np.zeros(scale.shape))
+    new, n = int8_lookups(model)
+    assert n == 1
+    m = onnx.load_from_string(new)
+    onnx.checker.check_model(m)
+    assert "DequantizeLinear" not in [x.op_type for x in m.graph.node]
+    ids = rng.integers(0, 50, (3, 7))
+    want = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+    got = ort.InferenceSession(new, providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+    assert got.dtype == np.float32 and np.array_equal(got, want)
+    np.testing.assert_allclose(got, q[ids].astype(np.float32) * np.broadcast_to(scale, (50,))[ids][..., None]
+                               if scale.ndim else q[ids] * np.float32(scale), rtol=1e-6)
+
+
+def test_int8_lookups_leaves_other_graphs_alone():
+    """A zero point other than 0, a per-column scale, or a table used elsewhere too: bytes unchanged."""
+    from talkplay_edge.onnx_lookup import int8_lookups
+
+    scale = np.full(50, 0.01)
+    zp = np.zeros(50)
+    zp[3] = 1
+    for model in (_table_graph(scale, zp)[0], _table_graph(np.full(8, 0.01), np.zeros(8), axis=1)[0],
+                  _table_graph(scale, np.zeros(50), extra_use=True)[0]):
+        new, n = int8_lookups(model)
+        assert n == 0 and new is model

@@ -1,0 +1,230 @@
+"""Keep an ONNX graph's int8 embedding tables int8 in memory: look rows up first, dequantise after.
+
+The exported text encoder (``export/text_encoder.py``) stores every large table as int8 with one scale per
+row, read through ``DequantizeLinear → Gather``. onnxruntime folds that ``DequantizeLinear`` into an fp32
+copy of the whole table when the session loads (MiniLM's word embeddings: 47 MB instead of 12). This module
+rewrites such a pair into ``Gather(int8 table) → Cast → Mul(Gather(scales))``, which computes the same
+float32 numbers bit for bit (``float(q) · s``, zero point 0) for the looked-up rows only.
+
+It works on the serialized bytes with a minimal protobuf wire-format reader and writer, so the runtime
+needs neither the ``onnx`` package nor a second model file: the file on disk, its sha256 and the encoder's
+version stay what they were. ``int8_lookups(model_bytes)`` returns the rewritten bytes and how many tables
+it rewrote (0: the bytes unchanged).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# protobuf field numbers (onnx.proto)
+_MODEL_GRAPH = 7
+_GRAPH_NODE, _GRAPH_INITIALIZER = 1, 5
+_NODE_INPUT, _NODE_OUTPUT, _NODE_NAME, _NODE_OP, _NODE_ATTR, _NODE_DOMAIN = 1, 2, 3, 4, 5, 7
+_ATTR_NAME, _ATTR_I, _ATTR_TYPE = 1, 3, 20
+_TENSOR_DIMS, _TENSOR_TYPE, _TENSOR_NAME, _TENSOR_RAW = 1, 2, 8, 9
+_FLOAT, _UINT8, _INT8 = 1, 2, 3
+_ATTR_INT = 2
+
+
+def _read_varint(buf, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _varint(value: int) -> bytes:
+    if value < 0:
+        value += 1 << 64
+    out = bytearray()
+    while True:
+        b = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _fields(buf, start: int = 0, end: int | None = None):
+    """(field number, wire type, value, whole field as a slice) for each field of a message; ``value`` is
+    an int (varint), or a (start, end) span of the payload (length-delimited and fixed-size)."""
+    pos, end = start, len(buf) if end is None else end
+    while pos < end:
+        begin = pos
+        key, pos = _read_varint(buf, pos)
+        num, wt = key >> 3, key & 7
+        if wt == 0:
+            value, pos = _read_varint(buf, pos)
+        elif wt == 2:
+            n, pos = _read_varint(buf, pos)
+            value, pos = (pos, pos + n), pos + n
+        elif wt in (1, 5):
+            n = 8 if wt == 1 else 4
+            value, pos = (pos, pos + n), pos + n
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wt}")
+        yield num, wt, value, (begin, pos)
+
+
+def _len_field(num: int, payload: bytes) -> bytes:
+    return _varint(num << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _int_field(num: int, value: int) -> bytes:
+    return _varint(num << 3) + _varint(value)
+
+
+@dataclass
+class _Node:
+    span: tuple[int, int]
+    op: str = ""
+    domain: str = ""
+    inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    ints: dict[str, int] = field(default_factory=dict)  # INT attributes
+
+
+@dataclass
+class _Tensor:
+    dims: list[int] = field(default_factory=list)
+    dtype: int = 0
+    raw: tuple[int, int] | None = None
+
+
+def _text(buf, span) -> str:
+    return bytes(buf[span[0]:span[1]]).decode("utf-8")
+
+
+def _node(buf, span) -> _Node:
+    node = _Node(span)
+    for num, wt, value, _ in _fields(buf, *span):
+        if num == _NODE_INPUT:
+            node.inputs.append(_text(buf, value))
+        elif num == _NODE_OUTPUT:
+            node.outputs.append(_text(buf, value))
+        elif num == _NODE_OP:
+            node.op = _text(buf, value)
+        elif num == _NODE_DOMAIN:
+            node.domain = _text(buf, value)
+        elif num == _NODE_ATTR:
+            name, i = None, None
+            for anum, awt, avalue, _ in _fields(buf, *value):
+                if anum == _ATTR_NAME:
+                    name = _text(buf, avalue)
+                elif anum == _ATTR_I:
+                    i = avalue - (1 << 64) if avalue >= 1 << 63 else avalue
+            if name is not None and i is not None:
+                node.ints[name] = i
+    return node
+
+
+def _tensor(buf, span) -> tuple[str, _Tensor]:
+    name, t = "", _Tensor()
+    for num, wt, value, _ in _fields(buf, *span):
+        if num == _TENSOR_NAME:
+            name = _text(buf, value)
+        elif num == _TENSOR_TYPE:
+            t.dtype = value
+        elif num == _TENSOR_RAW:
+            t.raw = value
+        elif num == _TENSOR_DIMS:
+            if wt == 0:
+                t.dims.append(value)
+            else:  # packed
+                pos = value[0]
+                while pos < value[1]:
+                    d, pos = _read_varint(buf, pos)
+                    t.dims.append(d)
+    return name, t
+
+
+def _encode_node(op: str, inputs: list[str], outputs: list[str], name: str, ints: dict[str, int] = {}) -> bytes:
+    body = b"".join(_len_field(_NODE_INPUT, s.encode()) for s in inputs)
+    body += b"".join(_len_field(_NODE_OUTPUT, s.encode()) for s in outputs)
+    body += _len_field(_NODE_NAME, name.encode()) + _len_field(_NODE_OP, op.encode())
+    for k, v in ints.items():
+        body += _len_field(_NODE_ATTR, _len_field(_ATTR_NAME, k.encode()) + _int_field(_ATTR_I, v)
+                           + _int_field(_ATTR_TYPE, _ATTR_INT))
+    return _len_field(_GRAPH_NODE, body)
+
+
+def _encode_tensor(name: str, dims: list[int], dtype: int, raw) -> bytes:
+    body = b"".join(_int_field(_TENSOR_DIMS, d) for d in dims) + _int_field(_TENSOR_TYPE, dtype)
+    body += _len_field(_TENSOR_NAME, name.encode()) + _len_field(_TENSOR_RAW, bytes(raw))
+    return _len_field(_GRAPH_INITIALIZER, body)
+
+
+def int8_lookups(model: bytes) -> tuple[bytes, int]:
+    """Rewrite every ``Gather(DequantizeLinear(int8 table, per-row or single scale, zero point 0))`` whose
+    dequantised table feeds nothing else into a lookup of int8 rows dequantised afterwards. Returns the new
+    model bytes and the number of tables rewritten (0: ``model`` itself)."""
+    buf = memoryview(model)
+    graph = next((value for num, wt, value, _ in _fields(buf) if num == _MODEL_GRAPH and wt == 2), None)
+    if graph is None:
+        return model, 0
+    nodes, inits = [], {}
+    for num, wt, value, whole in _fields(buf, *graph):
+        if num == _GRAPH_NODE:
+            nodes.append(_node(buf, value))
+            nodes[-1].span = whole
+        elif num == _GRAPH_INITIALIZER:
+            name, t = _tensor(buf, value)
+            inits[name] = t
+    producer = {o: n for n in nodes for o in n.outputs}
+    uses: dict[str, int] = {}
+    for n in nodes:
+        for i in n.inputs:
+            uses[i] = uses.get(i, 0) + 1
+
+    replaced: dict[tuple[int, int], bytes] = {}  # node span → its replacement (b"" drops it)
+    new_inits = []
+    for n in nodes:
+        if n.op != "Gather" or n.domain or n.ints.get("axis", 0) != 0 or len(n.inputs) != 2:
+            continue
+        dq = producer.get(n.inputs[0])
+        if dq is None or dq.op != "DequantizeLinear" or dq.domain or uses.get(n.inputs[0]) != 1:
+            continue
+        q, scale = inits.get(dq.inputs[0]), inits.get(dq.inputs[1]) if len(dq.inputs) > 1 else None
+        zp = inits.get(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2] else None
+        if q is None or scale is None or q.dtype not in (_INT8, _UINT8) or len(q.dims) != 2 or q.raw is None:
+            continue
+        if scale.dtype != _FLOAT or scale.raw is None or (len(dq.inputs) > 2 and dq.inputs[2] and zp is None):
+            continue
+        if zp is not None and (zp.raw is None or any(bytes(buf[zp.raw[0]:zp.raw[1]]))):
+            continue  # only zero points of 0: float(q) * s is then exactly what DequantizeLinear computes
+        per_row = scale.dims == [q.dims[0]] and dq.ints.get("axis", 1) == 0
+        if not (per_row or scale.dims in ([], [1])):
+            continue
+        base, ids, out = dq.outputs[0], n.inputs[1], n.outputs[0]
+        rows, scales, floats = f"{base}/rows_q", f"{base}/rows_scale", f"{base}/rows_float"
+        parts = [_encode_node("Gather", [dq.inputs[0], ids], [rows], f"{base}/GatherRows"),
+                 _encode_node("Cast", [rows], [floats], f"{base}/CastRows", {"to": _FLOAT})]
+        if per_row:  # scales as a [rows, 1] table, looked up with the same ids: broadcasts over the row
+            col = f"{base}/scale_column"
+            new_inits.append(_encode_tensor(col, [q.dims[0], 1], _FLOAT, buf[scale.raw[0]:scale.raw[1]]))
+            parts += [_encode_node("Gather", [col, ids], [scales], f"{base}/GatherScales"),
+                      _encode_node("Mul", [floats, scales], [out], f"{base}/ScaleRows")]
+        else:
+            parts.append(_encode_node("Mul", [floats, dq.inputs[1]], [out], f"{base}/ScaleRows"))
+        replaced[dq.span], replaced[n.span] = b"", b"".join(parts)
+    if not replaced:
+        return model, 0
+
+    pieces, pos = [], graph[0]
+    for span in sorted(replaced):
+        pieces += [buf[pos:span[0]], replaced[span]]
+        pos = span[1]
+    pieces += [buf[pos:graph[1]], *new_inits]
+    out = []  # one join at the end: the model is copied once
+    for num, wt, value, whole in _fields(buf):
+        if num == _MODEL_GRAPH and value == graph:
+            out += [_varint(_MODEL_GRAPH << 3 | 2), _varint(sum(len(p) for p in pieces)), *pieces]
+        else:
+            out.append(buf[whole[0]:whole[1]])
+    return b"".join(out), len(replaced) // 2

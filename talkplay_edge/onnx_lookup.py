@@ -165,17 +165,20 @@ def int8_lookups(model: bytes) -> tuple[bytes, int]:
     dequantised table feeds nothing else into a lookup of int8 rows dequantised afterwards. Returns the new
     model bytes and the number of tables rewritten (0: ``model`` itself)."""
     buf = memoryview(model)
-    graph = next((value for num, wt, value, _ in _fields(buf) if num == _MODEL_GRAPH and wt == 2), None)
-    if graph is None:
-        return model, 0
-    nodes, inits = [], {}
-    for num, wt, value, whole in _fields(buf, *graph):
-        if num == _GRAPH_NODE:
-            nodes.append(_node(buf, value))
-            nodes[-1].span = whole
-        elif num == _GRAPH_INITIALIZER:
-            name, t = _tensor(buf, value)
-            inits[name] = t
+    try:
+        graph = next((value for num, wt, value, _ in _fields(buf) if num == _MODEL_GRAPH and wt == 2), None)
+        if graph is None:
+            return model, 0
+        nodes, inits = [], {}
+        for num, wt, value, whole in _fields(buf, *graph):
+            if num == _GRAPH_NODE:
+                nodes.append(_node(buf, value))
+                nodes[-1].span = whole
+            elif num == _GRAPH_INITIALIZER:
+                name, t = _tensor(buf, value)
+                inits[name] = t
+    except (ValueError, IndexError, UnicodeDecodeError):
+        return model, 0  # not a well-formed model: left as it is, for onnxruntime to report
     producer = {o: n for n in nodes for o in n.outputs}
     uses: dict[str, int] = {}
     for n in nodes:

@@ -124,7 +124,11 @@ class TextEncoder:
         # int8 embedding tables stay int8 (rows dequantised after the lookup, the same numbers bit for bit):
         # onnxruntime would otherwise fold them into fp32 copies (MiniLM: −38 MB)
         graph, self.int8_tables = int8_lookups((d / "model.onnx").read_bytes())
-        self._sess = ort.InferenceSession(graph, session_options(threads), providers=["CPUExecutionProvider"])
+        try:
+            self._sess = ort.InferenceSession(graph, session_options(threads), providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 — onnxruntime raises its own exception types
+            raise TextEncoderError(f"{d / 'model.onnx'}: onnxruntime cannot load it ({e}); "
+                                   f"re-run `{EXPORT_COMMAND}`") from e
         if getattr(self._sess, "_model_bytes", None) is not None:
             self._sess._model_bytes = None  # onnxruntime keeps them only to re-create a session on a GPU fallback
         del graph

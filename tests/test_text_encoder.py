@@ -155,6 +155,20 @@ def test_model_info_mismatch_is_refused(tmp_path):
         TextEncoder(d)
 
 
+def test_unloadable_model_is_refused_by_name(tmp_path):
+    """A model.onnx that info.json does not pin and onnxruntime cannot parse: TextEncoderError naming it."""
+    d = tmp_path / "enc"
+    shutil.copytree(MODEL_DIR, d)
+    data = (d / "model.onnx").read_bytes()
+    (d / "model.onnx").write_bytes(data[:len(data) // 3])
+    info = json.loads((d / "info.json").read_text())
+    del info["onnx_sha256"]
+    (d / "info.json").write_text(json.dumps(info))
+    with pytest.raises(TextEncoderError, match="onnxruntime cannot load it") as e:
+        TextEncoder(d)
+    assert str(d / "model.onnx") in str(e.value)
+
+
 def test_runtime_import_does_not_import_torch():
     code = ("import sys, talkplay_edge.text_encoder as t; e = t.TextEncoder(threads=1); e.encode(['x']); "
             "e.encode_long('word ' * 500); assert 'torch' not in sys.modules, 'torch imported'; "
@@ -330,3 +344,7 @@ def test_int8_lookups_leaves_other_graphs_alone():
                   _table_graph(scale, np.zeros(50), extra_use=True)[0]):
         new, n = int8_lookups(model)
         assert n == 0 and new is model
+    good = _table_graph(scale, np.zeros(50))[0]
+    for damaged in (b"", b"\xff" * 64, good[:len(good) // 2]):  # left for onnxruntime to refuse, by name
+        new, n = int8_lookups(damaged)
+        assert n == 0 and new is damaged

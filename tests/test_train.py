@@ -285,3 +285,67 @@ def test_calibrate_fits_a_cold_part(trained, tiny_catalog, tmp_path):
                               "--min_cold_spans=1", "--no_cold", f"--catalog={tiny_catalog}",
                               f"--valid={d / 'conv' / 'valid.jsonl'}", "--base=tiny", "--seq_len=256", "--lora_alpha=8"])
     assert "cold" not in no_cold and (no_cold["alpha"], no_cold["beta"]) == (res["alpha"], res["beta"])
+
+
+def test_remove_drift_takes_out_the_common_direction_only():
+    """Rows that all moved along one direction plus their own small moves: the shared move is removed, the
+    rows' own moves orthogonal to it stay, rows outside ``which`` are untouched."""
+    import numpy as np
+
+    from export.dedrift import remove_drift
+
+    rng = np.random.default_rng(0)
+    start = rng.normal(size=(200, 16)).astype(np.float32)
+    u = np.zeros(16, np.float32)
+    u[3] = 1.0
+    own = rng.normal(scale=0.1, size=(200, 16)).astype(np.float32)
+    own[:, 3] = 0.0
+    rows = start + 2.0 * u + own
+    which = np.ones(200, bool)
+    which[:5] = False
+    out, summary = remove_drift(rows, start, which)
+    np.testing.assert_allclose(out[:5], rows[:5])
+    moved = out[which] - start[which]
+    assert np.abs(moved @ u).max() < 0.05  # the shared move is gone
+    np.testing.assert_allclose(moved - np.outer(moved @ u, u), own[which], atol=0.05)  # own moves kept
+    assert summary["rows"] == 195 and abs(summary["mean_removed"] - 2.0) < 0.05
+    # estimated on a subset: the same direction, removed from every selected row
+    out2, s2 = remove_drift(rows, start, which, estimate=which & (np.arange(200) % 2 == 0))
+    assert s2["estimated_on"] == 97 and np.abs((out2[which] - start[which]) @ u).max() < 0.05
+
+
+def test_dedrift_writes_a_delta_that_the_runtime_loads(trained, tiny_catalog, tmp_path):
+    """``python -m export.dedrift`` on a trained delta: LoRA factors and span-marker rows unchanged, the music
+    rows' common drift removed, a second pass refused; the result merges and recommends real tracks."""
+    import numpy as np
+
+    from export import dedrift
+    from talkplay_edge.runtime import TalkPlay
+    from talkplay_edge.tokens import parse_token
+
+    d, _ = trained
+    before, meta = load_delta(d / "out")
+    summary = dedrift.main(["--delta", str(d / "out"), "--out", str(tmp_path / "dd"), "--catalog", str(tiny_catalog)])
+    after, meta2 = load_delta(tmp_path / "dd")
+    assert sorted(after) == sorted(before) and json.loads(meta2["dedrift"]) == summary
+    for k in before:
+        if k != "new_token_embd":
+            assert np.array_equal(after[k], before[k]), k
+    tokens = json.loads(meta["added_tokens"])
+    music = np.array([parse_token(t).modality is not None for t in tokens])
+    rows_b, rows_a = before["new_token_embd"].astype("float32"), after["new_token_embd"].astype("float32")
+    assert np.array_equal(rows_a[~music], rows_b[~music])
+    assert summary["mean_drift"] > 0 and np.abs(rows_a[music] - rows_b[music]).max() > 1e-3
+    with pytest.raises(SystemExit, match="already de-drifted"):
+        dedrift.main(["--delta", str(tmp_path / "dd"), "--out", str(tmp_path / "dd2"), "--catalog", str(tiny_catalog)])
+
+    base = gguf_export.convert_hf_to_gguf(d / "out" / "tiny-base", tmp_path / "base.gguf", outtype="f32", quiet=True)
+    model = merge_delta_into_gguf(base, after, tokens, meta2["vocab_fingerprint"], tmp_path / "m.gguf", quiet=True)
+    tp = TalkPlay.load(model, tiny_catalog, threads=2, n_ctx=512)
+    try:
+        with Catalog.open(tiny_catalog) as cat:
+            ids = set(cat.track_ids())
+        reply = tp.chat(max_new_tokens=8).send("something upbeat")
+        assert reply.tracks and reply.tracks[0].id in ids
+    finally:
+        tp.close()

@@ -62,6 +62,9 @@ class Config:
     eval_batches: int = 10
     hit_turns: int = 100  # valid spans for the quick Hit@1 (0: skip)
     span_weight: float = 1.0  # loss weight of music-span targets (the recommendation) vs reply text
+    # "all": Adam steps every music row each step; "seen": only the rows whose tokens are in the step's batch
+    # (the others keep their values and Adam moments: no common drift of rarely answered rows, export/dedrift.py)
+    row_updates: str = "all"
     max_minutes: float = 0.0  # stop (eval + save) at the first step past this wall time; 0 = no limit
     max_train_conversations: int = 0  # 0 = all
     data_workers: int = 0  # processes that tokenize the conversations; 0 = one per CPU core
@@ -448,6 +451,8 @@ def main(argv: list[str] | None = None) -> dict:
     from talkplay_edge.tokens import SPAN_START
 
     cfg = load_config(sys.argv[1:] if argv is None else argv)
+    if cfg.row_updates not in ("all", "seen"):
+        raise SystemExit(f"row_updates={cfg.row_updates!r}: expected all or seen")
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
@@ -524,13 +529,27 @@ def main(argv: list[str] | None = None) -> dict:
         decay = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         for g, lr in zip(opt.param_groups, base_lrs):
             g["lr"] = lr * frac * (0.1 + 0.9 * decay)
+        present = torch.zeros(emb.shape[0], dtype=torch.bool, device=emb.device)
         for _ in range(cfg.grad_accum):
             x, y = next(stream)
             loss = loss_of(model, x, y, span_from, cfg.span_weight) / cfg.grad_accum
             loss.backward()
             tokens_seen += int((x != pad).sum())
+            present[x.flatten()] = True
         torch.nn.utils.clip_grad_norm_(lora_params + [emb], 1.0)
+        held = None
+        if cfg.row_updates == "seen":
+            present[:span_from] = True  # old rows are frozen anyway
+            absent = (~present).nonzero().flatten()
+            held = (absent, emb.data[absent].clone(), {k: v[absent].clone() for k, v in opt.state[emb].items()
+                                                        if torch.is_tensor(v) and v.shape == emb.shape})
         opt.step()
+        if held is not None:  # rows not in this batch: as they were, moments included (zero before any step)
+            absent, rows, moments = held
+            emb.data[absent] = rows
+            for k, v in opt.state[emb].items():
+                if torch.is_tensor(v) and v.shape == emb.shape:
+                    v[absent] = moments[k] if k in moments else 0.0
         opt.zero_grad(set_to_none=True)
         if step % 10 == 0 or step == 1:
             print(f"step {step:5d}  loss {loss.item() * cfg.grad_accum:.4f}  tokens {tokens_seen}  "

@@ -349,3 +349,28 @@ def test_dedrift_writes_a_delta_that_the_runtime_loads(trained, tiny_catalog, tm
         assert reply.tracks and reply.tracks[0].id in ids
     finally:
         tp.close()
+
+
+def test_seen_row_updates_leave_absent_rows_alone(trained, tiny_catalog, tmp_path):
+    """``row_updates=seen``: a music row whose token no training batch contains keeps its start value; with
+    the default (``all``) Adam moves it too (through the tied output's softmax)."""
+    import numpy as np
+
+    d, _ = trained
+    common = [f"--catalog={tiny_catalog}", f"--train={d / 'conv' / 'train.jsonl'}",
+              f"--valid={d / 'conv' / 'valid.jsonl'}", "--base=tiny", "--max_steps=3", "--batch_size=2",
+              "--eval_batches=1", "--hit_turns=0", "--lora_r=4", "--lora_alpha=8", "--seq_len=256", "--lr=0.01",
+              "--emb_lr=0.01", "--init=text", "--max_train_conversations=2", "--warmup_steps=1"]
+    start = train.main(common + ["--max_steps=0", f"--out={tmp_path / 'start'}"])  # the rows before training
+    rows0 = load_delta(tmp_path / "start")[0]["new_token_embd"].astype("float32")
+    train.main(common + [f"--out={tmp_path / 'all'}"])
+    train.main(common + [f"--out={tmp_path / 'seen'}", "--row_updates=seen"])
+    rows_all = load_delta(tmp_path / "all")[0]["new_token_embd"].astype("float32")
+    rows_seen = load_delta(tmp_path / "seen")[0]["new_token_embd"].astype("float32")
+    moved_all = np.abs(rows_all - rows0).max(axis=1) > 1e-4
+    moved_seen = np.abs(rows_seen - rows0).max(axis=1) > 1e-4
+    assert moved_all.mean() > 0.9  # nearly every row moves with the default
+    assert 0 < moved_seen.sum() < 0.2 * len(moved_seen)  # only the rows of two conversations' tokens
+    assert start is not None
+    with pytest.raises(SystemExit, match="row_updates"):
+        train.main(common + [f"--out={tmp_path / 'bad'}", "--row_updates=some"])

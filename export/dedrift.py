@@ -11,8 +11,8 @@ on and blind to the rest (79% of held-out answers are tracks no training convers
 This step estimates the direction as the mean drift, from their start (``init`` of the delta's config,
 rebuilt from the pinned base), of the rows whose tokens answer none of the training pool's turns (the
 first ``max_train_conversations`` of the config's train file; all modality rows if fewer than 20 qualify),
-and removes every modality row's component along it; the LoRA factors
-and the span markers' rows are untouched. The result is a new delta; refit its calibration afterwards
+and removes every modality row's component along it; the LoRA factors and the span markers' rows are
+untouched. The result is a new delta; refit its calibration afterwards
 (``python -m export.calibrate --delta OUT --retrieval --write``).
 
     python -m export.dedrift --delta talkplay_edge/models/talkplay-smollm2 --out out/delta-dedrift
@@ -46,11 +46,12 @@ def remove_drift(rows: np.ndarray, start: np.ndarray, which: np.ndarray,
     rows64, start64 = rows.astype(np.float64), start.astype(np.float64)
     est = which if estimate is None else estimate
     u = common_drift(rows64[est], start64[est])
-    proj = (rows64[which] - start64[which]) @ u
+    moved = rows64[which] - start64[which]
+    proj = moved @ u
     out = rows64.copy()
     out[which] -= proj[:, None] * u[None, :]
-    drift = np.linalg.norm(rows64[which] - start64[which], axis=1)
-    return out.astype(rows.dtype), {"rows": int(which.sum()), "estimated_on": int(est.sum()), "mean_drift": round(float(drift.mean()), 4),
+    return out.astype(rows.dtype), {"rows": int(which.sum()), "estimated_on": int(est.sum()),
+                                    "mean_drift": round(float(np.linalg.norm(moved, axis=1).mean()), 4),
                                     "mean_removed": round(float(proj.mean()), 4),
                                     "max_removed": round(float(np.abs(proj).max()), 4)}
 

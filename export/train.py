@@ -445,6 +445,11 @@ def export_delta(model, lora: dict[str, LoRALinear], new_ids: list[int], tokens:
     return paths
 
 
+def _row_moments(opt, emb):
+    """(name, tensor) of the optimiser's per-element state of ``emb`` (Adam's two moments)."""
+    return [(k, v) for k, v in opt.state[emb].items() if torch.is_tensor(v) and v.shape == emb.shape]
+
+
 # -- main ------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> dict:
     from talkplay_edge.catalog import Catalog
@@ -529,27 +534,25 @@ def main(argv: list[str] | None = None) -> dict:
         decay = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         for g, lr in zip(opt.param_groups, base_lrs):
             g["lr"] = lr * frac * (0.1 + 0.9 * decay)
-        present = torch.zeros(emb.shape[0], dtype=torch.bool, device=emb.device)
+        seen = torch.zeros(emb.shape[0], dtype=torch.bool, device=emb.device) if cfg.row_updates == "seen" else None
         for _ in range(cfg.grad_accum):
             x, y = next(stream)
             loss = loss_of(model, x, y, span_from, cfg.span_weight) / cfg.grad_accum
             loss.backward()
             tokens_seen += int((x != pad).sum())
-            present[x.flatten()] = True
+            if seen is not None:
+                seen[x.flatten()] = True
         torch.nn.utils.clip_grad_norm_(lora_params + [emb], 1.0)
-        held = None
-        if cfg.row_updates == "seen":
-            present[:span_from] = True  # old rows are frozen anyway
-            absent = (~present).nonzero().flatten()
-            held = (absent, emb.data[absent].clone(), {k: v[absent].clone() for k, v in opt.state[emb].items()
-                                                        if torch.is_tensor(v) and v.shape == emb.shape})
-        opt.step()
-        if held is not None:  # rows not in this batch: as they were, moments included (zero before any step)
-            absent, rows, moments = held
+        if seen is None:
+            opt.step()
+        else:  # rows not in this step's batches stay as they were, Adam moments included (zero before any step)
+            seen[:span_from] = True  # old rows are frozen anyway
+            absent = (~seen).nonzero().flatten()
+            rows, moments = emb.data[absent].clone(), {k: v[absent].clone() for k, v in _row_moments(opt, emb)}
+            opt.step()
             emb.data[absent] = rows
-            for k, v in opt.state[emb].items():
-                if torch.is_tensor(v) and v.shape == emb.shape:
-                    v[absent] = moments[k] if k in moments else 0.0
+            for k, v in _row_moments(opt, emb):
+                v[absent] = moments[k] if k in moments else 0.0
         opt.zero_grad(set_to_none=True)
         if step % 10 == 0 or step == 1:
             print(f"step {step:5d}  loss {loss.item() * cfg.grad_accum:.4f}  tokens {tokens_seen}  "

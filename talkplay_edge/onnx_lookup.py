@@ -101,9 +101,10 @@ def _text(buf, span) -> str:
     return bytes(buf[span[0]:span[1]]).decode("utf-8")
 
 
-def _node(buf, span) -> _Node:
-    node = _Node(span)
-    for num, wt, value, _ in _fields(buf, *span):
+def _node(buf, whole, payload) -> _Node:
+    """The node whose field spans ``whole`` (key included) and whose message is ``payload``."""
+    node = _Node(whole)
+    for num, wt, value, _ in _fields(buf, *payload):
         if num == _NODE_INPUT:
             node.inputs.append(_text(buf, value))
         elif num == _NODE_OUTPUT:
@@ -144,11 +145,12 @@ def _tensor(buf, span) -> tuple[str, _Tensor]:
     return name, t
 
 
-def _encode_node(op: str, inputs: list[str], outputs: list[str], name: str, ints: dict[str, int] = {}) -> bytes:
+def _encode_node(op: str, inputs: list[str], outputs: list[str], name: str,
+                 ints: dict[str, int] | None = None) -> bytes:
     body = b"".join(_len_field(_NODE_INPUT, s.encode()) for s in inputs)
     body += b"".join(_len_field(_NODE_OUTPUT, s.encode()) for s in outputs)
     body += _len_field(_NODE_NAME, name.encode()) + _len_field(_NODE_OP, op.encode())
-    for k, v in ints.items():
+    for k, v in (ints or {}).items():
         body += _len_field(_NODE_ATTR, _len_field(_ATTR_NAME, k.encode()) + _int_field(_ATTR_I, v)
                            + _int_field(_ATTR_TYPE, _ATTR_INT))
     return _len_field(_GRAPH_NODE, body)
@@ -172,8 +174,7 @@ def int8_lookups(model: bytes) -> tuple[bytes, int]:
         nodes, inits = [], {}
         for num, wt, value, whole in _fields(buf, *graph):
             if num == _GRAPH_NODE:
-                nodes.append(_node(buf, value))
-                nodes[-1].span = whole
+                nodes.append(_node(buf, whole, value))
             elif num == _GRAPH_INITIALIZER:
                 name, t = _tensor(buf, value)
                 inits[name] = t

@@ -18,6 +18,12 @@ The spans of first turns (no track played yet) get a second fit of their own, st
 ``cold`` part, which the runtime uses for such requests (``--no_cold``: none): with only the user's words in
 the context the model deserves a different weight against the prior. The main fit stays on every span.
 
+``--features`` (the default; ``--no_features``: none) then refines every depth's (alpha, beta) together
+with three more weights (``SpanCalibration``'s ``count``, ``played`` and ``last``: the log of the tracks
+below a child, and whether a track the conversation has played, or its last one, lies below it) by
+L-BFGS on the same NLL, children of played-out subtrees left out as the runtime leaves them out. The
+report keeps the grid's NLL and top-1 beside the refined ones.
+
 The model is the trainer's (``export/train.py``: base + LoRA + token rows, float32, CPU is fine); the
 config gives the base, catalog, valid file and sequence length.
 """
@@ -35,7 +41,7 @@ import numpy as np
 import torch
 
 from export import train as T
-from talkplay_edge.calibration import SpanCalibration, calibration_file, log_track_counts
+from talkplay_edge.calibration import SpanCalibration, calibration_file, log_track_counts, played_marks
 from talkplay_edge.retrieval import RetrievalPrior, RetrievalSpec
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
@@ -102,13 +108,30 @@ def collect_spans(model, encoder, conversations, trie, start_id: int, show_progr
     return spans
 
 
-def samples_of(spans, log_prior) -> list[tuple[int, np.ndarray, np.ndarray, int]]:
+def samples_of(spans, log_prior, trie=None, track_index: dict[str, int] | None = None) -> list[tuple]:
     """(depth, child logits, child log prior mass, index of the true child) of every step; ``log_prior(i)``
-    gives span ``i``'s log mass below every node."""
+    gives span ``i``'s log mass below every node. With ``trie`` and ``track_index`` each sample also has
+    the children's log track counts and ``played_marks``, and children whose tracks were all played (the
+    runtime never offers them) are left out."""
+    from talkplay_edge.trie import Exclusions
+
+    log_tracks = log_track_counts(trie) if trie is not None else None
     out = []
     for i, span in enumerate(spans):
         lm = log_prior(i)
-        out += [(d, logits, lm[kids], target) for d, logits, kids, target in span["steps"]]
+        if trie is None:
+            out += [(d, logits, lm[kids], target) for d, logits, kids, target in span["steps"]]
+            continue
+        marks = played_marks(trie, track_index, span["history"])
+        excl = Exclusions(trie, [track_index[t] for t in span["played"] if t in track_index])
+        for d, logits, kids, target in span["steps"]:
+            keep = np.array([excl.remaining(int(k)) > 0 for k in kids])
+            if not keep[target] or keep.sum() < 2:
+                continue
+            target = int(keep[:target].sum())
+            kids, logits = kids[keep], logits[keep]
+            mk = np.zeros(len(kids), dtype=np.uint8) if marks is None else marks[kids]
+            out.append((d, logits, lm[kids], target, log_tracks[kids], mk))
     return out
 
 
@@ -131,22 +154,33 @@ def fit_retrieval(spans, rankings: list[list[int]], trie, depth: int) -> tuple[R
     return best[0], best[1], float(np.log(trie.n_tracks))
 
 
-def _nll(samples, alpha: float, beta: float) -> np.ndarray:
-    """Negative log-likelihood of the true child of each sample under (alpha, beta) (the runtime's scores)."""
-    cal = SpanCalibration((alpha,), (beta,))
-    return np.array([-cal.scores(logits, logc, 0)[target] for _, logits, logc, target in samples])
+def _scores(cal: SpanCalibration, x: tuple, normalise: bool = True) -> np.ndarray:
+    _, logits, logc, _, *more = x
+    log_tracks, marks = more if more else (None, None)
+    return cal.scores(logits, logc, 0, normalise, log_tracks=log_tracks, marks=marks)
 
 
-def _top1(samples, alpha: float, beta: float) -> float:
-    cal = SpanCalibration((alpha,), (beta,))
-    hits = [int(np.argmax(cal.scores(lg, lc, 0, normalise=False))) == t for _, lg, lc, t in samples]
+def _nll(samples, alpha: float = 0.0, beta: float = 1.0, cal: SpanCalibration | None = None) -> np.ndarray:
+    """Negative log-likelihood of the true child of each sample under (alpha, beta), or ``cal`` (the
+    runtime's scores)."""
+    cal = cal or SpanCalibration((alpha,), (beta,))
+    return np.array([-_scores(cal, x)[x[3]] for x in samples])
+
+
+def _top1(samples, alpha: float = 0.0, beta: float = 1.0, cal: SpanCalibration | None = None) -> float:
+    cal = cal or SpanCalibration((alpha,), (beta,))
+    hits = [int(np.argmax(_scores(cal, x, normalise=False))) == x[3] for x in samples]
     return float(np.mean(hits)) if hits else 0.0
 
 
-def fit(samples, min_samples: int = 30, retrieval: RetrievalSpec | None = None) -> tuple[SpanCalibration, list[dict]]:
-    """Per depth, the grid's (alpha, beta) of least NLL; the report has n, NLL and top-1 before and after."""
+def fit(samples, min_samples: int = 30, retrieval: RetrievalSpec | None = None,
+        features: bool = False) -> tuple[SpanCalibration, list[dict]]:
+    """Per depth, the grid's (alpha, beta) of least NLL, refined with the ``count``/``played``/``last``
+    weights when ``features`` (samples from ``samples_of`` with a trie); the report has n, NLL and top-1
+    before and after."""
     depths = max([d for d, *_ in samples] + [MIN_DEPTHS - 1]) + 1
     alpha, beta, report = [], [], []
+    extra = {name: [] for name in SpanCalibration.FEATURES}
     for d in range(depths):
         xs = [x for x in samples if x[0] == d]
         a, b, nll = 0.0, 1.0, {}
@@ -155,12 +189,53 @@ def fit(samples, min_samples: int = 30, retrieval: RetrievalSpec | None = None) 
             a, b = min(nll, key=nll.get)
         else:
             nll[a, b] = _nll(xs, a, b).mean() if xs else 0.0
-        alpha.append(a)
-        beta.append(b)
-        report.append({"depth": d, "choices": len(xs), "alpha": a, "beta": b,
-                       "nll_model": round(float(nll[0.0, 1.0]), 4), "nll_calibrated": round(float(nll[a, b]), 4),
-                       "top1_model": round(_top1(xs, 0.0, 1.0), 4), "top1_calibrated": round(_top1(xs, a, b), 4)})
-    return SpanCalibration(tuple(alpha), tuple(beta), retrieval), report
+        row = {"depth": d, "choices": len(xs), "alpha": a, "beta": b,
+               "nll_model": round(float(nll[0.0, 1.0]), 4), "nll_calibrated": round(float(nll[a, b]), 4),
+               "top1_model": round(_top1(xs, 0.0, 1.0), 4), "top1_calibrated": round(_top1(xs, a, b), 4)}
+        w = {"alpha": a, "beta": b, "count": 0.0, "played": 0.0, "last": 0.0}
+        if features and len(xs) >= min_samples and len(xs[0]) == 6:
+            w = refine(xs, a, b, use_count=retrieval is not None)
+            cal = SpanCalibration((w["alpha"],), (w["beta"],), None, None,
+                                  *[(w[n],) for n in SpanCalibration.FEATURES])
+            row.update({k: round(v, 4) for k, v in w.items()},
+                       nll_grid=row["nll_calibrated"], top1_grid=row["top1_calibrated"],
+                       nll_calibrated=round(float(_nll(xs, cal=cal).mean()), 4), top1_calibrated=round(_top1(xs, cal=cal), 4))
+        alpha.append(round(w["alpha"], 4))
+        beta.append(round(w["beta"], 4))
+        for name in extra:
+            extra[name].append(round(w[name], 4))
+        report.append(row)
+    extra = {k: tuple(v) if any(v) else () for k, v in extra.items()}
+    return SpanCalibration(tuple(alpha), tuple(beta), retrieval, **extra), report
+
+
+def refine(xs, alpha: float, beta: float, use_count: bool = True, l2: float = 1e-3) -> dict[str, float]:
+    """(alpha, beta, count, played, last) of least mean NLL of the true children (L-BFGS from the grid's
+    (alpha, beta), a little L2 on the three new weights); a weight whose fact never varies stays 0."""
+    n, width = len(xs), max(len(x[1]) for x in xs)
+    f = np.zeros((n, width, 5))
+    valid = np.zeros((n, width), dtype=bool)
+    target = np.array([x[3] for x in xs])
+    for i, (_, logits, lm, _, lt, mk) in enumerate(xs):
+        k = len(logits)
+        f[i, :k] = np.stack([logits, lm, lt, mk & 1, (mk & 2) / 2], 1)
+        valid[i, :k] = True
+    free = np.array([True, True, use_count, (f[..., 3] > 0).any(), (f[..., 4] > 0).any()])
+    F, V, T_ = torch.tensor(f), torch.tensor(valid), torch.tensor(target)
+    w = torch.tensor([beta, alpha, 0.0, 0.0, 0.0], dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor(free, dtype=torch.float64)
+    opt = torch.optim.LBFGS([w], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        s = (F @ (w * mask)).masked_fill(~V, float("-inf"))
+        loss = -torch.log_softmax(s, 1)[torch.arange(n), T_].mean() + l2 * (w[2:] ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    b, a, c, p, last = (w * mask).detach().tolist()
+    return {"alpha": a, "beta": b, "count": c, "played": p, "last": last}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -181,6 +256,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="one (alpha, beta) for every request (default: a second one, \"cold\", for requests with "
                         "no track played yet, fitted on those spans alone)")
     p.add_argument("--min_cold_spans", type=int, default=50, help="fewer first-turn spans: no cold part")
+    p.add_argument("--no_features", dest="features", action="store_false",
+                   help="(alpha, beta) alone (default: refine them with the count/played/last weights)")
     args, overrides = p.parse_known_args(argv)  # the rest: trainer config overrides, --key=value
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -200,9 +277,9 @@ def main(argv: list[str] | None = None) -> dict:
     spans = collect_spans(model, T.Encoder(tok, catalog, cfg.seq_len), conversations, trie,
                           tok.convert_tokens_to_ids(SPAN_START), show_progress=not args.json)
     spec, extra = None, {}
+    track_index = {t: i for i, t in enumerate(sorted(catalog.codes()))}  # trie order
     if args.retrieval and spans:
-        track_ids = sorted(catalog.codes())  # trie order
-        prior = RetrievalPrior(catalog, trie, {t: i for i, t in enumerate(track_ids)},
+        prior = RetrievalPrior(catalog, trie, track_index,
                                RetrievalSpec(depth=args.retrieval_depth), show_progress=not args.json)
         rankings = [prior.ranking(s["history"], set(s["played"])) for s in spans]
         spec, nll, uniform = fit_retrieval(spans, rankings, trie, args.retrieval_depth)
@@ -213,17 +290,19 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         log_count = log_track_counts(trie)
         log_prior = lambda i: log_count  # noqa: E731
-    samples = samples_of(spans, log_prior)
+    samples = samples_of(spans, log_prior, trie, track_index)
     if not samples:
         raise SystemExit(f"{cfg.valid}: no music spans to fit on")
-    calibration, report = fit(samples, args.min_samples, spec)
+    calibration, report = fit(samples, args.min_samples, spec, args.features)
     cold = [i for i, s in enumerate(spans) if not s["played"]]  # first turns: no track played yet
     if args.cold and len(cold) >= args.min_cold_spans:
-        cold_cal, cold_report = fit(samples_of([spans[i] for i in cold], lambda j: log_prior(cold[j])),
-                                    args.min_samples)
-        calibration = dataclasses.replace(calibration, cold=cold_cal)
-        extra["cold"] = {"alpha": list(cold_cal.alpha), "beta": list(cold_cal.beta), "spans": len(cold),
-                         "depths": cold_report}
+        cold_cal, cold_report = fit(samples_of([spans[i] for i in cold], lambda j: log_prior(cold[j]), trie, track_index),
+                                    args.min_samples, spec, args.features)
+        calibration = dataclasses.replace(calibration, cold=dataclasses.replace(cold_cal, retrieval=None))
+        extra["cold"] = {**cold_cal.to_dict(), "spans": len(cold), "depths": cold_report}
+    for name in SpanCalibration.FEATURES:
+        if getattr(calibration, name):
+            extra[name] = list(getattr(calibration, name))
     result = {"alpha": list(calibration.alpha), "beta": list(calibration.beta), **extra, "valid": cfg.valid,
               "conversations": len(conversations), "spans": len(spans), "choices": len(samples), "depths": report,
               "seconds": round(time.time() - t, 1)}
@@ -247,10 +326,14 @@ def main(argv: list[str] | None = None) -> dict:
         for title, rows in tables:
             if title:
                 print(title)
-            print("depth  choices  alpha  beta   NLL model → calibrated   top-1 model → calibrated")
+            refined = any("nll_grid" in r for r in rows)
+            print("depth  choices  alpha   beta   NLL model → calibrated   top-1 model → calibrated"
+                  + ("   count  played   last   (grid NLL, top-1)" if refined else ""))
             for r in rows:
-                print(f"{r['depth']:5d}  {r['choices']:7d}  {r['alpha']:5.2f}  {r['beta']:4.2f}   "
-                      f"{r['nll_model']:9.3f} → {r['nll_calibrated']:.3f}        {r['top1_model']:.3f} → {r['top1_calibrated']:.3f}")
+                print(f"{r['depth']:5d}  {r['choices']:7d}  {r['alpha']:5.2f}  {r['beta']:5.2f}   "
+                      f"{r['nll_model']:9.3f} → {r['nll_calibrated']:.3f}        {r['top1_model']:.3f} → {r['top1_calibrated']:.3f}"
+                      + (f"   {r['count']:5.2f}  {r['played']:6.2f}  {r['last']:5.2f}   ({r['nll_grid']:.3f}, {r['top1_grid']:.3f})"
+                         if "nll_grid" in r else ""))
         if args.write:
             print(f"wrote {result['written']}")
     return result

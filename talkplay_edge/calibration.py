@@ -18,6 +18,16 @@ a span step scores with the model's log-probabilities over the whole vocabulary.
 A calibration may carry a second (alpha, beta), ``cold``, for requests with no track played yet in the
 conversation (the first turn): there the model has only the user's words to go on and weighs differently
 against the prior, so ``export/calibrate.py`` fits it on those spans alone.
+
+It may also weigh three more facts about a child, per depth (``export/calibrate.py --features``):
+
+    + count[d] * log(tracks below the child)            (the catalog's shape, beside the retrieval prior)
+    + played[d] * [a track played in this conversation lies below the child]
+    + last[d] * [the track played last lies below the child]
+
+Playlists stay near what they have played: given the cf token, the true tag token is the one a played
+track also has far more often than the model alone predicts. These marks are per request
+(``played_marks``); played tracks themselves are never offered again (``trie.Exclusions``).
 """
 
 from __future__ import annotations
@@ -44,6 +54,11 @@ class SpanCalibration:
     beta: tuple[float, ...]
     retrieval: "RetrievalSpec | None" = None
     cold: "SpanCalibration | None" = None  # (alpha, beta) for a request with no track played yet
+    count: tuple[float, ...] = ()  # per depth: weight of log(tracks below the child); () = none
+    played: tuple[float, ...] = ()  # per depth: weight of "a played track lies below the child"
+    last: tuple[float, ...] = ()  # per depth: weight of "the last played track lies below the child"
+
+    FEATURES = ("count", "played", "last")
 
     @classmethod
     def parse(cls, value) -> "SpanCalibration | None":
@@ -61,21 +76,41 @@ class SpanCalibration:
             retrieval = RetrievalSpec.parse(d.get("retrieval"))
         except ValueError as e:
             raise ValueError(f"span calibration {value!r}: {e}") from e
+        features = {}
+        for name in cls.FEATURES:
+            try:
+                w = tuple(float(x) for x in (d.get(name) or ()))
+            except (ValueError, TypeError) as e:
+                raise ValueError(f'span calibration {value!r}: "{name}" must be a list of numbers ({e})') from e
+            if w and (len(w) != len(alpha) or not np.isfinite(w).all()):
+                raise ValueError(f'span calibration {value!r}: "{name}" must be as long as alpha, all numbers')
+            features[name] = w
         cold = None
         if d.get("cold") is not None:
             c = d["cold"]
             if not isinstance(c, dict):
                 raise ValueError(f'span calibration {value!r}: "cold" must be {{"alpha": [...], "beta": [...]}}')
-            cold = cls.parse({"alpha": c.get("alpha"), "beta": c.get("beta")})
-        return cls(alpha, beta, retrieval, cold)
+            cold = cls.parse({k: c.get(k) for k in ("alpha", "beta", *cls.FEATURES)})
+        return cls(alpha, beta, retrieval, cold, **features)
 
-    def to_json(self) -> str:
+    def to_dict(self) -> dict:
         d = {"alpha": list(self.alpha), "beta": list(self.beta)}
+        for name in self.FEATURES:
+            if getattr(self, name):
+                d[name] = list(getattr(self, name))
         if self.retrieval is not None:
             d["retrieval"] = self.retrieval.to_dict()
         if self.cold is not None:
-            d["cold"] = {"alpha": list(self.cold.alpha), "beta": list(self.cold.beta)}
-        return json.dumps(d)
+            d["cold"] = self.cold.to_dict()
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @property
+    def uses_marks(self) -> bool:
+        """Whether it weighs what the conversation has played (``played_marks``), here or in its cold part."""
+        return any(self.played) or any(self.last) or (self.cold is not None and self.cold.uses_marks)
 
     def pick(self, cold: bool) -> "SpanCalibration":
         """The (alpha, beta) for a request: ``cold`` (no track played yet) when there is one, else these."""
@@ -86,16 +121,48 @@ class SpanCalibration:
         runtime need not decode before it)."""
         return self.beta[min(depth, len(self.beta) - 1)] != 0.0
 
-    def scores(self, logits: np.ndarray, log_counts: np.ndarray, depth: int, normalise: bool = True) -> np.ndarray:
+    def scores(self, logits: np.ndarray, log_counts: np.ndarray, depth: int, normalise: bool = True,
+               log_tracks: np.ndarray | None = None, marks: np.ndarray | None = None) -> np.ndarray:
         """Calibrated log-probabilities of the allowed children (``logits`` and ``log_counts``, the log prior
-        mass below each, are theirs);
+        mass below each, are theirs; ``log_tracks``, log of the tracks below each, and ``marks``, their
+        ``played_marks``, when the calibration weighs them);
         ``normalise=False`` leaves out the shared log-normaliser (enough to pick or sample a child)."""
         d = min(depth, len(self.alpha) - 1)
         s = self.beta[d] * np.asarray(logits, dtype=np.float64) + self.alpha[d] * np.asarray(log_counts, dtype=np.float64)
+        if self.count and self.count[d] and log_tracks is not None:
+            s = s + self.count[d] * np.asarray(log_tracks, dtype=np.float64)
+        if marks is not None:
+            if self.played and self.played[d]:
+                s = s + self.played[d] * (marks & PLAYED)
+            if self.last and self.last[d]:
+                s = s + (self.last[d] / LAST) * (marks & LAST)
         if not normalise:
             return s
         m = s.max()
         return s - (m + np.log(np.exp(s - m).sum()))
+
+
+PLAYED, LAST = 1, 2  # the bits of ``played_marks``
+
+
+def played_marks(trie, track_index: dict[str, int], history: list[dict]) -> np.ndarray | None:
+    """Per trie node: bit ``PLAYED`` when a track played in the conversation so far (its assistant turns'
+    ``track_ids``) lies below it, bit ``LAST`` when the last turn's first track does; None when nothing was
+    played."""
+    from .baselines import played_ids
+
+    played = [track_index[t] for t in played_ids(history) if t in track_index]
+    if not played:
+        return None
+    last = next(track_index[t] for turn in reversed(history) if turn.get("role") == "assistant"
+                for t in (turn.get("track_ids") or []) if t in track_index)
+    marks = np.zeros(trie.n_nodes, dtype=np.uint8)
+    for track, bit in [(t, PLAYED) for t in played] + [(last, LAST)]:
+        node = int(trie.leaf_of_track[track])
+        while node >= 0:
+            marks[node] |= bit
+            node = int(trie.parent[node])
+    return marks
 
 
 def is_cold(history: list[dict]) -> bool:

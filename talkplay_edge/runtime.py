@@ -60,7 +60,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from . import chat_format as cf
-from .calibration import CALIBRATION_KEY, SpanCalibration, is_cold, log_track_counts
+from .calibration import CALIBRATION_KEY, SpanCalibration, is_cold, log_track_counts, played_marks
 from .retrieval import RetrievalPrior
 from .catalog import Catalog, Track, corrupt
 from .gguf_check import GGUFError, check_gguf
@@ -409,7 +409,8 @@ class TalkPlay:
 
     # -- constrained span decoding -----------------------------------------------------------------------
     def _beam(self, logits: np.ndarray, excl: Exclusions, n: int, width: int | None = None,
-              log_prior: np.ndarray | None = None, cold: bool = False) -> list[tuple[int, float]]:
+              log_prior: np.ndarray | None = None, cold: bool = False,
+              marks: np.ndarray | None = None) -> list[tuple[int, float]]:
         """Rank up to ``n`` tracks by beam search over the trie, starting from ``logits`` (the state after
         ``<|music_start|>`` on sequence 0). Returns [(track index, log-prob)], best first. Sequence 0 is left
         as it was."""
@@ -432,7 +433,7 @@ class TalkPlay:
                     toks, kids = excl.allowed(node)
                     if len(toks) == 0:
                         continue
-                    lp = self.span_scores(lg, toks, kids, depth, log_prior=log_prior, cold=cold)
+                    lp = self.span_scores(lg, toks, kids, depth, log_prior=log_prior, cold=cold, marks=marks)
                     keep = np.argsort(-lp)[:width]
                     cands += [(score + float(lp[k]), int(kids[k]), seq) for k in keep]
                 cands.sort(key=lambda c: -c[0])
@@ -475,16 +476,19 @@ class TalkPlay:
         return [(t, s) for s, t in finished[:n]]
 
     def span_scores(self, logits: np.ndarray, toks: np.ndarray, kids: np.ndarray, depth: int,
-                    normalise: bool = True, log_prior: np.ndarray | None = None, cold: bool = False) -> np.ndarray:
+                    normalise: bool = True, log_prior: np.ndarray | None = None, cold: bool = False,
+                    marks: np.ndarray | None = None) -> np.ndarray:
         """Log-scores of the allowed children ``kids`` (token ids ``toks``) of a node at ``depth`` of a span:
         the model's log-probabilities, or their calibrated form (``SpanCalibration``; its ``cold`` part when
         ``cold``, a request with no track played yet) with the request's ``log_prior`` (``retrieval_prior``;
-        default: every track weighs the same). ``normalise=False`` leaves out the log-normaliser shared by
-        the children (a greedy pick or a sample needs none)."""
+        default: every track weighs the same) and ``marks`` (``played_marks``: what the conversation has
+        played). ``normalise=False`` leaves out the log-normaliser shared by the children (a greedy pick or a
+        sample needs none)."""
         lg = logits[toks.astype(np.int64)]
         if self.calibration is not None:
             prior = self._log_count if log_prior is None else log_prior
-            return self.calibration.pick(cold).scores(lg, prior[kids], depth, normalise)
+            return self.calibration.pick(cold).scores(lg, prior[kids], depth, normalise, log_tracks=self._log_count[kids],
+                                                      marks=None if marks is None else marks[kids])
         if not normalise:
             return lg
         mx = logits.max()
@@ -495,6 +499,12 @@ class TalkPlay:
         beta is 0)."""
         return self.calibration is None or self.calibration.pick(cold).uses_logits(depth)
 
+    def played_marks(self, history: list[dict]) -> np.ndarray | None:
+        """``calibration.played_marks`` of a conversation so far, when the calibration weighs them; else None."""
+        if self.calibration is None or not self.calibration.uses_marks:
+            return None
+        return played_marks(self.trie, self.track_index, history)
+
     def retrieval_prior(self, history: list[dict], exclude: Iterable[str] = ()) -> np.ndarray | None:
         """Log prior mass below every trie node for a request (the conversation so far, ending with the user
         message to answer), when the calibration carries a retrieval prior; else None (every track weighs
@@ -503,14 +513,15 @@ class TalkPlay:
             return None
         return self.retrieval.log_mass(history, set(exclude))
 
-    def rank(self, excl: Exclusions, logits: np.ndarray, n: int,
-             log_prior: np.ndarray | None = None, cold: bool = False) -> list[tuple[int, float]]:
+    def rank(self, excl: Exclusions, logits: np.ndarray, n: int, log_prior: np.ndarray | None = None,
+             cold: bool = False, marks: np.ndarray | None = None) -> list[tuple[int, float]]:
         """Up to ``n`` distinct tracks (beam search; reruns excluding what it found until ``n`` or exhausted)."""
         out: list[tuple[int, float]] = []
         ex = excl.copy()
         logits = np.array(logits, dtype=np.float64)  # a copy: the beams' decodes overwrite llama's buffer
         while len(out) < n and not ex.exhausted:
-            got = self._beam(logits, ex, n - len(out), width=max(n - len(out), 4), log_prior=log_prior, cold=cold)
+            got = self._beam(logits, ex, n - len(out), width=max(n - len(out), 4), log_prior=log_prior, cold=cold,
+                             marks=marks)
             if not got:
                 break
             for t, s in got:
@@ -649,6 +660,7 @@ class ChatSession:
             user_turn = {"role": "user", "content": cf.normalize_message(message)[-2000:]}
             request = self.history + [user_turn]
             cold = is_cold(self.history)  # no track played yet: the calibration's first-turn part
+            marks = tp.played_marks(self.history)  # what the conversation has played, if the calibration weighs it
             while True:
                 ts = time.perf_counter()
                 if pending:
@@ -663,7 +675,7 @@ class ChatSession:
                         log_prior = tp.retrieval_prior(request, self.recommended)
                         timings["retrieval_s"] = time.perf_counter() - tm
                     if n > 1:
-                        idxs = [t for t, _ in tp.rank(self.excl, logits, n, log_prior, cold)]
+                        idxs = [t for t, _ in tp.rank(self.excl, logits, n, log_prior, cold, marks)]
                         if not idxs:  # cannot happen: spans only open while tracks remain
                             raise RuntimeError("no track left for the span")
                         path = tp.trie.path(idxs[0])
@@ -681,7 +693,7 @@ class ChatSession:
                                     undecoded = []
                                 tm = time.perf_counter()
                                 k = self._pick(tp.span_scores(logits, toks, kids, len(path), normalise=False,
-                                                              log_prior=log_prior, cold=cold))
+                                                              log_prior=log_prior, cold=cold, marks=marks))
                                 span_mask_s += time.perf_counter() - tm
                             path.append(int(toks[k]))
                             node = int(kids[k])
@@ -766,7 +778,8 @@ class ChatSession:
                 prompt = list(self._system_tokens) + self._last_user + [tp.start_id]
             logits = tp._sync(prompt)
             log_prior = tp.retrieval_prior(self.history[:-1], self.recommended)
-            ranked = tp.rank(self.excl, logits, n, log_prior, is_cold(self.history[:-1]))
+            ranked = tp.rank(self.excl, logits, n, log_prior, is_cold(self.history[:-1]),
+                             tp.played_marks(self.history[:-1]))
             tracks = []
             for i, _ in ranked:
                 self.excl.exclude(i)
@@ -827,5 +840,6 @@ class ModelRecommender:
         with tp._lock:
             tp._switch_to(-1)  # the recommender is one more user of the context
             logits = tp._sync(toks)
-            ranked = tp.rank(excl, logits, n, tp.retrieval_prior(history, exclude), is_cold(history))
+            ranked = tp.rank(excl, logits, n, tp.retrieval_prior(history, exclude), is_cold(history),
+                             tp.played_marks(history))
         return [tp.track_ids[i] for i, _ in ranked]

@@ -166,3 +166,77 @@ def test_a_cold_part_scores_the_first_turn(runtime_gguf, tiny_catalog, monkeypat
         cat = tp.catalog
         tp.close()
         cat.close()
+
+
+def test_count_played_and_last_weights():
+    """The optional per-depth weights: parsed, round-tripped (also in the cold part), refused when their
+    length differs from alpha's, and added to the scores only where a child has the fact."""
+    from talkplay_edge.calibration import LAST, PLAYED
+
+    cal = SpanCalibration.parse({"alpha": [1, 0.5], "beta": [0, 2], "count": [0, -0.5], "played": [0, 2.5],
+                                 "last": [0, 1.0], "cold": {"alpha": [1], "beta": [0], "count": [0.25]}})
+    assert cal.played == (0.0, 2.5) and cal.cold.count == (0.25,) and cal.uses_marks
+    assert SpanCalibration.parse(cal.to_json()) == cal
+    assert not SpanCalibration((1.0,), (1.0,)).uses_marks and "played" not in SpanCalibration((1.0,), (1.0,)).to_json()
+    for bad in ({"alpha": [1, 2], "beta": [1, 1], "played": [1]}, {"alpha": [1], "beta": [1], "last": ["x"]},
+                {"alpha": [1], "beta": [1], "count": [float("inf")]}):
+        with pytest.raises(ValueError, match="span calibration"):
+            SpanCalibration.parse(bad)
+    logits, logc = np.array([1.0, 2.0, 0.5]), np.log([4.0, 1.0, 10.0])
+    tracks = np.log([8.0, 2.0, 20.0])
+    marks = np.array([0, PLAYED, PLAYED | LAST], dtype=np.uint8)
+    raw = 2 * logits + 0.5 * logc - 0.5 * tracks + 2.5 * np.array([0, 1, 1]) + 1.0 * np.array([0, 0, 1])
+    assert np.allclose(cal.scores(logits, logc, 1, log_tracks=tracks, marks=marks), raw - np.log(np.exp(raw).sum()))
+    plain = 2 * logits + 0.5 * logc  # without the facts the new weights add nothing
+    assert np.allclose(cal.scores(logits, logc, 1, normalise=False), plain)
+    assert np.allclose(cal.scores(logits, logc, 0, log_tracks=tracks, marks=marks), logc - np.log(np.exp(logc).sum()))
+
+
+def test_played_marks_mark_every_ancestor():
+    from talkplay_edge.calibration import LAST, PLAYED, played_marks
+    from talkplay_edge.trie import CodeTrie
+
+    trie = CodeTrie.build([[1, 10, 100], [1, 10, 101], [1, 11, 102], [2, 12, 103]])
+    index = {"a": 0, "b": 1, "c": 2, "d": 3}
+    assert played_marks(trie, index, [{"role": "user", "content": "hi"}]) is None
+    history = [{"role": "assistant", "content": "x", "track_ids": ["d"]},
+               {"role": "assistant", "content": "y", "track_ids": ["zz", "b", "c"]}]  # unknown ids are skipped
+    marks = played_marks(trie, index, history)
+
+    def node(path):
+        n = trie.root
+        for tok in path:
+            n = trie.child(n, tok)
+        return n
+
+    assert marks[node([1])] == PLAYED | LAST and marks[node([1, 10])] == PLAYED | LAST
+    assert marks[node([1, 10, 101])] == PLAYED | LAST and marks[node([1, 10, 100])] == 0
+    assert marks[node([1, 11])] == PLAYED and marks[node([2, 12])] == PLAYED
+    assert marks.dtype == np.uint8 and len(marks) == trie.n_nodes
+
+
+def test_the_runtime_follows_the_last_played_track(runtime_gguf, tiny_catalog):
+    """With the model and the prior switched off (alpha = beta = 0) and a large ``last`` weight, the beam's
+    best track is one nearest the last played track in the trie (the longest shared code prefix), and the
+    runtime passes the conversation's marks to every request kind (eval's recommender here)."""
+    from talkplay_edge.runtime import ModelRecommender, TalkPlay
+
+    tp = TalkPlay.load(runtime_gguf, tiny_catalog, threads=1, n_ctx=1024,
+                       span_calibration={"alpha": [0], "beta": [0], "last": [20]})
+    try:
+        rec = ModelRecommender(tp=tp)
+        paths = {tid: tp.trie.path(i) for i, tid in enumerate(tp.track_ids)}
+
+        def shared(a, b):
+            return next((k for k, (x, y) in enumerate(zip(paths[a], paths[b])) if x != y), len(paths[a]))
+
+        for last in tp.track_ids[::max(1, len(tp.track_ids) // 5)]:
+            history = [{"role": "user", "content": "something"}, {"role": "assistant", "content": "x", "track_ids": [last]},
+                       {"role": "user", "content": "another"}]
+            best = rec.recommend(history, {last}, n=3)[0]
+            assert shared(best, last) == max(shared(t, last) for t in tp.track_ids if t != last)
+        assert tp.played_marks(history) is not None
+    finally:
+        cat = tp.catalog
+        tp.close()
+        cat.close()

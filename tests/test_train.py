@@ -218,7 +218,7 @@ def test_calibrate_fits_and_stores_a_span_calibration(trained, tiny_catalog):
     d, _ = trained
     res = calibrate.main([f"--delta={d / 'out'}", "--config=", "--conversations=4", "--min_samples=3", "--write",
                           "--json", f"--catalog={tiny_catalog}", f"--valid={d / 'conv' / 'valid.jsonl'}",
-                          "--base=tiny", "--seq_len=256", "--lora_alpha=8"])
+                          "--base=tiny", "--seq_len=256", "--lora_alpha=8", "--no_features"])
     assert res["conversations"] == 4 and res["choices"] > 0
     assert len(res["alpha"]) == len(res["beta"]) == len(res["depths"]) >= calibrate.MIN_DEPTHS
     fitted = [r for r in res["depths"] if r["choices"] >= 3]
@@ -236,7 +236,8 @@ def test_calibrate_fits_and_stores_a_span_calibration(trained, tiny_catalog):
 
 def test_calibrate_fits_a_retrieval_prior(trained, tiny_catalog, tmp_path):
     """``--retrieval``: the prior's spec comes from its grid, (alpha, beta) are fitted with the retrieved
-    masses, and the written calibration carries the spec (so the GGUF and the runtime do)."""
+    masses and refined with the count/played/last weights, and the written calibration carries all of it
+    (so the GGUF and the runtime do)."""
     import shutil
 
     from export import calibrate
@@ -257,6 +258,12 @@ def test_calibrate_fits_a_retrieval_prior(trained, tiny_catalog, tmp_path):
     cal = read_calibration(delta)
     assert cal.retrieval is not None and cal.retrieval.to_dict() == {k: r[k] for k in ("weight", "gamma", "k0", "depth")}
     assert list(cal.alpha) == res["alpha"]
+    # the default --features refines the grid's (alpha, beta) with the count/played/last weights: never worse
+    refined = [row for row in res["depths"] if "nll_grid" in row]
+    assert refined and all(row["nll_calibrated"] <= row["nll_grid"] + 1e-6 for row in refined)
+    assert any(row["played"] or row["last"] for row in refined), "no depth weighed the played tracks"
+    for name in ("count", "played", "last"):
+        assert list(getattr(cal, name)) == res.get(name, [])
 
 
 def test_calibrate_fits_a_cold_part(trained, tiny_catalog, tmp_path):

@@ -282,6 +282,8 @@ def test_calibrate_fits_a_cold_part(trained, tiny_catalog, tmp_path):
                           f"--valid={d / 'conv' / 'valid.jsonl'}", "--base=tiny", "--seq_len=256", "--lora_alpha=8"])
     cold = res["cold"]
     assert cold["spans"] == 4  # one first turn per conversation
+    assert all("nll_grid" not in r for r in cold["depths"])  # the cold part keeps its grid fit (no --cold_features)
+    assert not (cold.get("count") or cold.get("played") or cold.get("last"))
     assert sum(r["choices"] for r in res["depths"]) == res["choices"] > sum(r["choices"] for r in cold["depths"]) > 0
     for r in cold["depths"]:
         assert r["nll_calibrated"] <= r["nll_model"] + 1e-9

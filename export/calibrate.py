@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from export import train as T
-from talkplay_edge.calibration import SpanCalibration, calibration_file, log_track_counts, played_marks
+from talkplay_edge.calibration import LAST, PLAYED, SpanCalibration, calibration_file, log_track_counts, played_marks
 from talkplay_edge.retrieval import RetrievalPrior, RetrievalSpec
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
@@ -127,7 +127,7 @@ def samples_of(spans, log_prior, trie=None, track_index: dict[str, int] | None =
         marks = played_marks(trie, track_index, span["history"])
         excl = Exclusions(trie, [track_index[t] for t in span["played"] if t in track_index])
         for d, logits, kids, target in span["steps"]:
-            keep = np.array([excl.remaining(int(k)) > 0 for k in kids])
+            keep = np.isin(kids, excl.allowed(int(trie.parent[kids[0]]))[1])  # the runtime's pruned children
             if not keep[target] or keep.sum() < 2:
                 continue
             target = int(keep[:target].sum())
@@ -220,7 +220,7 @@ def refine(xs, alpha: float, beta: float, use_count: bool = True, l2: float = 1e
     target = np.array([x[3] for x in xs])
     for i, (_, logits, lm, _, lt, mk) in enumerate(xs):
         k = len(logits)
-        f[i, :k] = np.stack([logits, lm, lt, mk & 1, (mk & 2) / 2], 1)
+        f[i, :k] = np.stack([logits, lm, lt, (mk & PLAYED) > 0, (mk & LAST) > 0], 1)
         valid[i, :k] = True
     free = np.array([True, True, use_count, (f[..., 3] > 0).any(), (f[..., 4] > 0).any()])
     F, V, T_ = torch.tensor(f), torch.tensor(valid), torch.tensor(target)
@@ -305,10 +305,7 @@ def main(argv: list[str] | None = None) -> dict:
                                     args.min_samples, spec, args.features and args.cold_features)
         calibration = dataclasses.replace(calibration, cold=dataclasses.replace(cold_cal, retrieval=None))
         extra["cold"] = {**cold_cal.to_dict(), "spans": len(cold), "depths": cold_report}
-    for name in SpanCalibration.FEATURES:
-        if getattr(calibration, name):
-            extra[name] = list(getattr(calibration, name))
-    result = {"alpha": list(calibration.alpha), "beta": list(calibration.beta), **extra, "valid": cfg.valid,
+    result = {**calibration.to_dict(), **extra, "valid": cfg.valid,  # extra: the retrieval's and cold part's reports
               "conversations": len(conversations), "spans": len(spans), "choices": len(samples), "depths": report,
               "seconds": round(time.time() - t, 1)}
     if args.write:

@@ -486,9 +486,10 @@ class TalkPlay:
         sample needs none)."""
         lg = logits[toks.astype(np.int64)]
         if self.calibration is not None:
+            cal = self.calibration.pick(cold)
             prior = self._log_count if log_prior is None else log_prior
-            return self.calibration.pick(cold).scores(lg, prior[kids], depth, normalise, log_tracks=self._log_count[kids],
-                                                      marks=None if marks is None else marks[kids])
+            return cal.scores(lg, prior[kids], depth, normalise, log_tracks=self._log_count[kids] if cal.count else None,
+                              marks=None if marks is None else marks[kids])
         if not normalise:
             return lg
         mx = logits.max()

@@ -19,12 +19,16 @@ The spans of first turns (no track played yet) get a second fit of their own, st
 the context the model deserves a different weight against the prior. The main fit stays on every span.
 
 ``--features`` (the default; ``--no_features``: none) then refines every depth's (alpha, beta) together
-with three more weights (``SpanCalibration``'s ``count``, ``played`` and ``last``: the log of the tracks
-below a child, and whether a track the conversation has played, or its last one, lies below it) by
-L-BFGS on the same NLL, children of played-out subtrees left out as the runtime leaves them out. The
-report keeps the grid's NLL and top-1 beside the refined ones. The cold part keeps its grid (alpha,
-beta) unless ``--cold_features``: fitted on 200 first-turn spans, its count weight lowered the fit set's
-NLL but ranked held-out first turns worse (valid 201–500: MRR .0427 → .0337, Hit@1 7 → 4 of 300).
+with more weights (``SpanCalibration``'s ``count``, ``played``, ``last``, ``named`` and ``artist``: the
+log of the tracks below a child; whether a track the conversation has played, or its last one, lies below
+it; whether a track by an artist the user's message names, or by the last played track's artist, does)
+by L-BFGS on the same NLL, children of played-out subtrees left out as the runtime leaves them out. A
+refined beta within ``--snap_beta`` (0.02) of 0 becomes 0 and the rest is refitted: the step barely read
+the model, and at beta 0 the runtime decodes nothing before it. The report keeps the grid's NLL and top-1
+beside the refined ones. The cold part keeps its grid (alpha, beta) and gets only the ``named`` weight
+unless ``--cold_features`` (which refines it like the main part): fitted on 200 first-turn spans, a
+refined cold part with a count weight lowered the fit set's NLL but ranked held-out first turns worse
+(valid 201–500: MRR .0427 → .0337, Hit@1 7 → 4 of 300).
 
 The model is the trainer's (``export/train.py``: base + LoRA + token rows, float32, CPU is fine); the
 config gives the base, catalog, valid file and sequence length.
@@ -43,7 +47,8 @@ import numpy as np
 import torch
 
 from export import train as T
-from talkplay_edge.calibration import LAST, PLAYED, SpanCalibration, calibration_file, log_track_counts, played_marks
+from talkplay_edge.calibration import (MARKS, ArtistIndex, SpanCalibration, calibration_file, log_track_counts,
+                                       played_marks)
 from talkplay_edge.retrieval import RetrievalPrior, RetrievalSpec
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
@@ -110,10 +115,11 @@ def collect_spans(model, encoder, conversations, trie, start_id: int, show_progr
     return spans
 
 
-def samples_of(spans, log_prior, trie=None, track_index: dict[str, int] | None = None) -> list[tuple]:
+def samples_of(spans, log_prior, trie=None, track_index: dict[str, int] | None = None,
+               artists: ArtistIndex | None = None) -> list[tuple]:
     """(depth, child logits, child log prior mass, index of the true child) of every step; ``log_prior(i)``
     gives span ``i``'s log mass below every node. With ``trie`` and ``track_index`` each sample also has
-    the children's log track counts and ``played_marks``, and children whose tracks were all played (the
+    the children's log track counts and ``played_marks`` (the artist marks too, given ``artists``), and children whose tracks were all played (the
     runtime never offers them) are left out."""
     from talkplay_edge.trie import Exclusions
 
@@ -124,7 +130,7 @@ def samples_of(spans, log_prior, trie=None, track_index: dict[str, int] | None =
         if trie is None:
             out += [(d, logits, lm[kids], target) for d, logits, kids, target in span["steps"]]
             continue
-        marks = played_marks(trie, track_index, span["history"])
+        marks = played_marks(trie, track_index, span["history"], artists)
         excl = Exclusions(trie, [track_index[t] for t in span["played"] if t in track_index])
         for d, logits, kids, target in span["steps"]:
             keep = np.isin(kids, excl.allowed(int(trie.parent[kids[0]]))[1])  # the runtime's pruned children
@@ -176,10 +182,10 @@ def _top1(samples, alpha: float = 0.0, beta: float = 1.0, cal: SpanCalibration |
 
 
 def fit(samples, min_samples: int = 30, retrieval: RetrievalSpec | None = None,
-        features: bool = False) -> tuple[SpanCalibration, list[dict]]:
-    """Per depth, the grid's (alpha, beta) of least NLL, refined with the ``count``/``played``/``last``
-    weights when ``features`` (samples from ``samples_of`` with a trie); the report has n, NLL and top-1
-    before and after."""
+        features: bool = False, snap_beta: float = 0.0, marks_only: bool = False) -> tuple[SpanCalibration, list[dict]]:
+    """Per depth, the grid's (alpha, beta) of least NLL, refined with the ``count`` and mark weights when
+    ``features`` (samples from ``samples_of`` with a trie; ``snap_beta``: see ``refine``; ``marks_only``:
+    (alpha, beta) stay the grid's and ``count`` 0); the report has n, NLL and top-1 before and after."""
     depths = max([d for d, *_ in samples] + [MIN_DEPTHS - 1]) + 1
     alpha, beta, report = [], [], []
     extra = {name: [] for name in SpanCalibration.FEATURES}
@@ -194,9 +200,10 @@ def fit(samples, min_samples: int = 30, retrieval: RetrievalSpec | None = None,
         row = {"depth": d, "choices": len(xs), "alpha": a, "beta": b,
                "nll_model": round(float(nll[0.0, 1.0]), 4), "nll_calibrated": round(float(nll[a, b]), 4),
                "top1_model": round(_top1(xs, 0.0, 1.0), 4), "top1_calibrated": round(_top1(xs, a, b), 4)}
-        w = {"alpha": a, "beta": b, "count": 0.0, "played": 0.0, "last": 0.0}
+        w = {"alpha": a, "beta": b, **{name: 0.0 for name in SpanCalibration.FEATURES}}
         if features and len(xs) >= min_samples and len(xs[0]) == 6:
-            w = refine(xs, a, b, use_count=retrieval is not None)
+            w = refine(xs, a, b, use_count=retrieval is not None and not marks_only, snap_beta=snap_beta,
+                       fit_ab=not marks_only)
             cal = SpanCalibration((w["alpha"],), (w["beta"],), None, None,
                                   *[(w[n],) for n in SpanCalibration.FEATURES])
             row.update({k: round(v, 4) for k, v in w.items()},
@@ -211,33 +218,51 @@ def fit(samples, min_samples: int = 30, retrieval: RetrievalSpec | None = None,
     return SpanCalibration(tuple(alpha), tuple(beta), retrieval, **extra), report
 
 
-def refine(xs, alpha: float, beta: float, use_count: bool = True, l2: float = 1e-3) -> dict[str, float]:
-    """(alpha, beta, count, played, last) of least mean NLL of the true children (L-BFGS from the grid's
-    (alpha, beta), a little L2 on the three new weights); a weight whose fact never varies stays 0."""
+def refine(xs, alpha: float, beta: float, use_count: bool = True, l2: float = 1e-3,
+           snap_beta: float = 0.0, fit_ab: bool = True) -> dict[str, float]:
+    """(alpha, beta, count and the mark weights) of least mean NLL of the true children (L-BFGS from the
+    grid's (alpha, beta), or with them fixed unless ``fit_ab``; a little L2 on the other weights); a weight
+    whose fact never varies stays 0.
+    A beta within ``snap_beta`` of 0 is set to 0 and the rest refitted: such a step barely reads the model,
+    and at beta 0 the runtime need not decode before it (``SpanCalibration.uses_logits``)."""
     n, width = len(xs), max(len(x[1]) for x in xs)
-    f = np.zeros((n, width, 5))
+    f = np.zeros((n, width, 3 + len(MARKS)))
     valid = np.zeros((n, width), dtype=bool)
     target = np.array([x[3] for x in xs])
     for i, (_, logits, lm, _, lt, mk) in enumerate(xs):
         k = len(logits)
-        f[i, :k] = np.stack([logits, lm, lt, (mk & PLAYED) > 0, (mk & LAST) > 0], 1)
+        f[i, :k] = np.stack([logits, lm, lt, *[(mk & bit) > 0 for _, bit in MARKS]], 1)
         valid[i, :k] = True
-    free = np.array([True, True, use_count, (f[..., 3] > 0).any(), (f[..., 4] > 0).any()])
+    free = np.array([fit_ab, fit_ab, use_count, *[(f[..., 3 + j] > 0).any() for j in range(len(MARKS))]])
     F, V, T_ = torch.tensor(f), torch.tensor(valid), torch.tensor(target)
-    w = torch.tensor([beta, alpha, 0.0, 0.0, 0.0], dtype=torch.float64, requires_grad=True)
+    w = _lbfgs(F, V, T_, free, [beta, alpha] + [0.0] * (1 + len(MARKS)), l2)
+    if fit_ab and snap_beta and w[0] != 0.0 and abs(w[0]) < snap_beta:
+        free[0] = False
+        w = _lbfgs(F, V, T_, free, [0.0] + w[1:], l2)
+    return dict(zip(("beta", "alpha", "count", *[name for name, _ in MARKS]), w))
+
+
+def _lbfgs(F, V, T_, free, start: list[float], l2: float) -> list[float]:
+    """``refine``'s L-BFGS from ``start`` (beta, alpha, count, then the mark weights) over the weights marked
+    ``free`` (the others stay at their start)."""
+    if not free.any():
+        return list(start)
+    n = len(T_)
+    w = torch.tensor(start, dtype=torch.float64, requires_grad=True)
     mask = torch.tensor(free, dtype=torch.float64)
+    fixed = torch.tensor(start, dtype=torch.float64) * (1 - mask)
     opt = torch.optim.LBFGS([w], max_iter=200, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        s = (F @ (w * mask)).masked_fill(~V, float("-inf"))
-        loss = -torch.log_softmax(s, 1)[torch.arange(n), T_].mean() + l2 * (w[2:] ** 2).sum()
+        ww = w * mask + fixed
+        s = (F @ ww).masked_fill(~V, float("-inf"))
+        loss = -torch.log_softmax(s, 1)[torch.arange(n), T_].mean() + l2 * (ww[2:] ** 2).sum()
         loss.backward()
         return loss
 
     opt.step(closure)
-    b, a, c, p, last = (w * mask).detach().tolist()
-    return {"alpha": a, "beta": b, "count": c, "played": p, "last": last}
+    return (w * mask + fixed).detach().tolist()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -259,10 +284,13 @@ def main(argv: list[str] | None = None) -> dict:
                         "no track played yet, fitted on those spans alone)")
     p.add_argument("--min_cold_spans", type=int, default=50, help="fewer first-turn spans: no cold part")
     p.add_argument("--no_features", dest="features", action="store_false",
-                   help="(alpha, beta) alone (default: refine them with the count/played/last weights)")
+                   help="(alpha, beta) alone (default: refine them with the count and mark weights)")
     p.add_argument("--cold_features", action="store_true",
-                   help="refine the cold part too (its count weight; default: its grid (alpha, beta) alone, "
-                        "which did better on held-out first turns)")
+                   help="refine the cold part like the main one (default: its grid (alpha, beta) and the named "
+                        "weight alone; a refined one did worse on held-out first turns)")
+    p.add_argument("--snap_beta", type=float, default=0.02,
+                   help="a refined beta closer to 0 than this becomes 0, the rest refitted: the runtime then "
+                        "decodes nothing before that step (0: never)")
     args, overrides = p.parse_known_args(argv)  # the rest: trainer config overrides, --key=value
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -295,14 +323,16 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         log_count = log_track_counts(trie)
         log_prior = lambda i: log_count  # noqa: E731
-    samples = samples_of(spans, log_prior, trie, track_index)
+    artists = ArtistIndex.from_catalog(catalog, track_index) if args.features else None
+    samples = samples_of(spans, log_prior, trie, track_index, artists)
     if not samples:
         raise SystemExit(f"{cfg.valid}: no music spans to fit on")
-    calibration, report = fit(samples, args.min_samples, spec, args.features)
+    calibration, report = fit(samples, args.min_samples, spec, args.features, args.snap_beta)
     cold = [i for i, s in enumerate(spans) if not s["played"]]  # first turns: no track played yet
     if args.cold and len(cold) >= args.min_cold_spans:
-        cold_cal, cold_report = fit(samples_of([spans[i] for i in cold], lambda j: log_prior(cold[j]), trie, track_index),
-                                    args.min_samples, spec, args.features and args.cold_features)
+        cold_cal, cold_report = fit(samples_of([spans[i] for i in cold], lambda j: log_prior(cold[j]), trie, track_index,
+                                               artists),
+                                    args.min_samples, spec, args.features, args.snap_beta, marks_only=not args.cold_features)
         calibration = dataclasses.replace(calibration, cold=dataclasses.replace(cold_cal, retrieval=None))
         extra["cold"] = {**cold_cal.to_dict(), "spans": len(cold), "depths": cold_report}
     result = {**calibration.to_dict(), **extra, "valid": cfg.valid,  # extra: the retrieval's and cold part's reports

@@ -19,20 +19,25 @@ A calibration may carry a second (alpha, beta), ``cold``, for requests with no t
 conversation (the first turn): there the model has only the user's words to go on and weighs differently
 against the prior, so ``export/calibrate.py`` fits it on those spans alone.
 
-It may also weigh three more facts about a child, per depth (``export/calibrate.py --features``):
+It may also weigh more facts about a child, per depth (``export/calibrate.py``, on by default):
 
     + count[d] * log(tracks below the child)            (the catalog's shape, beside the retrieval prior)
     + played[d] * [a track played in this conversation lies below the child]
     + last[d] * [the track played last lies below the child]
+    + named[d] * [a track by an artist named in the user's latest message lies below the child]
+    + artist[d] * [a track by the last played track's artist lies below the child]
 
 Playlists stay near what they have played: given the cf token, the true tag token is the one a played
-track also has far more often than the model alone predicts. These marks are per request
-(``played_marks``); played tracks themselves are never offered again (``trie.Exclusions``).
+track also has far more often than the model alone predicts. And a request that names an artist ("got
+any Billy Joel?") or asks to stay with one ("more from them") is about that artist's tracks, which the
+model, trained on few conversations, finds only loosely. These marks are per request (``played_marks``,
+artist names from ``ArtistIndex``); played tracks themselves are never offered again (``trie.Exclusions``).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,8 +62,10 @@ class SpanCalibration:
     count: tuple[float, ...] = ()  # per depth: weight of log(tracks below the child); () = none
     played: tuple[float, ...] = ()  # per depth: weight of "a played track lies below the child"
     last: tuple[float, ...] = ()  # per depth: weight of "the last played track lies below the child"
+    named: tuple[float, ...] = ()  # per depth: weight of "a track by an artist the message names lies below"
+    artist: tuple[float, ...] = ()  # per depth: weight of "a track by the last played track's artist lies below"
 
-    FEATURES = ("count", "played", "last")
+    FEATURES = ("count", "played", "last", "named", "artist")
 
     @classmethod
     def parse(cls, value) -> "SpanCalibration | None":
@@ -109,8 +116,13 @@ class SpanCalibration:
 
     @property
     def uses_marks(self) -> bool:
-        """Whether it weighs what the conversation has played (``played_marks``), here or in its cold part."""
-        return any(self.played) or any(self.last) or (self.cold is not None and self.cold.uses_marks)
+        """Whether it weighs any of ``played_marks``' facts, here or in its cold part."""
+        return any(any(getattr(self, name)) for name, _ in MARKS) or (self.cold is not None and self.cold.uses_marks)
+
+    @property
+    def uses_artists(self) -> bool:
+        """Whether it weighs the artist marks (which need an ``ArtistIndex``), here or in its cold part."""
+        return any(self.named) or any(self.artist) or (self.cold is not None and self.cold.uses_artists)
 
     def pick(self, cold: bool) -> "SpanCalibration":
         """The (alpha, beta) for a request: ``cold`` (no track played yet) when there is one, else these."""
@@ -132,36 +144,130 @@ class SpanCalibration:
         if self.count and self.count[d] and log_tracks is not None:
             s = s + self.count[d] * np.asarray(log_tracks, dtype=np.float64)
         if marks is not None:
-            if self.played and self.played[d]:
-                s = s + self.played[d] * (marks & PLAYED)
-            if self.last and self.last[d]:
-                s = s + (self.last[d] / LAST) * (marks & LAST)
+            for name, bit in MARKS:
+                w = getattr(self, name)
+                if w and w[d]:
+                    s = s + (w[d] / bit) * (marks & bit)
         if not normalise:
             return s
         m = s.max()
         return s - (m + np.log(np.exp(s - m).sum()))
 
 
-PLAYED, LAST = 1, 2  # the bits of ``played_marks``
+PLAYED, LAST, NAMED, ARTIST = 1, 2, 4, 8  # the bits of ``played_marks``
+MARKS = (("played", PLAYED), ("last", LAST), ("named", NAMED), ("artist", ARTIST))  # weight name, its bit
 
 
-def played_marks(trie, track_index: dict[str, int], history: list[dict]) -> np.ndarray | None:
+class ArtistIndex:
+    """The catalog's artists, for the artist marks: which tracks each artist name has (every credited artist
+    of a track), each track's main artist, and the artists a message names. Compact: the tracks of all
+    names in one array (CSR by name), the main artist of every track in another.
+
+    ``named(message)`` finds names as whole words: a name of two or more words in any case ("billy joel"); a
+    one-word name only as the catalog spells it and not as the message's first word ("Queen", "U2"; not
+    "Play some rock"), since many one-word names are common words."""
+
+    MAX_WORDS = 6
+
+    def __init__(self, names: list[tuple[int, list[str]]]):
+        """``names``: (track index, its credited artists, main one first) per track."""
+        self.keys: dict[str, int] = {}  # lower-case name -> name id
+        self.one_word: set[str] = set()  # one-word names as the catalog spells them
+        name_of, track_of, main = [], [], {}
+        for track, artists in names:
+            for i, a in enumerate(artists):
+                key = " ".join(a.lower().split())
+                if not key:
+                    continue
+                k = self.keys.setdefault(key, len(self.keys))
+                name_of.append(k)
+                track_of.append(track)
+                if " " not in key:
+                    self.one_word.add(a.strip())
+                if i == 0:
+                    main.setdefault(track, k)
+        n, t = np.asarray(name_of, dtype=np.int32), np.asarray(track_of, dtype=np.int32)
+        order = np.lexsort((t, n))
+        self._tracks = t[order]
+        self._offsets = np.searchsorted(n[order], np.arange(len(self.keys) + 1)).astype(np.int64)
+        self._names = list(self.keys)
+        self._main = np.full(max(main, default=-1) + 1, -1, dtype=np.int32)
+        for track, k in main.items():
+            self._main[track] = k
+
+    @classmethod
+    def from_catalog(cls, catalog, track_index: dict[str, int]) -> "ArtistIndex":
+        names = []
+        for tid, artist, artists in catalog.conn.execute("SELECT id, artist, artists FROM tracks"):
+            if tid not in track_index:
+                continue
+            credited = []
+            if artists:
+                try:
+                    credited = [a for a in json.loads(artists) if isinstance(a, str)]
+                except (ValueError, TypeError):
+                    credited = []
+            names.append((track_index[tid], credited or ([artist] if artist else [])))
+        return cls(names)
+
+    def main_of(self, track: int) -> str | None:
+        """The track's main artist (lower case), or None."""
+        k = int(self._main[track]) if 0 <= track < len(self._main) else -1
+        return self._names[k] if k >= 0 else None
+
+    def named(self, message: str) -> list[str]:
+        """The artist names (lower case) a message names."""
+        words = re.findall(r"[^\s,;:!?()\"“”]+", message or "")
+        words = [w.strip(".'’") or w for w in words]
+        low = [w.lower() for w in words]
+        found = set()
+        for n in range(1, min(self.MAX_WORDS, len(words)) + 1):
+            for i in range(len(words) - n + 1):
+                key = " ".join(low[i:i + n])
+                if key in self.keys and (n > 1 or (i > 0 and words[i] in self.one_word)):
+                    found.add(key)
+        return sorted(found)
+
+    def tracks_of(self, names) -> np.ndarray:
+        """Track indices by any of ``names`` (lower case)."""
+        ids = [self.keys[k] for k in names if k in self.keys]
+        parts = [self._tracks[self._offsets[k]:self._offsets[k + 1]] for k in ids]
+        return np.unique(np.concatenate(parts)).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+
+
+def _latest_user_message(history: list[dict]) -> str:
+    return next((t.get("content") or "" for t in reversed(history) if t.get("role") == "user"), "")
+
+
+def played_marks(trie, track_index: dict[str, int], history: list[dict],
+                 artists: ArtistIndex | None = None) -> np.ndarray | None:
     """Per trie node: bit ``PLAYED`` when a track played in the conversation so far (its assistant turns'
-    ``track_ids``) lies below it, bit ``LAST`` when the last turn's first track does; None when nothing was
-    played."""
+    ``track_ids``) lies below it, bit ``LAST`` when the last turn's first track does; with ``artists``,
+    bit ``NAMED`` when a track by an artist the latest user message names does and bit ``ARTIST`` when a
+    track by the last played track's main artist does. None when no node has a bit."""
     from .baselines import played_ids
 
     played = [track_index[t] for t in played_ids(history) if t in track_index]
-    if not played:
+    marked: list[tuple[np.ndarray, int]] = []
+    if played:
+        last = next(track_index[t] for turn in reversed(history) if turn.get("role") == "assistant"
+                    for t in (turn.get("track_ids") or []) if t in track_index)
+        marked += [(np.asarray(played, dtype=np.int64), PLAYED), (np.asarray([last], dtype=np.int64), LAST)]
+        if artists is not None and artists.main_of(last) is not None:
+            marked.append((artists.tracks_of([artists.main_of(last)]), ARTIST))
+    if artists is not None:
+        named = artists.tracks_of(artists.named(_latest_user_message(history)))
+        if len(named):
+            marked.append((named, NAMED))
+    if not marked:
         return None
-    last = next(track_index[t] for turn in reversed(history) if turn.get("role") == "assistant"
-                for t in (turn.get("track_ids") or []) if t in track_index)
     marks = np.zeros(trie.n_nodes, dtype=np.uint8)
-    for track, bit in [(t, PLAYED) for t in played] + [(last, LAST)]:
-        node = int(trie.leaf_of_track[track])
-        while node >= 0:
-            marks[node] |= bit
-            node = int(trie.parent[node])
+    for tracks, bit in marked:
+        nodes = np.unique(trie.leaf_of_track[tracks].astype(np.int64))
+        while len(nodes):  # every ancestor up to the root (whose parent is -1)
+            marks[nodes] |= bit
+            nodes = np.unique(trie.parent[nodes].astype(np.int64))
+            nodes = nodes[nodes >= 0]
     return marks
 
 

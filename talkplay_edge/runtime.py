@@ -60,7 +60,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from . import chat_format as cf
-from .calibration import CALIBRATION_KEY, SpanCalibration, is_cold, log_track_counts, played_marks
+from .calibration import CALIBRATION_KEY, ArtistIndex, SpanCalibration, is_cold, log_track_counts, played_marks
 from .retrieval import RetrievalPrior
 from .catalog import Catalog, Track, corrupt
 from .gguf_check import GGUFError, check_gguf
@@ -211,6 +211,9 @@ class TalkPlay:
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from e
         self._log_count = log_track_counts(self.trie) if self.calibration is not None else None
+        # the catalog's artists, for the artist marks, when the calibration weighs them
+        self.artists = (ArtistIndex.from_catalog(catalog, self.track_index)
+                        if self.calibration is not None and self.calibration.uses_artists else None)
         self.retrieval = (RetrievalPrior(catalog, self.trie, self.track_index, self.calibration.retrieval, threads)
                           if self.calibration is not None and self.calibration.retrieval is not None else None)
         if self.retrieval is not None:
@@ -504,7 +507,7 @@ class TalkPlay:
         """``calibration.played_marks`` of a conversation so far, when the calibration weighs them; else None."""
         if self.calibration is None or not self.calibration.uses_marks:
             return None
-        return played_marks(self.trie, self.track_index, history)
+        return played_marks(self.trie, self.track_index, history, self.artists)
 
     def retrieval_prior(self, history: list[dict], exclude: Iterable[str] = ()) -> np.ndarray | None:
         """Log prior mass below every trie node for a request (the conversation so far, ending with the user

@@ -240,3 +240,80 @@ def test_the_runtime_follows_the_last_played_track(runtime_gguf, tiny_catalog):
         cat = tp.catalog
         tp.close()
         cat.close()
+
+
+def test_artist_index_finds_the_artists_a_message_names():
+    """Names of two or more words match in any case; one-word names only as the catalog spells them and
+    not as the first word; every credited artist of a track counts, the first is its main artist."""
+    from talkplay_edge.calibration import ArtistIndex
+
+    ix = ArtistIndex([(0, ["Billy Joel"]), (1, ["Queen"]), (2, ["Queen", "David Bowie"]), (3, ["So"]),
+                      (4, ["Mos Def", "Nate Dogg"]), (5, [])])
+    assert ix.named("Got any Billy Joel?") == ["billy joel"] and ix.named("got any billy  joel") == ["billy joel"]
+    assert ix.named("Can you play some Queen?") == ["queen"] and ix.named("can you play some queen") == []
+    assert ix.named("So, what now?") == [] and ix.named("Play some rock.") == [] and ix.named("") == []
+    assert ix.named("Queen or David Bowie, and something like Nate Dogg.") == ["david bowie", "nate dogg"]
+    assert list(ix.tracks_of(["queen"])) == [1, 2] and list(ix.tracks_of(["nate dogg", "nobody"])) == [4]
+    assert [ix.main_of(t) for t in range(7)] == ["billy joel", "queen", "queen", "so", "mos def", None, None]
+
+
+def test_played_marks_mark_named_and_same_artist_tracks():
+    """With an ``ArtistIndex``: bit NAMED above the tracks of an artist the latest user message names (on a
+    first turn too), bit ARTIST above the tracks of the last played track's main artist."""
+    from talkplay_edge.calibration import ARTIST, LAST, NAMED, PLAYED, ArtistIndex, played_marks
+    from talkplay_edge.trie import CodeTrie
+
+    trie = CodeTrie.build([[1, 10, 100], [1, 10, 101], [1, 11, 102], [2, 12, 103]])
+    index = {"a": 0, "b": 1, "c": 2, "d": 3}
+    artists = ArtistIndex([(0, ["Billy Joel"]), (1, ["Queen"]), (2, ["Other"]), (3, ["Queen"])])
+    leaf = trie.leaf_of_track
+    cold = [{"role": "user", "content": "Got any Billy Joel?"}]
+    assert played_marks(trie, index, cold) is None  # without the index: nothing played, nothing marked
+    marks = played_marks(trie, index, cold, artists)
+    assert marks[leaf[0]] == NAMED and marks[trie.parent[leaf[0]]] == NAMED and marks[0] == NAMED
+    assert marks[leaf[1]] == 0 and marks[leaf[3]] == 0
+    assert played_marks(trie, index, [{"role": "user", "content": "anything"}], artists) is None
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x", "track_ids": ["b"]},
+               {"role": "user", "content": "more from them"}]
+    marks = played_marks(trie, index, history, artists)
+    assert marks[leaf[1]] == PLAYED | LAST | ARTIST and marks[leaf[3]] == ARTIST
+    assert marks[leaf[0]] == 0 and marks[leaf[2]] == 0 and marks[trie.parent[leaf[3]]] == ARTIST
+
+
+def test_named_and_artist_weights_score_their_marks():
+    from talkplay_edge.calibration import ARTIST, NAMED, PLAYED
+
+    cal = SpanCalibration.parse({"alpha": [0], "beta": [1], "named": [3.0], "artist": [-1.5],
+                                 "cold": {"alpha": [0], "beta": [1], "named": [2.0]}})
+    assert cal.uses_marks and cal.uses_artists and cal.cold.named == (2.0,)
+    assert SpanCalibration.parse(cal.to_json()) == cal
+    assert not SpanCalibration.parse({"alpha": [0], "beta": [1], "played": [1]}).uses_artists
+    logits = np.array([0.0, 1.0, 2.0, 0.5])
+    marks = np.array([NAMED, ARTIST, NAMED | ARTIST | PLAYED, 0], dtype=np.uint8)
+    want = logits + 3.0 * np.array([1, 0, 1, 0]) - 1.5 * np.array([0, 1, 1, 0])
+    assert np.allclose(cal.scores(logits, np.zeros(4), 0, normalise=False, marks=marks), want)
+
+
+def test_the_runtime_plays_the_artist_a_request_names(runtime_gguf, tiny_catalog):
+    """With the model and the prior switched off and a large ``named`` weight, a request naming an artist
+    gets one of that artist's tracks (an artist the unweighted pick is not by)."""
+    from talkplay_edge.runtime import ModelRecommender, TalkPlay
+
+    def best(named: float, message: str) -> str:
+        tp = TalkPlay.load(runtime_gguf, tiny_catalog, threads=1, n_ctx=1024,
+                           span_calibration={"alpha": [0], "beta": [0], "named": [named]})
+        try:
+            return ModelRecommender(tp=tp).recommend([{"role": "user", "content": message}], set(), n=1)[0]
+        finally:
+            cat = tp.catalog
+            tp.close()
+            cat.close()
+
+    from talkplay_edge.catalog import Catalog
+
+    with Catalog.open(tiny_catalog) as cat:
+        by = {t.id: t.artist for t in cat.tracks()}
+    default = best(0.0, "Got anything?")
+    artist = next(a for a in sorted(set(by.values())) if a != by[default])
+    assert by[best(0.0, f"Got any {artist}?")] != artist  # the weight, not the words, does it
+    assert by[best(20.0, f"Got any {artist}?")] == artist

@@ -282,8 +282,9 @@ def test_calibrate_fits_a_cold_part(trained, tiny_catalog, tmp_path):
                           f"--valid={d / 'conv' / 'valid.jsonl'}", "--base=tiny", "--seq_len=256", "--lora_alpha=8"])
     cold = res["cold"]
     assert cold["spans"] == 4  # one first turn per conversation
-    assert all("nll_grid" not in r for r in cold["depths"])  # the cold part keeps its grid fit (no --cold_features)
-    assert not (cold.get("count") or cold.get("played") or cold.get("last"))
+    # without --cold_features the cold part keeps its grid (alpha, beta) and may weigh only named artists
+    assert all(r["alpha"] in calibrate.ALPHAS and r["beta"] in calibrate.BETAS for r in cold["depths"])
+    assert not (cold.get("count") or cold.get("played") or cold.get("last") or cold.get("artist"))
     assert sum(r["choices"] for r in res["depths"]) == res["choices"] > sum(r["choices"] for r in cold["depths"]) > 0
     for r in cold["depths"]:
         assert r["nll_calibrated"] <= r["nll_model"] + 1e-9
@@ -383,3 +384,25 @@ def test_seen_row_updates_leave_absent_rows_alone(trained, tiny_catalog, tmp_pat
     assert start is not None
     with pytest.raises(SystemExit, match="row_updates"):
         train.main(common + [f"--out={tmp_path / 'bad'}", "--row_updates=some"])
+
+
+def test_refine_snaps_a_beta_near_zero():
+    """A refined beta within ``snap_beta`` of 0 becomes exactly 0 (the runtime then decodes nothing before
+    that step) and the other weights are refitted; a larger beta is left alone."""
+    import numpy as np
+
+    from export.calibrate import refine
+
+    rng = np.random.default_rng(0)
+    xs = []
+    for _ in range(300):
+        lm = np.log(rng.dirichlet(np.ones(6)))
+        target = int(rng.choice(6, p=np.exp(lm)))
+        logits = rng.normal(size=6) + 0.3 * (np.arange(6) == target)  # the model: a weak signal
+        xs.append((0, logits, lm, target, np.zeros(6), np.zeros(6, dtype=np.uint8)))
+    free = refine(xs, 1.0, 1.0, use_count=False)
+    assert 0 < free["beta"] < 1 and free["alpha"] > 0.5
+    snapped = refine(xs, 1.0, 1.0, use_count=False, snap_beta=1.0)
+    assert snapped["beta"] == 0.0 and snapped["alpha"] > 0.5
+    assert snapped["alpha"] != free["alpha"]  # refitted without the model
+    assert refine(xs, 1.0, 1.0, use_count=False, snap_beta=free["beta"] / 2) == free

@@ -664,7 +664,7 @@ class ChatSession:
             user_turn = {"role": "user", "content": cf.normalize_message(message)[-2000:]}
             request = self.history + [user_turn]
             cold = is_cold(self.history)  # no track played yet: the calibration's first-turn part
-            marks = tp.played_marks(self.history)  # what the conversation has played, if the calibration weighs it
+            marks = tp.played_marks(request)  # what it has played and the artists it names, if the calibration weighs them
             while True:
                 ts = time.perf_counter()
                 if pending:

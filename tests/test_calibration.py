@@ -296,14 +296,17 @@ def test_named_and_artist_weights_score_their_marks():
 
 def test_the_runtime_plays_the_artist_a_request_names(runtime_gguf, tiny_catalog):
     """With the model and the prior switched off and a large ``named`` weight, a request naming an artist
-    gets one of that artist's tracks (an artist the unweighted pick is not by)."""
+    gets one of that artist's tracks (an artist the unweighted pick is not by), from eval's recommender and
+    from a chat message alike (the mark reads the message being answered)."""
     from talkplay_edge.runtime import ModelRecommender, TalkPlay
 
-    def best(named: float, message: str) -> str:
+    def picks(named: float, message: str) -> tuple[str, str]:
+        """(eval's recommender's track, a chat session's track) for a first message."""
         tp = TalkPlay.load(runtime_gguf, tiny_catalog, threads=1, n_ctx=1024,
                            span_calibration={"alpha": [0], "beta": [0], "named": [named]})
         try:
-            return ModelRecommender(tp=tp).recommend([{"role": "user", "content": message}], set(), n=1)[0]
+            ranked = ModelRecommender(tp=tp).recommend([{"role": "user", "content": message}], set(), n=1)[0]
+            return ranked, tp.chat(max_new_tokens=4).send(message).tracks[0].id
         finally:
             cat = tp.catalog
             tp.close()
@@ -313,7 +316,7 @@ def test_the_runtime_plays_the_artist_a_request_names(runtime_gguf, tiny_catalog
 
     with Catalog.open(tiny_catalog) as cat:
         by = {t.id: t.artist for t in cat.tracks()}
-    default = best(0.0, "Got anything?")
+    default = picks(0.0, "Got anything?")[0]
     artist = next(a for a in sorted(set(by.values())) if a != by[default])
-    assert by[best(0.0, f"Got any {artist}?")] != artist  # the weight, not the words, does it
-    assert by[best(20.0, f"Got any {artist}?")] == artist
+    assert {by[t] for t in picks(0.0, f"Got any {artist}?")} == {by[default]}  # the weight, not the words, does it
+    assert [by[t] for t in picks(20.0, f"Got any {artist}?")] == [artist, artist]

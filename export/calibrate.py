@@ -360,12 +360,13 @@ def main(argv: list[str] | None = None) -> dict:
                 print(title)
             refined = any("nll_grid" in r for r in rows)
             print("depth  choices  alpha   beta   NLL model → calibrated   top-1 model → calibrated"
-                  + ("   count  played   last   (grid NLL, top-1)" if refined else ""))
+                  + ("".join(f"  {name:>6s}" for name in SpanCalibration.FEATURES) + "   (grid NLL, top-1)"
+                     if refined else ""))
             for r in rows:
                 print(f"{r['depth']:5d}  {r['choices']:7d}  {r['alpha']:5.2f}  {r['beta']:5.2f}   "
                       f"{r['nll_model']:9.3f} → {r['nll_calibrated']:.3f}        {r['top1_model']:.3f} → {r['top1_calibrated']:.3f}"
-                      + (f"   {r['count']:5.2f}  {r['played']:6.2f}  {r['last']:5.2f}   ({r['nll_grid']:.3f}, {r['top1_grid']:.3f})"
-                         if "nll_grid" in r else ""))
+                      + ("".join(f"  {r[name]:6.2f}" for name in SpanCalibration.FEATURES)
+                         + f"   ({r['nll_grid']:.3f}, {r['top1_grid']:.3f})" if "nll_grid" in r else ""))
         if args.write:
             print(f"wrote {result['written']}")
     return result

@@ -198,15 +198,13 @@ class ArtistIndex:
     @classmethod
     def from_catalog(cls, catalog, track_index: dict[str, int]) -> "ArtistIndex":
         names = []
-        for tid, artist, artists in catalog.conn.execute("SELECT id, artist, artists FROM tracks"):
+        for tid, artist, artists in catalog.rows("id, artist, artists"):
             if tid not in track_index:
                 continue
-            credited = []
-            if artists:
-                try:
-                    credited = [a for a in json.loads(artists) if isinstance(a, str)]
-                except (ValueError, TypeError):
-                    credited = []
+            try:
+                credited = [a for a in json.loads(artists or "[]") if isinstance(a, str)]
+            except (ValueError, TypeError):
+                credited = []
             names.append((track_index[tid], credited or ([artist] if artist else [])))
         return cls(names)
 
@@ -235,17 +233,13 @@ class ArtistIndex:
         return np.unique(np.concatenate(parts)).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
 
 
-def _latest_user_message(history: list[dict]) -> str:
-    return next((t.get("content") or "" for t in reversed(history) if t.get("role") == "user"), "")
-
-
 def played_marks(trie, track_index: dict[str, int], history: list[dict],
                  artists: ArtistIndex | None = None) -> np.ndarray | None:
     """Per trie node: bit ``PLAYED`` when a track played in the conversation so far (its assistant turns'
     ``track_ids``) lies below it, bit ``LAST`` when the last turn's first track does; with ``artists``,
     bit ``NAMED`` when a track by an artist the latest user message names does and bit ``ARTIST`` when a
     track by the last played track's main artist does. None when no node has a bit."""
-    from .baselines import played_ids
+    from .baselines import played_ids, user_turns
 
     played = [track_index[t] for t in played_ids(history) if t in track_index]
     marked: list[tuple[np.ndarray, int]] = []
@@ -253,10 +247,11 @@ def played_marks(trie, track_index: dict[str, int], history: list[dict],
         last = next(track_index[t] for turn in reversed(history) if turn.get("role") == "assistant"
                     for t in (turn.get("track_ids") or []) if t in track_index)
         marked += [(np.asarray(played, dtype=np.int64), PLAYED), (np.asarray([last], dtype=np.int64), LAST)]
-        if artists is not None and artists.main_of(last) is not None:
-            marked.append((artists.tracks_of([artists.main_of(last)]), ARTIST))
+        main = artists.main_of(last) if artists is not None else None
+        if main is not None:
+            marked.append((artists.tracks_of([main]), ARTIST))
     if artists is not None:
-        named = artists.tracks_of(artists.named(_latest_user_message(history)))
+        named = artists.tracks_of(artists.named((user_turns(history) or [""])[-1]))
         if len(named):
             marked.append((named, NAMED))
     if not marked:

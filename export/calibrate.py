@@ -19,14 +19,16 @@ The spans of first turns (no track played yet) get a second fit of their own, st
 the context the model deserves a different weight against the prior. The main fit stays on every span.
 
 ``--features`` (the default; ``--no_features``: none) then refines every depth's (alpha, beta) together
-with more weights (``SpanCalibration``'s ``count``, ``played``, ``last``, ``named`` and ``artist``: the
-log of the tracks below a child; whether a track the conversation has played, or its last one, lies below
-it; whether a track by an artist the user's message names, or by the last played track's artist, does)
+with more weights (``SpanCalibration``'s ``count``, ``played``, ``last``, ``named``, ``artist`` and
+``asked``: the log of the tracks below a child; whether a track the conversation has played, or its last
+one, lies below it; whether a track by an artist the user's message names, or by the last played track's
+artist, does; whether a track that gives what the message asks does: ``talkplay_edge.asks``, the packaged
+ask head, ``--no_asks`` to leave it out)
 by L-BFGS on the same NLL, children of played-out subtrees left out as the runtime leaves them out. A
 refined beta within ``--snap_beta`` (0.02) of 0 becomes 0 and the rest is refitted: the step barely read
 the model, and at beta 0 the runtime decodes nothing before it. The report keeps the grid's NLL and top-1
-beside the refined ones. The cold part keeps its grid (alpha, beta) and gets only the ``named`` weight
-unless ``--cold_features`` (which refines it like the main part): fitted on 200 first-turn spans, a
+beside the refined ones. The cold part keeps its grid (alpha, beta) and gets only the ``named`` and
+``asked`` (a decade) weights unless ``--cold_features`` (which refines it like the main part): fitted on 200 first-turn spans, a
 refined cold part with a count weight lowered the fit set's NLL but ranked held-out first turns worse
 (valid 201–500: MRR .0427 → .0337, Hit@1 7 → 4 of 300).
 
@@ -116,10 +118,11 @@ def collect_spans(model, encoder, conversations, trie, start_id: int, show_progr
 
 
 def samples_of(spans, log_prior, trie=None, track_index: dict[str, int] | None = None,
-               artists: ArtistIndex | None = None) -> list[tuple]:
+               artists: ArtistIndex | None = None, asks=None) -> list[tuple]:
     """(depth, child logits, child log prior mass, index of the true child) of every step; ``log_prior(i)``
     gives span ``i``'s log mass below every node. With ``trie`` and ``track_index`` each sample also has
-    the children's log track counts and ``played_marks`` (the artist marks too, given ``artists``), and children whose tracks were all played (the
+    the children's log track counts and ``played_marks`` (the artist marks too, given ``artists``, and the
+    asked mark, given ``asks``), and children whose tracks were all played (the
     runtime never offers them) are left out."""
     from talkplay_edge.trie import Exclusions
 
@@ -130,7 +133,7 @@ def samples_of(spans, log_prior, trie=None, track_index: dict[str, int] | None =
         if trie is None:
             out += [(d, logits, lm[kids], target) for d, logits, kids, target in span["steps"]]
             continue
-        marks = played_marks(trie, track_index, span["history"], artists)
+        marks = played_marks(trie, track_index, span["history"], artists, asks)
         excl = Exclusions(trie, [track_index[t] for t in span["played"] if t in track_index])
         for d, logits, kids, target in span["steps"]:
             keep = np.isin(kids, excl.allowed(int(trie.parent[kids[0]]))[1])  # the runtime's pruned children
@@ -288,6 +291,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--cold_features", action="store_true",
                    help="refine the cold part like the main one (default: its grid (alpha, beta) and the named "
                         "weight alone; a refined one did worse on held-out first turns)")
+    p.add_argument("--no_asks", dest="asks", action="store_false",
+                   help="leave out the asked mark (what a request asks: a step from the last track, a decade)")
+    p.add_argument("--ask_head", default=None, help="the ask head (default: the packaged models/ask_head.npz)")
     p.add_argument("--snap_beta", type=float, default=0.02,
                    help="a refined beta closer to 0 than this becomes 0, the rest refitted: the runtime then "
                         "decodes nothing before that step (0: never)")
@@ -324,14 +330,20 @@ def main(argv: list[str] | None = None) -> dict:
         log_count = log_track_counts(trie)
         log_prior = lambda i: log_count  # noqa: E731
     artists = ArtistIndex.from_catalog(catalog, track_index) if args.features else None
-    samples = samples_of(spans, log_prior, trie, track_index, artists)
+    asks = None
+    if args.features and args.asks:
+        from talkplay_edge.asks import AskHead, Asks
+        from talkplay_edge.text_encoder import TextEncoder
+
+        asks = Asks(catalog, track_index, AskHead.load(args.ask_head), TextEncoder().encode, artists)
+    samples = samples_of(spans, log_prior, trie, track_index, artists, asks)
     if not samples:
         raise SystemExit(f"{cfg.valid}: no music spans to fit on")
     calibration, report = fit(samples, args.min_samples, spec, args.features, args.snap_beta)
     cold = [i for i, s in enumerate(spans) if not s["played"]]  # first turns: no track played yet
     if args.cold and len(cold) >= args.min_cold_spans:
         cold_cal, cold_report = fit(samples_of([spans[i] for i in cold], lambda j: log_prior(cold[j]), trie, track_index,
-                                               artists),
+                                               artists, asks),
                                     args.min_samples, spec, args.features, args.snap_beta, marks_only=not args.cold_features)
         calibration = dataclasses.replace(calibration, cold=dataclasses.replace(cold_cal, retrieval=None))
         extra["cold"] = {**cold_cal.to_dict(), "spans": len(cold), "depths": cold_report}

@@ -427,7 +427,8 @@ class DenseRecommender:
         self.popular = _popular_ids(catalog)
         self._memo: dict[str, np.ndarray] = {}
 
-    def _embed(self, texts: list[str]) -> np.ndarray:
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """[n, dim] sentence embeddings of ``texts``, remembered (a conversation's turns recur)."""
         todo = [t for t in dict.fromkeys(texts) if t not in self._memo]
         if todo:
             if len(self._memo) > 20000:
@@ -440,7 +441,7 @@ class DenseRecommender:
         turns = user_turns(history)[-self.history_turns:]
         if not turns:
             return None
-        vecs = self._embed(turns)
+        vecs = self.embed(turns)
         w = np.array([self.decay ** (len(turns) - 1 - i) for i in range(len(turns))], dtype=np.float32)
         q = (w[:, None] * vecs).sum(0)
         if self.track_weight:

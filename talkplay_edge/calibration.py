@@ -26,12 +26,15 @@ It may also weigh more facts about a child, per depth (``export/calibrate.py``, 
     + last[d] * [the track played last lies below the child]
     + named[d] * [a track by an artist named in the user's latest message lies below the child]
     + artist[d] * [a track by the last played track's artist lies below the child]
+    + asked[d] * [a track that gives what the request asks lies below the child]
 
 Playlists stay near what they have played: given the cf token, the true tag token is the one a played
 track also has far more often than the model alone predicts. And a request that names an artist ("got
 any Billy Joel?") or asks to stay with one ("more from them") is about that artist's tracks, which the
-model, trained on few conversations, finds only loosely. These marks are per request (``played_marks``,
-artist names from ``ArtistIndex``); played tracks themselves are never offered again (``trie.Exclusions``).
+model, trained on few conversations, finds only loosely. Likewise a request for a step ("something
+faster", "older", "not them again") or a decade ("from the 80s"): ``asks.Asks`` reads it from the message
+and finds the tracks that give it. These marks are per request (``played_marks``, artist names from
+``ArtistIndex``); played tracks themselves are never offered again (``trie.Exclusions``).
 """
 
 from __future__ import annotations
@@ -64,8 +67,9 @@ class SpanCalibration:
     last: tuple[float, ...] = ()  # per depth: weight of "the last played track lies below the child"
     named: tuple[float, ...] = ()  # per depth: weight of "a track by an artist the message names lies below"
     artist: tuple[float, ...] = ()  # per depth: weight of "a track by the last played track's artist lies below"
+    asked: tuple[float, ...] = ()  # per depth: weight of "a track that gives what the request asks lies below"
 
-    FEATURES = ("count", "played", "last", "named", "artist")
+    FEATURES = ("count", "played", "last", "named", "artist", "asked")
 
     @classmethod
     def parse(cls, value) -> "SpanCalibration | None":
@@ -124,6 +128,11 @@ class SpanCalibration:
         """Whether it weighs the artist marks (which need an ``ArtistIndex``), here or in its cold part."""
         return any(self.named) or any(self.artist) or (self.cold is not None and self.cold.uses_artists)
 
+    @property
+    def uses_asks(self) -> bool:
+        """Whether it weighs the ``asked`` mark (which needs an ``asks.Asks``), here or in its cold part."""
+        return any(self.asked) or (self.cold is not None and self.cold.uses_asks)
+
     def pick(self, cold: bool) -> "SpanCalibration":
         """The (alpha, beta) for a request: ``cold`` (no track played yet) when there is one, else these."""
         return self.cold if cold and self.cold is not None else self
@@ -154,8 +163,8 @@ class SpanCalibration:
         return s - (m + np.log(np.exp(s - m).sum()))
 
 
-PLAYED, LAST, NAMED, ARTIST = 1, 2, 4, 8  # the bits of ``played_marks``
-MARKS = (("played", PLAYED), ("last", LAST), ("named", NAMED), ("artist", ARTIST))  # weight name, its bit
+PLAYED, LAST, NAMED, ARTIST, ASKED = 1, 2, 4, 8, 16  # the bits of ``played_marks``
+MARKS = (("played", PLAYED), ("last", LAST), ("named", NAMED), ("artist", ARTIST), ("asked", ASKED))  # weight name, its bit
 
 
 class ArtistIndex:
@@ -234,11 +243,12 @@ class ArtistIndex:
 
 
 def played_marks(trie, track_index: dict[str, int], history: list[dict],
-                 artists: ArtistIndex | None = None) -> np.ndarray | None:
+                 artists: ArtistIndex | None = None, asks=None) -> np.ndarray | None:
     """Per trie node: bit ``PLAYED`` when a track played in the conversation so far (its assistant turns'
     ``track_ids``) lies below it, bit ``LAST`` when the last turn's first track does; with ``artists``,
     bit ``NAMED`` when a track by an artist the latest user message names does and bit ``ARTIST`` when a
-    track by the last played track's main artist does. None when no node has a bit."""
+    track by the last played track's main artist does; with ``asks`` (``asks.Asks``), bit ``ASKED`` when a
+    track that gives what the latest message asks does. None when no node has a bit."""
     from .baselines import played_ids, user_turns
 
     played = [track_index[t] for t in played_ids(history) if t in track_index]
@@ -254,6 +264,10 @@ def played_marks(trie, track_index: dict[str, int], history: list[dict],
         named = artists.tracks_of(artists.named((user_turns(history) or [""])[-1]))
         if len(named):
             marked.append((named, NAMED))
+    if asks is not None:
+        asked = asks.asked_tracks(history)
+        if asked is not None and len(asked):
+            marked.append((asked, ASKED))
     if not marked:
         return None
     marks = np.zeros(trie.n_nodes, dtype=np.uint8)

@@ -61,6 +61,7 @@ import numpy as np
 
 from . import chat_format as cf
 from .calibration import CALIBRATION_KEY, ArtistIndex, SpanCalibration, is_cold, log_track_counts, played_marks
+from .asks import AskHead, Asks
 from .retrieval import RetrievalPrior
 from .catalog import Catalog, Track, corrupt
 from .gguf_check import GGUFError, check_gguf
@@ -212,12 +213,24 @@ class TalkPlay:
             raise ValueError(f"{source}: {e}") from e
         self._log_count = log_track_counts(self.trie) if self.calibration is not None else None
         # the catalog's artists, for the artist marks, when the calibration weighs them
+        weighs = (lambda what: self.calibration is not None and getattr(self.calibration, what))  # noqa: E731
         self.artists = (ArtistIndex.from_catalog(catalog, self.track_index)
-                        if self.calibration is not None and self.calibration.uses_artists else None)
+                        if weighs("uses_artists") or weighs("uses_asks") else None)
         self.retrieval = (RetrievalPrior(catalog, self.trie, self.track_index, self.calibration.retrieval, threads)
                           if self.calibration is not None and self.calibration.retrieval is not None else None)
         if self.retrieval is not None:
             self.retrieval.load()  # the retrievers load now (their index and vectors), not on the first request
+        # what a request asks ("something faster", "from the 80s"), when the calibration weighs it: the
+        # head reads the dense retriever's embedding of the message (already computed for the prior)
+        self.asks = None
+        if weighs("uses_asks"):
+            if self.retrieval is not None:
+                embed = self.retrieval.hybrid.parts[1].embed
+            else:
+                from .text_encoder import TextEncoder
+
+                embed = TextEncoder(threads=threads).encode
+            self.asks = Asks(catalog, self.track_index, AskHead.load(), embed, self.artists)
 
         # -- the llama context: one main sequence (0) plus 2 × max_beam beam sequences -----------------
         self.max_beam = max(1, int(max_beam))
@@ -507,7 +520,7 @@ class TalkPlay:
         """``calibration.played_marks`` of a conversation so far, when the calibration weighs them; else None."""
         if self.calibration is None or not self.calibration.uses_marks:
             return None
-        return played_marks(self.trie, self.track_index, history, self.artists)
+        return played_marks(self.trie, self.track_index, history, self.artists, self.asks)
 
     def retrieval_prior(self, history: list[dict], exclude: Iterable[str] = ()) -> np.ndarray | None:
         """Log prior mass below every trie node for a request (the conversation so far, ending with the user

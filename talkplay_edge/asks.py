@@ -1,0 +1,210 @@
+"""What a request asks of the next track, and which catalog tracks give it.
+
+A follow-up such as "something faster", "a bit older" or "not them again" asks for a step away from the
+track just played; "anything from the 80s?" asks for a decade. The span calibration weighs this as one
+more mark (``calibration.ASKED``: a track that gives what the request asks lies below the child), so a
+model trained on few conversations still moves the way the listener asked.
+
+    ASKS             kind -> (track attribute, direction, least step): faster, slower, more/less energy,
+                     happier, sadder, more/less acoustic, more danceable, older, newer
+    OTHER_ARTIST     another artist than the last track's
+    decade_of(msg)   the decade a message names ("80s", "1980s", "eighties", "noughties", "2010s"), or None
+    AskHead          a linear classifier over the MiniLM sentence embedding of the user's latest message
+                     and its words -> the kind of step it asks for (or "none"); trained by ``python -m
+                     export.asks`` on the training conversations' intents, shipped as ``models/ask_head.npz``
+                     (~50 KB). The words matter: MiniLM puts "something older" and "something newer" close
+                     together, a word ("older") tells them apart.
+    Asks             the catalog's attributes + the head: ``asked_tracks(history)`` -> track indices, or None
+
+The head answers only when it is sure (probability >= ``threshold``, default 0.5): a wrong step rules out
+the tracks the listener wanted, a missed one only leaves the model on its own.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+ASKS: dict[str, tuple[str, int, float]] = {
+    "faster": ("tempo", 1, 8.0), "slower": ("tempo", -1, 8.0),
+    "more_energy": ("energy", 1, 0.1), "less_energy": ("energy", -1, 0.1),
+    "happier": ("valence", 1, 0.15), "sadder": ("valence", -1, 0.15),
+    "more_acoustic": ("acousticness", 1, 0.15), "less_acoustic": ("acousticness", -1, 0.15),
+    "more_danceable": ("danceability", 1, 0.1),
+    "older": ("year", -1, 2.0), "newer": ("year", 1, 2.0),
+}
+OTHER_ARTIST = "other_artist"
+NONE = "none"
+KINDS = (NONE, *sorted(ASKS), OTHER_ARTIST)  # the head's classes, in this order
+ATTRIBUTES = sorted({a for a, _, _ in ASKS.values()})
+HEAD_FILE = Path(__file__).parent / "models" / "ask_head.npz"
+TRAIN_COMMAND = "python -m export.asks --write"
+
+_TENS = {"twenties": 20, "thirties": 30, "forties": 40, "fifties": 50, "sixties": 60, "seventies": 70,
+         "eighties": 80, "nineties": 90}
+_DECADE = re.compile(r"(?<![\w])(?:(19|20)([0-9])0s|'?([0-9])0s|(twenties|thirties|forties|fifties|sixties|seventies|"
+                     r"eighties|nineties)|(noughties|aughts|two[- ]thousands)|(twenty[- ]tens))(?![\w])", re.I)
+
+
+def decade_of(message: str) -> int | None:
+    """The first decade ``message`` names, as its first year (1980 for "80s", "1980s", "'80s", "eighties";
+    2000 for "2000s", "noughties"; 2010 for "2010s", "twenty-tens"); None when it names none. A bare "20s"
+    or "10s" reads as the 1920s / 1910s, the usual sense."""
+    m = _DECADE.search(message or "")
+    if not m:
+        return None
+    century, tens, short, word, noughties, tens_word = m.groups()
+    if century:
+        return int(century) * 100 + int(tens) * 10
+    if short:
+        return 1900 + int(short) * 10
+    if word:
+        return 1900 + _TENS[word.lower()]
+    return 2000 if noughties else 2010
+
+
+class AskHeadError(RuntimeError):
+    pass
+
+
+_WORD = re.compile(r"[a-z0-9']+")
+
+
+def words_of(message: str) -> set[str]:
+    """The lower-case words of a message (the head's word features)."""
+    return set(_WORD.findall((message or "").lower()))
+
+
+class AskHead:
+    """Softmax regression ``p = softmax(scale · [x, word_weight · w] @ W + b)`` over ``KINDS``: ``x`` the
+    message's L2-normalised sentence embedding, ``w`` which of the head's ``words`` it has (scaled to unit
+    length). It keeps the encoder's name and version it was trained against."""
+
+    def __init__(self, W: np.ndarray, b: np.ndarray, kinds: tuple[str, ...] = KINDS, scale: float = 10.0,
+                 encoder: str = "", encoder_version: str = "", words: tuple[str, ...] = (),
+                 word_weight: float = 0.0):
+        W, b = np.asarray(W, dtype=np.float32), np.asarray(b, dtype=np.float32)
+        if W.ndim != 2 or W.shape[1] != len(kinds) or b.shape != (len(kinds),) or W.shape[0] <= len(words):
+            raise AskHeadError(f"ask head: W {W.shape}, b {b.shape} and {len(words)} words do not fit "
+                               f"{len(kinds)} kinds")
+        unknown = [k for k in kinds if k != NONE and k != OTHER_ARTIST and k not in ASKS]
+        if unknown:
+            raise AskHeadError(f"ask head: unknown kinds {unknown}")
+        self.W, self.b, self.kinds, self.scale = W, b, tuple(kinds), float(scale)
+        self.encoder, self.encoder_version = encoder, encoder_version
+        self.words, self.word_weight = tuple(words), float(word_weight)
+        self._word_index = {w: i for i, w in enumerate(self.words)}
+
+    @property
+    def dim(self) -> int:
+        """The sentence embedding's width."""
+        return self.W.shape[0] - len(self.words)
+
+    def features(self, embeddings: np.ndarray, messages: list[str] | None = None) -> np.ndarray:
+        """[n, dim + words] inputs: the embeddings, then the messages' word indicators (unit length, times
+        ``word_weight``); without messages, embeddings alone (a head with no words)."""
+        x = np.asarray(embeddings, dtype=np.float32)
+        if not self.words:
+            return x
+        if messages is None or len(messages) != len(x):
+            raise AskHeadError("ask head: this head reads the messages' words too; pass them")
+        w = np.zeros((len(x), len(self.words)), dtype=np.float32)
+        for r, m in enumerate(messages):
+            cols = [self._word_index[t] for t in words_of(m) if t in self._word_index]
+            if cols:
+                w[r, cols] = self.word_weight / np.sqrt(len(cols))
+        return np.concatenate([x, w], 1)
+
+    def probabilities(self, embeddings: np.ndarray, messages: list[str] | None = None) -> np.ndarray:
+        """[n, kinds] class probabilities of [n, dim] embeddings (and their ``messages``, for the words)."""
+        s = self.scale * (self.features(embeddings, messages) @ self.W) + self.b
+        s = s - s.max(1, keepdims=True)
+        e = np.exp(s)
+        return e / e.sum(1, keepdims=True)
+
+    def save(self, path) -> None:
+        np.savez_compressed(path, W=self.W, b=self.b, kinds=np.array(self.kinds), scale=np.float32(self.scale),
+                 encoder=np.array(self.encoder), encoder_version=np.array(self.encoder_version),
+                 words=np.array(self.words, dtype=str), word_weight=np.float32(self.word_weight))
+
+    @classmethod
+    def load(cls, path=None) -> "AskHead":
+        path = Path(path) if path is not None else HEAD_FILE
+        if not path.is_file():
+            raise AskHeadError(f"ask head not found: {path}; train it with `{TRAIN_COMMAND}`")
+        try:
+            with np.load(path) as z:
+                return cls(z["W"], z["b"], tuple(str(k) for k in z["kinds"]), float(z["scale"]),
+                           str(z["encoder"]), str(z["encoder_version"]), tuple(str(w) for w in z["words"]),
+                           float(z["word_weight"]))
+        except (OSError, ValueError, KeyError) as e:
+            raise AskHeadError(f"{path}: not an ask head ({e}); train it with `{TRAIN_COMMAND}`") from e
+
+
+class Asks:
+    """The tracks a request asks for: ``Asks(catalog, track_index, head, embed, artists=None)``;
+    ``embed(texts)`` gives the head's sentence embeddings (the runtime passes the dense retriever's, which
+    has the latest message embedded already). ``artists`` (``calibration.ArtistIndex``) is needed for
+    "another artist"; without it that kind asks nothing."""
+
+    def __init__(self, catalog, track_index: dict[str, int], head: AskHead, embed, artists=None,
+                 threshold: float = 0.5):
+        self.head, self.embed, self.artists, self.threshold = head, embed, artists, float(threshold)
+        self.track_index = track_index
+        n = max(track_index.values(), default=-1) + 1
+        self.values = {a: np.full(n, np.nan, dtype=np.float32) for a in ATTRIBUTES}
+        for row in catalog.rows("id, " + ", ".join(ATTRIBUTES)):
+            i = track_index.get(row["id"])
+            if i is None:
+                continue
+            for a in ATTRIBUTES:
+                if row[a] is not None:
+                    self.values[a][i] = row[a]
+
+    def kind(self, message: str) -> str:
+        """The kind of step ``message`` asks for (``KINDS``), ``NONE`` unless the head is sure."""
+        if not message or not message.strip():
+            return NONE
+        p = self.head.probabilities(self.embed([message]), [message])[0]
+        k = int(p.argmax())
+        return self.head.kinds[k] if p[k] >= self.threshold else NONE
+
+    def satisfying(self, kind: str, last: int | None) -> np.ndarray | None:
+        """Bool per track: gives ``kind`` relative to track ``last``; None when it asks nothing here."""
+        if kind in ASKS and last is not None:
+            attribute, sign, step = ASKS[kind]
+            v = self.values[attribute]
+            if np.isnan(v[last]):
+                return None
+            with np.errstate(invalid="ignore"):
+                return sign * (v - v[last]) >= step  # a track without the attribute gives nothing
+        if kind == OTHER_ARTIST and last is not None and self.artists is not None:
+            main = self.artists.main_of(last)
+            if main is None:
+                return None
+            ok = np.ones(len(self.values["year"]), dtype=bool)
+            ok[self.artists.tracks_of([main])] = False
+            return ok
+        return None
+
+    def asked_tracks(self, history: list[dict]) -> np.ndarray | None:
+        """Indices of the tracks that give what the latest user message asks (a decade it names, and the
+        step its kind asks from the last played track); None when it asks nothing this can check."""
+        from .baselines import user_turns
+
+        message = (user_turns(history) or [""])[-1]
+        last = next((self.track_index.get(t) for turn in reversed(history) if turn.get("role") == "assistant"
+                     for t in (turn.get("track_ids") or [])[:1]), None)  # the last turn's first track
+        ok = None
+        decade = decade_of(message)
+        if decade is not None:
+            year = self.values["year"]
+            with np.errstate(invalid="ignore"):
+                ok = (year >= decade) & (year < decade + 10)
+        if last is not None:  # a step away from the last track (a first turn has none to step from)
+            step = self.satisfying(self.kind(message), last)
+            if step is not None:
+                ok = step if ok is None else ok & step
+        return None if ok is None else np.flatnonzero(ok)

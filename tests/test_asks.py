@@ -1,0 +1,194 @@
+"""What a request asks of the next track (talkplay_edge/asks.py), its head (export/asks.py), the asked mark."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from talkplay_edge.asks import ASKS, KINDS, NONE, OTHER_ARTIST, AskHead, AskHeadError, Asks, decade_of
+from talkplay_edge.calibration import ASKED, ArtistIndex, SpanCalibration, played_marks
+
+
+@pytest.mark.parametrize("message, decade", [
+    ("Anything from the 80s?", 1980), ("I want 1980s music", 1980), ("some '90s rock", 1990),
+    ("Take me back to the eighties.", 1980), ("a Nineties tune", 1990), ("something from the 2010s", 2010),
+    ("Give me a 2000s hit", 2000), ("noughties pop please", 2000), ("a 1960s song", 1960),
+    ("twenty-tens pop", 2010), ("Something faster.", None), ("play 80 songs", None), ("", None),
+    ("the 1980s and the 90s", 1980), ("my 2080s playlist", 2080),
+])
+def test_decade_of(message, decade):
+    assert decade_of(message) == decade
+
+
+def _onehot_embed(texts):
+    """A stand-in encoder: a message that is a kind's name embeds as that kind's one-hot row, others as none's."""
+    eye = np.eye(len(KINDS), dtype=np.float32)
+    return np.stack([eye[KINDS.index(t) if t in KINDS else 0] for t in texts])
+
+
+def _sure_head() -> AskHead:
+    return AskHead(np.eye(len(KINDS)), np.zeros(len(KINDS)), KINDS, scale=10.0)
+
+
+def test_ask_head_round_trip_and_bad_files(tmp_path):
+    head = AskHead(np.arange(5 * len(KINDS), dtype=np.float32).reshape(5, -1) / 100, np.ones(len(KINDS)), KINDS,
+                   4.0, "enc", "1.0", ("faster", "older"), 0.5)
+    head.save(tmp_path / "h.npz")
+    back = AskHead.load(tmp_path / "h.npz")
+    assert back.kinds == KINDS and back.scale == 4.0 and (back.encoder, back.encoder_version) == ("enc", "1.0")
+    assert back.words == ("faster", "older") and back.word_weight == 0.5 and back.dim == 3
+    x = np.random.default_rng(0).normal(size=(2, 3)).astype(np.float32)
+    msgs = ["Faster, please!", "something else"]
+    assert np.allclose(back.probabilities(x, msgs), head.probabilities(x, msgs))
+    assert np.allclose(head.probabilities(x, msgs).sum(1), 1)
+    assert np.allclose(head.features(x, msgs)[:, 3:], [[0.5, 0], [0, 0]])  # the words it has, unit length × weight
+    with pytest.raises(AskHeadError, match="pass them"):
+        head.probabilities(x)
+    with pytest.raises(AskHeadError, match="not found.*export.asks"):
+        AskHead.load(tmp_path / "missing.npz")
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(AskHeadError, match="not an ask head"):
+        AskHead.load(tmp_path / "bad.npz")
+    with pytest.raises(AskHeadError, match="do not fit"):
+        AskHead(np.zeros((3, 2)), np.zeros(2), KINDS)
+    with pytest.raises(AskHeadError, match="do not fit"):
+        AskHead(np.zeros((2, len(KINDS))), np.zeros(len(KINDS)), KINDS, words=("a", "b"))
+    with pytest.raises(AskHeadError, match="unknown kinds"):
+        AskHead(np.zeros((3, 2)), np.zeros(2), (NONE, "louder"))
+    head = AskHead(np.zeros((4, len(KINDS))), np.zeros(len(KINDS)), KINDS, words=("a",))
+    np.savez(tmp_path / "old.npz", W=head.W, b=head.b)  # not every field
+    with pytest.raises(AskHeadError, match="not an ask head"):
+        AskHead.load(tmp_path / "old.npz")
+
+
+def test_the_packaged_head_reads_steps_from_messages(text_encoder):
+    head = AskHead.load()
+    assert head.encoder_version == text_encoder.version  # trained on this encoder's embeddings
+    msgs = ["Something older, please.", "slow it down a little", "Play me some jazz.", "not this artist again"]
+    p = head.probabilities(text_encoder.encode(msgs), msgs)
+    assert [head.kinds[i] for i in p.argmax(1)] == ["older", "slower", NONE, "other_artist"]
+
+
+@pytest.fixture()
+def asks_on_tiny(tiny_catalog):
+    from talkplay_edge.catalog import Catalog
+
+    cat = Catalog.open(tiny_catalog)
+    index = {t: i for i, t in enumerate(sorted(cat.codes()))}
+    rows = {r["id"]: r for r in cat.rows("id, tempo, year, artist")}
+    artists = ArtistIndex.from_catalog(cat, index)
+    yield Asks(cat, index, _sure_head(), _onehot_embed, artists), index, rows, artists
+    cat.close()
+
+
+def _after(track: str, message: str) -> list[dict]:
+    return [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x", "track_ids": [track]},
+            {"role": "user", "content": message}]
+
+
+def test_asks_finds_the_tracks_a_step_asks_for(asks_on_tiny):
+    asks, index, rows, artists = asks_on_tiny
+    ids = sorted(index, key=index.get)
+    last = min(ids, key=lambda t: rows[t]["tempo"] if rows[t]["tempo"] is not None else 1e9)  # leaves faster ones
+    got = asks.asked_tracks(_after(last, "faster"))
+    want = [index[t] for t in ids if rows[t]["tempo"] is not None and rows[t]["tempo"] >= rows[last]["tempo"] + 8]
+    assert want and sorted(got.tolist()) == want and index[last] not in got
+    assert ASKS["faster"][0] == "tempo"
+    # another artist: every track but the last one's main artist's
+    other = set(asks.asked_tracks(_after(last, OTHER_ARTIST)).tolist())
+    theirs = set(artists.tracks_of([artists.main_of(index[last])]).tolist())
+    assert theirs and other == set(range(len(ids))) - theirs
+    # asking nothing, or a step with no track played yet: None
+    assert asks.asked_tracks(_after(last, "play me something")) is None
+    assert asks.asked_tracks([{"role": "user", "content": "faster"}]) is None
+    # a decade, first turn or not; with a step too, both
+    decade = (rows[ids[0]]["year"] // 10) * 10
+    in_decade = {index[t] for t in ids if rows[t]["year"] and decade <= rows[t]["year"] < decade + 10}
+    assert set(asks.asked_tracks([{"role": "user", "content": f"anything from the {decade}s?"}]).tolist()) == in_decade
+    older = {index[t] for t in ids if rows[t]["year"] and rows[t]["year"] <= rows[last]["year"] - 2}
+    assert older  # the fake years spread over decades
+
+
+def test_played_marks_mark_the_asked_tracks():
+    """Bit ASKED above every track ``asks.asked_tracks`` gives, on a first turn too; nothing without asks."""
+    from talkplay_edge.trie import CodeTrie
+
+    class FixedAsks:
+        def __init__(self, tracks):
+            self.tracks = tracks
+
+        def asked_tracks(self, history):
+            return self.tracks
+
+    trie = CodeTrie.build([[1, 10, 100], [1, 10, 101], [1, 11, 102], [2, 12, 103]])
+    index = {"a": 0, "b": 1, "c": 2, "d": 3}
+    leaf = trie.leaf_of_track
+    cold = [{"role": "user", "content": "from the 80s"}]
+    marks = played_marks(trie, index, cold, asks=FixedAsks(np.array([1, 3])))
+    assert [int(marks[leaf[i]]) for i in range(4)] == [0, ASKED, 0, ASKED]
+    assert marks[trie.parent[leaf[0]]] == ASKED and marks[trie.parent[leaf[2]]] == 0 and marks[0] == ASKED
+    assert played_marks(trie, index, cold) is None
+    assert played_marks(trie, index, cold, asks=FixedAsks(None)) is None
+    assert played_marks(trie, index, cold, asks=FixedAsks(np.array([], dtype=np.int64))) is None
+
+
+def test_the_asked_weight_scores_its_mark_and_round_trips():
+    cal = SpanCalibration((1.0,), (0.5,), asked=(3.0,))
+    assert cal.uses_asks and cal.uses_marks and not cal.uses_artists
+    assert SpanCalibration.parse(cal.to_json()) == cal
+    logits, marks = np.array([1.0, 2.0, 0.5]), np.array([0, ASKED, ASKED | 1], dtype=np.uint8)
+    assert np.allclose(cal.scores(logits, np.zeros(3), 0, normalise=False, marks=marks), 0.5 * logits + [0, 3, 3])
+    assert not SpanCalibration((1.0,), (0.5,)).uses_asks
+
+
+def test_export_asks_labels_and_fits_a_head():
+    from export.asks import INTENT_KIND, fit_head, labelled_messages, score
+
+    conv = {"turns": [{"role": "user", "content": "Too slow."}, {"role": "assistant", "content": "a", "track_ids": ["x"]},
+                      {"role": "user", "content": "nah"}, {"role": "assistant", "content": "b", "track_ids": ["y"]},
+                      {"role": "user", "content": "jazz"}, {"role": "assistant", "content": "c", "track_ids": ["z"]}],
+            "meta": {"intents": ["neg_too_slow", "negative", "genre"]}}
+    assert labelled_messages([conv, {"turns": conv["turns"]}]) == [("Too slow.", "faster"), ("nah", OTHER_ARTIST),
+                                                                   ("jazz", NONE)]
+    assert all(k in KINDS for k in INTENT_KIND.values())
+    kinds = [KINDS[i % len(KINDS)] for i in range(60)]
+    X = _onehot_embed(kinds) + np.random.default_rng(1).normal(0, 0.05, (60, len(KINDS))).astype(np.float32)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    head = fit_head(X, kinds, l2=1e-4)
+    r = score(head, X, kinds)
+    assert r["accuracy"] == 1.0 and r["speaks"] == r["speaks_right"] == sum(k != NONE for k in kinds)
+    # the words: messages that embed alike ("older" and "newer" below) are told apart by a word they hold
+    kinds = ["older", "newer"] * 20
+    messages = [f"{k} one {i}" for i, k in enumerate(kinds)]
+    same = np.tile(np.eye(1, len(KINDS), dtype=np.float32), (40, 1))
+    assert score(fit_head(same, kinds, l2=1e-4), same, kinds)["accuracy"] == 0.5
+    head = fit_head(same, kinds, l2=1e-4, messages=messages, word_weight=1.0)
+    assert set(head.words) >= {"older", "newer", "one"} and "0" not in head.words  # words of >= 2 messages
+    assert score(head, same, kinds, messages=messages)["accuracy"] == 1.0
+
+
+def test_the_runtime_plays_the_decade_a_request_asks(runtime_gguf, tiny_catalog):
+    """With the model and the prior switched off and a large ``asked`` weight, a first request naming a
+    decade gets a track from it (a decade the unweighted pick is not from); the packaged head and MiniLM
+    are loaded for it."""
+    from talkplay_edge.catalog import Catalog
+    from talkplay_edge.runtime import TalkPlay
+
+    def pick(asked: float, message: str) -> str:
+        tp = TalkPlay.load(runtime_gguf, tiny_catalog, threads=1, n_ctx=1024,
+                           span_calibration={"alpha": [0], "beta": [0], "asked": [asked]})
+        try:
+            assert (tp.asks is not None) == (asked != 0)
+            return tp.chat(max_new_tokens=4).send(message).tracks[0].id
+        finally:
+            cat = tp.catalog
+            tp.close()
+            cat.close()
+
+    with Catalog.open(tiny_catalog) as cat:
+        year = {r["id"]: r["year"] for r in cat.rows("id, year")}
+    default = pick(0.0, "Got anything?")
+    decades = sorted({(y // 10) * 10 for y in year.values() if y} - {(year[default] // 10) * 10})
+    d = decades[0]
+    assert (year[pick(0.0, f"Got anything from the {d}s?")] // 10) * 10 != d  # the weight, not the words
+    assert (year[pick(20.0, f"Got anything from the {d}s?")] // 10) * 10 == d

@@ -508,6 +508,11 @@ class HybridRecommender:
         self.k, self.depth = k, depth
         self.popular = self.parts[0].popular
 
+    @property
+    def dense(self) -> DenseRecommender:
+        """The MiniLM part (its ``embed`` remembers the conversation's embedded turns)."""
+        return self.parts[1]
+
     def fused(self, history: list[dict], exclude: set[str], depth: int | None = None) -> list[str]:
         """The fused ranking (each part asked for ``depth`` tracks, default ``self.depth``), before the top-up."""
         depth = depth or self.depth

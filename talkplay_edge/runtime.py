@@ -225,7 +225,7 @@ class TalkPlay:
         self.asks = None
         if weighs("uses_asks"):
             if self.retrieval is not None:
-                embed = self.retrieval.hybrid.parts[1].embed
+                embed = self.retrieval.hybrid.dense.embed
             else:
                 from .text_encoder import TextEncoder
 

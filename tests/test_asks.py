@@ -174,11 +174,15 @@ def test_the_runtime_plays_the_decade_a_request_asks(runtime_gguf, tiny_catalog)
     from talkplay_edge.catalog import Catalog
     from talkplay_edge.runtime import TalkPlay
 
-    def pick(asked: float, message: str) -> str:
-        tp = TalkPlay.load(runtime_gguf, tiny_catalog, threads=1, n_ctx=1024,
-                           span_calibration={"alpha": [0], "beta": [0], "asked": [asked]})
+    def pick(asked: float, message: str, retrieval: bool = False) -> str:
+        cal = {"alpha": [0], "beta": [0], "asked": [asked]}
+        if retrieval:  # the head then reads the dense retriever's (remembered) embedding of the message
+            cal["retrieval"] = {"weight": 0.5, "gamma": 1.0, "k0": 10.0, "depth": 20}
+        tp = TalkPlay.load(runtime_gguf, tiny_catalog, threads=1, n_ctx=1024, span_calibration=cal)
         try:
             assert (tp.asks is not None) == (asked != 0)
+            if retrieval:
+                assert tp.asks.embed.__self__ is tp.retrieval.hybrid.dense
             return tp.chat(max_new_tokens=4).send(message).tracks[0].id
         finally:
             cat = tp.catalog
@@ -192,3 +196,4 @@ def test_the_runtime_plays_the_decade_a_request_asks(runtime_gguf, tiny_catalog)
     d = decades[0]
     assert (year[pick(0.0, f"Got anything from the {d}s?")] // 10) * 10 != d  # the weight, not the words
     assert (year[pick(20.0, f"Got anything from the {d}s?")] // 10) * 10 == d
+    assert (year[pick(20.0, f"Got anything from the {d}s?", retrieval=True)] // 10) * 10 == d

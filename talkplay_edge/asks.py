@@ -9,12 +9,19 @@ model trained on few conversations still moves the way the listener asked.
                      happier, sadder, more/less acoustic, more danceable, older, newer
     OTHER_ARTIST     another artist than the last track's
     decade_of(msg)   the decade a message names ("80s", "1980s", "eighties", "noughties", "2010s"), or None
+    moods_of(msg)    the moods a message names ("mellow", "upbeat", "danceable"...: ``conversations.MOODS``,
+                     each a threshold on one audio feature: "mellow" is energy <= 0.45)
+    genres_in(msg, names)  the catalog genres a message names, longest first ("latin hip hop", not "latin")
     AskHead          a linear classifier over the MiniLM sentence embedding of the user's latest message
                      and its words -> the kind of step it asks for (or "none"); trained by ``python -m
                      export.asks`` on the training conversations' intents, shipped as ``models/ask_head.npz``
                      (~50 KB). The words matter: MiniLM puts "something older" and "something newer" close
                      together, a word ("older") tells them apart.
     Asks             the catalog's attributes + the head: ``asked_tracks(history)`` -> track indices, or None
+
+A genre the latest message names is its own mark (``calibration.GENRE``, ``Asks.genre_tracks``): the
+tracks with that genre or subgenre. A mood counts towards the asked mark when the message asks no step
+("something mellow", not "too mellow" or "something more upbeat than this").
 
 The head answers only when it is sure (probability >= ``threshold``, default 0.5): a wrong step rules out
 the tracks the listener wanted, a missed one only leaves the model on its own.
@@ -27,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .conversations import MOODS
+
 ASKS: dict[str, tuple[str, int, float]] = {
     "faster": ("tempo", 1, 8.0), "slower": ("tempo", -1, 8.0),
     "more_energy": ("energy", 1, 0.1), "less_energy": ("energy", -1, 0.1),
@@ -38,7 +47,7 @@ ASKS: dict[str, tuple[str, int, float]] = {
 OTHER_ARTIST = "other_artist"
 NONE = "none"
 KINDS = (NONE, *sorted(ASKS), OTHER_ARTIST)  # the head's classes, in this order
-ATTRIBUTES = sorted({a for a, _, _ in ASKS.values()})
+ATTRIBUTES = sorted({a for a, _, _ in ASKS.values()} | {f for f, _, _ in MOODS.values()})
 HEAD_FILE = Path(__file__).parent / "models" / "ask_head.npz"
 TRAIN_COMMAND = "python -m export.asks --write"
 
@@ -63,6 +72,51 @@ def decade_of(message: str) -> int | None:
     if word:
         return 1900 + _TENS[word.lower()]
     return 2000 if noughties else 2010
+
+
+def _phrase_text(text: str) -> str:
+    """Lower case, hyphens and punctuation (but ``&`` and ``'``) as spaces, padded: for whole-phrase search."""
+    return " " + " ".join(re.sub(r"[^\w&']+", " ", (text or "").lower().replace("-", " ")).split()) + " "
+
+
+def _phrases_in(message: str, phrases) -> list[str]:
+    """The ``phrases`` ``message`` holds as whole words, longest first; a phrase inside a longer one found
+    (``hip hop`` in ``latin hip hop``) does not count again."""
+    text, found = _phrase_text(message), []
+    for phrase in sorted(phrases, key=lambda p: (-len(p), p)):
+        key = _phrase_text(phrase)
+        if key.strip() and key in text:
+            found.append(phrase)
+            text = text.replace(key, "  ")
+    return found
+
+
+_MOOD_WORDS = {w: mood for mood, (_, _, words) in MOODS.items() for w in words}
+_TOO = re.compile(r"\btoo\b", re.I)
+
+
+def moods_of(message: str) -> list[str]:
+    """The moods (``MOODS`` keys) a message names by one of their words, e.g. ["mellow"] for "something
+    chill"; a message that finds something *too* much names none ("too mellow" asks for the opposite)."""
+    if _TOO.search(message or ""):
+        return []
+    return sorted({_MOOD_WORDS[w] for w in _phrases_in(message, _MOOD_WORDS)})
+
+
+def mood_holds(mood: str, values: dict[str, np.ndarray]) -> np.ndarray:
+    """Bool per track: ``mood`` holds for its audio feature (a track without the value: False)."""
+    feature, predicate, _ = MOODS[mood]
+    v = values[feature]
+    out = np.zeros(len(v), dtype=bool)
+    known = ~np.isnan(v)
+    out[known] = [bool(predicate(float(x))) for x in v[known]]
+    return out
+
+
+def genres_in(message: str, names) -> list[str]:
+    """The genre ``names`` (lower case, as the catalog has them) a message names as whole words ("R&B",
+    "hip-hop" and "Hip Hop" alike), a longer name before the shorter ones inside it."""
+    return _phrases_in(message, names)
 
 
 class AskHeadError(RuntimeError):
@@ -155,13 +209,18 @@ class Asks:
         self.track_index = track_index
         n = max(track_index.values(), default=-1) + 1
         self.values = {a: np.full(n, np.nan, dtype=np.float32) for a in ATTRIBUTES}
-        for row in catalog.rows("id, " + ", ".join(ATTRIBUTES)):
+        genre_tracks: dict[str, list[int]] = {}
+        for row in catalog.rows("id, genres, subgenres, " + ", ".join(ATTRIBUTES)):
             i = track_index.get(row["id"])
             if i is None:
                 continue
             for a in ATTRIBUTES:
                 if row[a] is not None:
                     self.values[a][i] = row[a]
+            for g in set(_json_list(row["genres"])) | set(_json_list(row["subgenres"])):
+                genre_tracks.setdefault(" ".join(g.lower().split()), []).append(i)
+        self.genres = {g: np.asarray(t, dtype=np.int64) for g, t in genre_tracks.items() if g}
+        self._moods: dict[str, np.ndarray] = {}
 
     def kind(self, message: str) -> str:
         """The kind of step ``message`` asks for (``KINDS``), ``NONE`` unless the head is sure."""
@@ -203,8 +262,43 @@ class Asks:
             year = self.values["year"]
             with np.errstate(invalid="ignore"):
                 ok = (year >= decade) & (year < decade + 10)
-        if last is not None:  # a step away from the last track (a first turn has none to step from)
-            step = self.satisfying(self.kind(message), last)
-            if step is not None:
-                ok = step if ok is None else ok & step
+        kind = self.kind(message) if last is not None else NONE  # a first turn has no track to step from
+        step = self.satisfying(kind, last)
+        if step is not None:
+            ok = step if ok is None else ok & step
+        if kind == NONE:  # a mood is what the track is, not a step from the last one
+            for mood in moods_of(message):
+                holds = self.mood_tracks(mood)
+                ok = holds if ok is None else ok & holds
         return None if ok is None else np.flatnonzero(ok)
+
+    def mood_tracks(self, mood: str) -> np.ndarray:
+        """Bool per track: ``mood`` (a ``MOODS`` key) holds for it."""
+        if mood not in self._moods:
+            self._moods[mood] = mood_holds(mood, self.values)
+        return self._moods[mood]
+
+    def genre_tracks(self, history: list[dict]) -> np.ndarray | None:
+        """Indices of the tracks with a genre (or subgenre) the latest user message names; None when it
+        names none. Words of an artist's name it names are not a genre ("like Pop Smoke" asks no pop)."""
+        from .baselines import user_turns
+
+        message = (user_turns(history) or [""])[-1]
+        if self.artists is not None:
+            for name in self.artists.named(message):
+                message = _phrase_text(message).replace(_phrase_text(name), "  ")
+        named = genres_in(message, self.genres)
+        if not named:
+            return None
+        return np.unique(np.concatenate([self.genres[g] for g in named]))
+
+
+def _json_list(value) -> list[str]:
+    """A JSON list of strings from a catalog column (anything else: [])."""
+    import json
+
+    try:
+        v = json.loads(value or "[]")
+    except (TypeError, ValueError):
+        return []
+    return [x for x in v if isinstance(x, str)] if isinstance(v, list) else []

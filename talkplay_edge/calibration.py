@@ -68,8 +68,9 @@ class SpanCalibration:
     named: tuple[float, ...] = ()  # per depth: weight of "a track by an artist the message names lies below"
     artist: tuple[float, ...] = ()  # per depth: weight of "a track by the last played track's artist lies below"
     asked: tuple[float, ...] = ()  # per depth: weight of "a track that gives what the request asks lies below"
+    genre: tuple[float, ...] = ()  # per depth: weight of "a track of a genre the message names lies below"
 
-    FEATURES = ("count", "played", "last", "named", "artist", "asked")
+    FEATURES = ("count", "played", "last", "named", "artist", "asked", "genre")
 
     @classmethod
     def parse(cls, value) -> "SpanCalibration | None":
@@ -130,8 +131,9 @@ class SpanCalibration:
 
     @property
     def uses_asks(self) -> bool:
-        """Whether it weighs the ``asked`` mark (which needs an ``asks.Asks``), here or in its cold part."""
-        return any(self.asked) or (self.cold is not None and self.cold.uses_asks)
+        """Whether it weighs the ``asked`` or ``genre`` mark (which need an ``asks.Asks``), here or in its
+        cold part."""
+        return any(self.asked) or any(self.genre) or (self.cold is not None and self.cold.uses_asks)
 
     def pick(self, cold: bool) -> "SpanCalibration":
         """The (alpha, beta) for a request: ``cold`` (no track played yet) when there is one, else these."""
@@ -163,8 +165,9 @@ class SpanCalibration:
         return s - (m + np.log(np.exp(s - m).sum()))
 
 
-PLAYED, LAST, NAMED, ARTIST, ASKED = 1, 2, 4, 8, 16  # the bits of ``played_marks``
-MARKS = (("played", PLAYED), ("last", LAST), ("named", NAMED), ("artist", ARTIST), ("asked", ASKED))  # weight name, its bit
+PLAYED, LAST, NAMED, ARTIST, ASKED, GENRE = 1, 2, 4, 8, 16, 32  # the bits of ``played_marks``
+MARKS = (("played", PLAYED), ("last", LAST), ("named", NAMED), ("artist", ARTIST), ("asked", ASKED),
+         ("genre", GENRE))  # weight name, its bit
 
 
 class ArtistIndex:
@@ -248,7 +251,8 @@ def played_marks(trie, track_index: dict[str, int], history: list[dict],
     ``track_ids``) lies below it, bit ``LAST`` when the last turn's first track does; with ``artists``,
     bit ``NAMED`` when a track by an artist the latest user message names does and bit ``ARTIST`` when a
     track by the last played track's main artist does; with ``asks`` (``asks.Asks``), bit ``ASKED`` when a
-    track that gives what the latest message asks does. None when no node has a bit."""
+    track that gives what the latest message asks does and bit ``GENRE`` when a track of a genre it names
+    does. None when no node has a bit."""
     from .baselines import played_ids, user_turns
 
     played = [track_index[t] for t in played_ids(history) if t in track_index]
@@ -268,6 +272,9 @@ def played_marks(trie, track_index: dict[str, int], history: list[dict],
         asked = asks.asked_tracks(history)
         if asked is not None and len(asked):
             marked.append((asked, ASKED))
+        genre = asks.genre_tracks(history)
+        if genre is not None and len(genre):
+            marked.append((genre, GENRE))
     if not marked:
         return None
     marks = np.zeros(trie.n_nodes, dtype=np.uint8)

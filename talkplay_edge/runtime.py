@@ -220,8 +220,9 @@ class TalkPlay:
                           if self.calibration is not None and self.calibration.retrieval is not None else None)
         if self.retrieval is not None:
             self.retrieval.load()  # the retrievers load now (their index and vectors), not on the first request
-        # what a request asks ("something faster", "from the 80s"), when the calibration weighs it: the
-        # head reads the dense retriever's embedding of the message (already computed for the prior)
+        # what a request asks ("something faster", "from the 80s", "something mellow") and the genres it
+        # names, when the calibration weighs them: the head reads the dense retriever's embedding of the
+        # message (already computed for the prior)
         self.asks = None
         if weighs("uses_asks"):
             if self.retrieval is not None:

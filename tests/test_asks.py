@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from talkplay_edge.asks import ASKS, KINDS, NONE, OTHER_ARTIST, AskHead, AskHeadError, Asks, decade_of
-from talkplay_edge.calibration import ASKED, ArtistIndex, SpanCalibration, played_marks
+from talkplay_edge.asks import (ASKS, KINDS, NONE, OTHER_ARTIST, AskHead, AskHeadError, Asks, decade_of, genres_in,
+                                moods_of)
+from talkplay_edge.calibration import ASKED, GENRE, ArtistIndex, SpanCalibration, played_marks
 
 
 @pytest.mark.parametrize("message, decade", [
@@ -18,6 +19,30 @@ from talkplay_edge.calibration import ASKED, ArtistIndex, SpanCalibration, playe
 ])
 def test_decade_of(message, decade):
     assert decade_of(message) == decade
+
+
+GENRES = ["latin", "latin hip hop", "hip hop", "r&b", "rap", "post-teen pop", "pop", "edm", "pop edm"]
+
+
+@pytest.mark.parametrize("message, genres", [
+    ("Give me a R&B track.", ["r&b"]), ("my playlist is called Hip-Hop Favourites", ["hip hop"]),
+    ("Any Latin hip hop?", ["latin hip hop"]), ("latin pop and hip hop", ["hip hop", "latin", "pop"]),
+    ("I want some post-teen pop", ["post-teen pop"]), ("Post teen pop, please", ["post-teen pop"]),
+    ("a Pop EDM banger", ["pop edm"]), ("a rapper I like", []), ("popular songs", []), ("", []),
+    ("rap, pop and EDM", ["edm", "pop", "rap"]),
+])
+def test_genres_in(message, genres):
+    assert genres_in(message, GENRES) == genres
+
+
+@pytest.mark.parametrize("message, moods", [
+    ("Something chill, please.", ["mellow"]), ("I want feel-good gangster rap.", ["happy"]),
+    ("Any high-energy songs?", ["energetic"]), ("an upbeat, danceable one", ["danceable", "happy"]),
+    ("This is too mellow.", []), ("too sad, next", []), ("Play some rock", []), ("calmness", []),
+    ("something slow-tempo", ["slow"]), ("mostly acoustic please", ["acoustic"]),
+])
+def test_moods_of(message, moods):
+    assert moods_of(message) == moods
 
 
 def _onehot_embed(texts):
@@ -114,11 +139,14 @@ def test_played_marks_mark_the_asked_tracks():
     from talkplay_edge.trie import CodeTrie
 
     class FixedAsks:
-        def __init__(self, tracks):
-            self.tracks = tracks
+        def __init__(self, tracks, genre=None):
+            self.tracks, self.genre = tracks, genre
 
         def asked_tracks(self, history):
             return self.tracks
+
+        def genre_tracks(self, history):
+            return self.genre
 
     trie = CodeTrie.build([[1, 10, 100], [1, 10, 101], [1, 11, 102], [2, 12, 103]])
     index = {"a": 0, "b": 1, "c": 2, "d": 3}
@@ -130,6 +158,50 @@ def test_played_marks_mark_the_asked_tracks():
     assert played_marks(trie, index, cold) is None
     assert played_marks(trie, index, cold, asks=FixedAsks(None)) is None
     assert played_marks(trie, index, cold, asks=FixedAsks(np.array([], dtype=np.int64))) is None
+    marks = played_marks(trie, index, cold, asks=FixedAsks(np.array([1]), genre=np.array([1, 2])))
+    assert [int(marks[leaf[i]]) for i in range(4)] == [0, ASKED | GENRE, GENRE, 0]
+    assert marks[0] == ASKED | GENRE and marks[trie.parent[leaf[3]]] == 0
+
+
+def test_asks_finds_the_genres_and_moods_a_request_names(asks_on_tiny, tiny_catalog, monkeypatch):
+    """A genre named: every track with it as genre or subgenre (its own mark); a mood named: the tracks it
+    holds for (the asked mark), on a first turn and when no step is asked, with a decade both."""
+    asks, index, rows, artists = asks_on_tiny
+    import json
+
+    from talkplay_edge.catalog import Catalog
+    from talkplay_edge.conversations import MOODS
+
+    with Catalog.open(tiny_catalog) as cat:
+        info = {r["id"]: r for r in cat.rows("id, genres, subgenres, energy, year")}
+    ids = sorted(index, key=index.get)
+    genre_of = {t: set(json.loads(info[t]["genres"] or "[]")) | set(json.loads(info[t]["subgenres"] or "[]")) for t in ids}
+    assert set(asks.genres) >= {"rock", "pop", "rap"}
+    rock = {index[t] for t in ids if "rock" in genre_of[t]}
+    assert rock and set(asks.genre_tracks([{"role": "user", "content": "Play some Rock!"}]).tolist()) == rock
+    assert asks.genre_tracks([{"role": "user", "content": "play something"}]) is None
+    monkeypatch.setattr(asks, "artists", ArtistIndex([(0, ["Rock Mafia"])]))  # a genre word in a name
+    assert asks.genre_tracks([{"role": "user", "content": "more like Rock Mafia"}]) is None
+    assert set(asks.genre_tracks([{"role": "user", "content": "rock like rock mafia"}]).tolist()) == rock
+    monkeypatch.undo()
+    sub = sorted(g for g in asks.genres if " " in g)[0]  # a two-word subgenre of the fake data
+    assert set(asks.genre_tracks(_after(ids[0], f"a {sub.upper()} one?")).tolist()) == {
+        index[t] for t in ids if sub in genre_of[t]}
+    high = MOODS["energetic"][1]
+    energetic = {index[t] for t in ids if info[t]["energy"] is not None and high(info[t]["energy"])}
+    assert 0 < len(energetic) < len(ids)
+    assert set(asks.asked_tracks([{"role": "user", "content": "something intense"}]).tolist()) == energetic
+    assert set(asks.asked_tracks(_after(ids[0], "something intense")).tolist()) == energetic
+    assert asks.asked_tracks(_after(ids[0], "too intense")) is None
+    decade = (info[ids[0]]["year"] // 10) * 10
+    both = {index[t] for t in ids if index[t] in energetic and decade <= info[t]["year"] < decade + 10}
+    assert set(asks.asked_tracks([{"role": "user", "content": f"intense {decade}s"}]).tolist()) == both
+    # a step read from the message: the step alone, not the mood ("more intense than this" is relative)
+    slowest = min(ids, key=lambda t: rows[t]["tempo"] if rows[t]["tempo"] is not None else 1e9)
+    faster = set(np.flatnonzero(asks.satisfying("faster", index[slowest])).tolist())
+    assert faster - energetic  # else the test could not tell
+    monkeypatch.setattr(asks, "kind", lambda message: "faster")
+    assert set(asks.asked_tracks(_after(slowest, "faster and more intense")).tolist()) == faster
 
 
 def test_the_asked_weight_scores_its_mark_and_round_trips():
@@ -139,6 +211,10 @@ def test_the_asked_weight_scores_its_mark_and_round_trips():
     logits, marks = np.array([1.0, 2.0, 0.5]), np.array([0, ASKED, ASKED | 1], dtype=np.uint8)
     assert np.allclose(cal.scores(logits, np.zeros(3), 0, normalise=False, marks=marks), 0.5 * logits + [0, 3, 3])
     assert not SpanCalibration((1.0,), (0.5,)).uses_asks
+    cal = SpanCalibration((1.0,), (0.5,), genre=(2.0,))
+    assert cal.uses_asks and SpanCalibration.parse(cal.to_json()) == cal
+    assert np.allclose(cal.scores(logits, np.zeros(3), 0, normalise=False, marks=np.array([GENRE, ASKED, 0], dtype=np.uint8)),
+                       0.5 * logits + [2, 0, 0])
 
 
 def test_export_asks_labels_and_fits_a_head():
@@ -197,3 +273,30 @@ def test_the_runtime_plays_the_decade_a_request_asks(runtime_gguf, tiny_catalog)
     assert (year[pick(0.0, f"Got anything from the {d}s?")] // 10) * 10 != d  # the weight, not the words
     assert (year[pick(20.0, f"Got anything from the {d}s?")] // 10) * 10 == d
     assert (year[pick(20.0, f"Got anything from the {d}s?", retrieval=True)] // 10) * 10 == d
+
+
+def test_the_runtime_plays_the_genre_a_request_names(runtime_gguf, tiny_catalog):
+    """With the model and the prior switched off and a large ``genre`` weight, a first request naming a
+    genre gets a track of it (one the unweighted pick does not have)."""
+    import json
+
+    from talkplay_edge.catalog import Catalog
+    from talkplay_edge.runtime import TalkPlay
+
+    def pick(weight: float, message: str) -> str:
+        tp = TalkPlay.load(runtime_gguf, tiny_catalog, threads=1, n_ctx=1024,
+                           span_calibration={"alpha": [0], "beta": [0], "genre": [weight]})
+        try:
+            assert (tp.asks is not None) == (weight != 0)
+            return tp.chat(max_new_tokens=4).send(message).tracks[0].id
+        finally:
+            cat = tp.catalog
+            tp.close()
+            cat.close()
+
+    with Catalog.open(tiny_catalog) as cat:
+        genres = {r["id"]: set(json.loads(r["genres"] or "[]")) for r in cat.rows("id, genres")}
+    default = pick(0.0, "Got anything?")
+    other = sorted({g for gs in genres.values() for g in gs} - genres[default])[0]
+    assert other not in genres[pick(0.0, f"Got any {other}?")]  # the weight, not the words
+    assert other in genres[pick(20.0, f"Got any {other}?")]

@@ -72,6 +72,7 @@ def test_step_waits_for_all_parts_then_trains_every_variant(packed, tmp_path, mo
         log = json.loads((out / init / "train_log.json").read_text())
         assert log["config"]["init"] == init and log["log"][-1]["step"] == 2
         assert log["config"]["max_train_conversations"] == 12
+        assert log["config"]["row_updates"] == "seen"  # the GPU config's: unseen music rows do not drift
     assert (out / "train.log").read_text().count("init=mean") == 1
     assert len([f for f in out.rglob("*") if f.is_file()]) <= 8  # what comes back: at most 8 files
 

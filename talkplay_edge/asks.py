@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .catalog import json_strings
 from .conversations import MOODS
 
 ASKS: dict[str, tuple[str, int, float]] = {
@@ -107,9 +108,9 @@ def mood_holds(mood: str, values: dict[str, np.ndarray]) -> np.ndarray:
     """Bool per track: ``mood`` holds for its audio feature (a track without the value: False)."""
     feature, predicate, _ = MOODS[mood]
     v = values[feature]
-    out = np.zeros(len(v), dtype=bool)
     known = ~np.isnan(v)
-    out[known] = [bool(predicate(float(x))) for x in v[known]]
+    out = np.zeros(len(v), dtype=bool)
+    out[known] = predicate(v[known])  # MOODS' predicates are comparisons: they hold elementwise
     return out
 
 
@@ -217,7 +218,7 @@ class Asks:
             for a in ATTRIBUTES:
                 if row[a] is not None:
                     self.values[a][i] = row[a]
-            for g in set(_json_list(row["genres"])) | set(_json_list(row["subgenres"])):
+            for g in set(json_strings(row["genres"])) | set(json_strings(row["subgenres"])):
                 genre_tracks.setdefault(" ".join(g.lower().split()), []).append(i)
         self.genres = {g: np.asarray(t, dtype=np.int64) for g, t in genre_tracks.items() if g}
         self._moods: dict[str, np.ndarray] = {}
@@ -291,14 +292,3 @@ class Asks:
         if not named:
             return None
         return np.unique(np.concatenate([self.genres[g] for g in named]))
-
-
-def _json_list(value) -> list[str]:
-    """A JSON list of strings from a catalog column (anything else: [])."""
-    import json
-
-    try:
-        v = json.loads(value or "[]")
-    except (TypeError, ValueError):
-        return []
-    return [x for x in v if isinstance(x, str)] if isinstance(v, list) else []

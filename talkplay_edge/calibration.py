@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .catalog import json_strings
 from .retrieval import RetrievalSpec
 
 CALIBRATION_KEY = "talkplay.span_calibration"
@@ -213,11 +214,7 @@ class ArtistIndex:
         for tid, artist, artists in catalog.rows("id, artist, artists"):
             if tid not in track_index:
                 continue
-            try:
-                credited = [a for a in json.loads(artists or "[]") if isinstance(a, str)]
-            except (ValueError, TypeError):
-                credited = []
-            names.append((track_index[tid], credited or ([artist] if artist else [])))
+            names.append((track_index[tid], json_strings(artists) or ([artist] if artist else [])))
         return cls(names)
 
     def main_of(self, track: int) -> str | None:

@@ -54,6 +54,15 @@ def corrupt(path: Path, e: Exception) -> "CatalogError":
     return CatalogError(f"{path}: damaged catalog ({e}); {repair_hint(path)}")
 
 
+
+def json_strings(value) -> list[str]:
+    """The strings of a JSON-list column (``artists``, ``genres``, ``subgenres``); anything unreadable: []."""
+    try:
+        v = json.loads(value or "[]")
+    except (TypeError, ValueError):
+        return []
+    return [x for x in v if isinstance(x, str)] if isinstance(v, list) else []
+
 class CatalogError(Exception):
     """The catalog file is missing, unreadable, of the wrong schema or inconsistent. Names the file."""
 

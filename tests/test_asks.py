@@ -243,27 +243,37 @@ def test_export_asks_labels_and_fits_a_head():
     assert score(head, same, kinds, messages=messages)["accuracy"] == 1.0
 
 
+def _first_track(gguf, catalog, calibration: dict, message: str, check=lambda tp: None) -> str:
+    """The first track the runtime plays for ``message`` with this span calibration (``check(tp)`` first)."""
+    from talkplay_edge.runtime import TalkPlay
+
+    tp = TalkPlay.load(gguf, catalog, threads=1, n_ctx=1024, span_calibration=calibration)
+    try:
+        check(tp)
+        return tp.chat(max_new_tokens=4).send(message).tracks[0].id
+    finally:
+        cat = tp.catalog
+        tp.close()
+        cat.close()
+
+
 def test_the_runtime_plays_the_decade_a_request_asks(runtime_gguf, tiny_catalog):
     """With the model and the prior switched off and a large ``asked`` weight, a first request naming a
     decade gets a track from it (a decade the unweighted pick is not from); the packaged head and MiniLM
     are loaded for it."""
     from talkplay_edge.catalog import Catalog
-    from talkplay_edge.runtime import TalkPlay
 
     def pick(asked: float, message: str, retrieval: bool = False) -> str:
         cal = {"alpha": [0], "beta": [0], "asked": [asked]}
         if retrieval:  # the head then reads the dense retriever's (remembered) embedding of the message
             cal["retrieval"] = {"weight": 0.5, "gamma": 1.0, "k0": 10.0, "depth": 20}
-        tp = TalkPlay.load(runtime_gguf, tiny_catalog, threads=1, n_ctx=1024, span_calibration=cal)
-        try:
+
+        def check(tp):
             assert (tp.asks is not None) == (asked != 0)
             if retrieval:
                 assert tp.asks.embed.__self__ is tp.retrieval.hybrid.dense
-            return tp.chat(max_new_tokens=4).send(message).tracks[0].id
-        finally:
-            cat = tp.catalog
-            tp.close()
-            cat.close()
+
+        return _first_track(runtime_gguf, tiny_catalog, cal, message, check)
 
     with Catalog.open(tiny_catalog) as cat:
         year = {r["id"]: r["year"] for r in cat.rows("id, year")}
@@ -281,18 +291,12 @@ def test_the_runtime_plays_the_genre_a_request_names(runtime_gguf, tiny_catalog)
     import json
 
     from talkplay_edge.catalog import Catalog
-    from talkplay_edge.runtime import TalkPlay
 
     def pick(weight: float, message: str) -> str:
-        tp = TalkPlay.load(runtime_gguf, tiny_catalog, threads=1, n_ctx=1024,
-                           span_calibration={"alpha": [0], "beta": [0], "genre": [weight]})
-        try:
+        def check(tp):
             assert (tp.asks is not None) == (weight != 0)
-            return tp.chat(max_new_tokens=4).send(message).tracks[0].id
-        finally:
-            cat = tp.catalog
-            tp.close()
-            cat.close()
+
+        return _first_track(runtime_gguf, tiny_catalog, {"alpha": [0], "beta": [0], "genre": [weight]}, message, check)
 
     with Catalog.open(tiny_catalog) as cat:
         genres = {r["id"]: set(json.loads(r["genres"] or "[]")) for r in cat.rows("id, genres")}

@@ -110,7 +110,7 @@ def mood_holds(mood: str, values: dict[str, np.ndarray]) -> np.ndarray:
     v = values[feature]
     known = ~np.isnan(v)
     out = np.zeros(len(v), dtype=bool)
-    out[known] = predicate(v[known])  # MOODS' predicates are comparisons: they hold elementwise
+    out[known] = predicate(v[known].astype(np.float64))  # compares elementwise, in float64 like float(x)
     return out
 
 

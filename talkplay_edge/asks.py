@@ -20,8 +20,11 @@ model trained on few conversations still moves the way the listener asked.
     Asks             the catalog's attributes + the head: ``asked_tracks(history)`` -> track indices, or None
 
 A genre the latest message names is its own mark (``calibration.GENRE``, ``Asks.genre_tracks``): the
-tracks with that genre or subgenre. A mood counts towards the asked mark when the message asks no step
-("something mellow", not "too mellow" or "something more upbeat than this").
+tracks with that genre or subgenre. So is the style a session is in (``calibration.STYLE``,
+``Asks.style_tracks``): the tracks that share a subgenre with the last played track (``played_marks``
+keeps those that also give what the message asks). A mood counts
+towards the asked mark when the message asks no step ("something mellow", not "too mellow" or "something
+more upbeat than this").
 
 The head answers only when it is sure (probability >= ``threshold``, default 0.5): a wrong step rules out
 the tracks the listener wanted, a missed one only leaves the model on its own.
@@ -211,6 +214,8 @@ class Asks:
         n = max(track_index.values(), default=-1) + 1
         self.values = {a: np.full(n, np.nan, dtype=np.float32) for a in ATTRIBUTES}
         genre_tracks: dict[str, list[int]] = {}
+        style_tracks: dict[str, list[int]] = {}
+        self.styles_of: dict[int, tuple[str, ...]] = {}  # track -> its subgenres
         for row in catalog.rows("id, genres, subgenres, " + ", ".join(ATTRIBUTES)):
             i = track_index.get(row["id"])
             if i is None:
@@ -220,7 +225,13 @@ class Asks:
                     self.values[a][i] = row[a]
             for g in set(json_strings(row["genres"])) | set(json_strings(row["subgenres"])):
                 genre_tracks.setdefault(" ".join(g.lower().split()), []).append(i)
+            styles = tuple(sorted({" ".join(g.lower().split()) for g in json_strings(row["subgenres"])} - {""}))
+            if styles:
+                self.styles_of[i] = styles
+                for g in styles:
+                    style_tracks.setdefault(g, []).append(i)
         self.genres = {g: np.asarray(t, dtype=np.int64) for g, t in genre_tracks.items() if g}
+        self.styles = {g: np.asarray(t, dtype=np.int64) for g, t in style_tracks.items()}
         self._moods: dict[str, np.ndarray] = {}
 
     def kind(self, message: str) -> str:
@@ -255,8 +266,7 @@ class Asks:
         from .baselines import user_turns
 
         message = (user_turns(history) or [""])[-1]
-        last = next((self.track_index.get(t) for turn in reversed(history) if turn.get("role") == "assistant"
-                     for t in (turn.get("track_ids") or [])[:1]), None)  # the last turn's first track
+        last = self._last(history)
         ok = None
         decade = decade_of(message)
         if decade is not None:
@@ -272,6 +282,20 @@ class Asks:
                 holds = self.mood_tracks(mood)
                 ok = holds if ok is None else ok & holds
         return None if ok is None else np.flatnonzero(ok)
+
+    def _last(self, history: list[dict]) -> int | None:
+        """The index of the last assistant turn's first track (None: none played, or not in the index)."""
+        return next((self.track_index.get(t) for turn in reversed(history) if turn.get("role") == "assistant"
+                     for t in (turn.get("track_ids") or [])[:1]), None)
+
+    def style_tracks(self, history: list[dict]) -> np.ndarray | None:
+        """Indices of the tracks that share a subgenre with the last played track (the style a session is
+        in); None on a first turn or when that track has no subgenre."""
+        last = self._last(history)
+        styles = self.styles_of.get(last, ()) if last is not None else ()
+        if not styles:
+            return None
+        return np.unique(np.concatenate([self.styles[g] for g in styles]))
 
     def mood_tracks(self, mood: str) -> np.ndarray:
         """Bool per track: ``mood`` (a ``MOODS`` key) holds for it."""

@@ -24,6 +24,9 @@ from .paths import DEFAULT_DATA_DIR, default_catalog_path
               help="Only score assistant turns up to this index (1: first turns only).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random system.")
 @click.option("--per-intent", is_flag=True, help="Also print one row per intent (generated data's meta.intents).")
+@click.option("--ranks", "ranks_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write each scored turn's first-hit rank here (JSON lines; compare two runs with "
+              "`talkplay eval-compare`).")
 @click.option("--replies", is_flag=True, help="(--system model) Also chat through the runtime with the user "
               "messages: real / repeated tracks, replies that name their track.")
 @catalog_option
@@ -31,13 +34,13 @@ from .paths import DEFAULT_DATA_DIR, default_catalog_path
 @json_option
 @_fail_cleanly
 def eval_command(system: str, conv_path: Path, limit: int | None, skip: int, max_turn: int | None, seed: int,
-                 per_intent: bool, replies: bool, catalog_path: Path | None, threads: int, as_json: bool) -> None:
+                 per_intent: bool, ranks_path: Path | None, replies: bool, catalog_path: Path | None, threads: int, as_json: bool) -> None:
     """Score a recommender on conversations: MRR, Hit@1/10/100 overall and per turn."""
     import time
 
     from .catalog import Catalog
     from .conversations import ConversationFormatError, read_conversations
-    from .evaluate import UnknownSystemError, evaluate, evaluate_replies, format_table, get_recommender
+    from .evaluate import UnknownSystemError, evaluate, evaluate_replies, format_table, get_recommender, write_ranks
 
     if replies and system != "model":
         raise UserError("--replies needs --system model (only the model writes replies)")
@@ -55,6 +58,11 @@ def eval_command(system: str, conv_path: Path, limit: int | None, skip: int, max
         result = evaluate(rec, convs, set(cat.track_ids()), show_progress=not as_json, max_turn=max_turn)
         result.extra = {"conversations_file": str(conv_path), "catalog": str(cat.path), "setup_s": round(setup_s, 2),
                         "limit": limit, "skip": skip, "max_turn": max_turn}
+        if ranks_path is not None:
+            try:
+                write_ranks(result.turn_ranks, ranks_path)
+            except OSError as e:
+                raise UserError(f"--ranks {ranks_path}: cannot write ({e})") from e
         chat = evaluate_replies(rec.tp, convs, show_progress=not as_json) if replies else None
     if as_json:
         click.echo(json.dumps({**result.to_dict(), **({"replies": chat.to_dict()} if chat else {})}, indent=2))
@@ -63,6 +71,38 @@ def eval_command(system: str, conv_path: Path, limit: int | None, skip: int, max
         if chat:
             click.echo(chat.format())
         click.echo(f"(setup {setup_s:.1f} s)")
+
+
+@click.command("eval-compare")
+@click.argument("ranks_a", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("ranks_b", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--per-intent", is_flag=True, help="Also one row per intent.")
+@click.option("--bootstrap", type=click.IntRange(min=0), default=2000, show_default=True,
+              help="Paired bootstrap resamples for the MRR difference's 95% interval (0: none).")
+@json_option
+@_fail_cleanly
+def eval_compare_command(ranks_a: Path, ranks_b: Path, per_intent: bool, bootstrap: int, as_json: bool) -> None:
+    """Paired comparison of two `talkplay eval --ranks` files, B against A, turn by turn.
+
+    \b
+      talkplay eval --system hybrid --conversations conversations/test.jsonl --limit 50 --ranks a.jsonl
+      talkplay eval --system model  --conversations conversations/test.jsonl --limit 50 --ranks b.jsonl
+      talkplay eval-compare a.jsonl b.jsonl --per-intent
+    """
+    from .evaluate import RanksFormatError, compare_ranks, format_comparison, read_ranks
+
+    try:
+        a, b = read_ranks(ranks_a), read_ranks(ranks_b)
+    except RanksFormatError as e:
+        raise UserError(str(e)) from e
+    cmp = compare_ranks(a, b, n_boot=bootstrap)
+    if cmp["overall"]["turns"] == 0:
+        raise UserError(f"{ranks_a} and {ranks_b} share no scored turn (different conversations files or subsets?)")
+    if as_json:
+        click.echo(json.dumps({"a": str(ranks_a), "b": str(ranks_b), **cmp}, indent=2))
+    else:
+        click.echo(f"A = {ranks_a}\nB = {ranks_b}")
+        click.echo(format_comparison(cmp, per_intent=per_intent))
 
 
 @click.group("conversations")

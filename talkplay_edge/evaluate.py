@@ -129,9 +129,11 @@ class EvalResult:
     unknown_ids_returned: int = 0  # ids a system returned that the catalog does not hold (dropped)
     runtime_s: float = 0.0
     extra: dict = field(default_factory=dict)
+    turn_ranks: list[dict] = field(default_factory=list)  # one row per scored turn (see ``rank_rows``)
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        d.pop("turn_ranks")
         d["per_turn"] = {str(k): v for k, v in sorted(self.per_turn.items())}
         d["per_intent"] = dict(sorted(self.per_intent.items(), key=lambda kv: -kv[1]["turns"]))
         d["turns_per_s"] = self.turns / self.runtime_s if self.runtime_s else None
@@ -159,10 +161,12 @@ def evaluate(recommender: Recommender, conversations: list[dict], catalog_ids: s
     ranks: list[int | None] = []
     by_turn: dict[int, list[int | None]] = {}
     by_intent: dict[str, list[int | None]] = {}
+    rows: list[dict] = []
     skipped_unknown = skipped_played = unknown_ids = 0
     bar = progress(conversations, desc=f"eval {recommender.name}", unit="conv") if show_progress else conversations
-    for conv in bar:
+    for n_conv, conv in enumerate(bar):
         meta = conv.get("meta") or {}
+        conv_id = str(conv.get("id", n_conv))
         intents = meta.get("intents") if isinstance(meta.get("intents"), list) else []
         for idx, history, targets, played in iter_turns(conv):
             if max_turn is not None and idx > max_turn:
@@ -182,15 +186,17 @@ def evaluate(recommender: Recommender, conversations: list[dict], catalog_ids: s
             r = first_hit_rank(ranked, live, n)
             ranks.append(r)
             by_turn.setdefault(idx, []).append(r)
-            if idx <= len(intents):
-                by_intent.setdefault(str(intents[idx - 1]), []).append(r)
+            intent = str(intents[idx - 1]) if idx <= len(intents) else None
+            if intent is not None:
+                by_intent.setdefault(intent, []).append(r)
+            rows.append({"conversation": conv_id, "turn": idx, "intent": intent, "rank": r})
     runtime = time.perf_counter() - t0
     return EvalResult(
         system=getattr(recommender, "name", type(recommender).__name__), conversations=len(conversations),
         turns=len(ranks), overall=summarise(ranks), per_turn={k: summarise(v) for k, v in sorted(by_turn.items())},
         per_intent={k: summarise(v) for k, v in by_intent.items()},
         skipped_unknown_target=skipped_unknown, skipped_target_played=skipped_played,
-        unknown_ids_returned=unknown_ids, runtime_s=runtime,
+        unknown_ids_returned=unknown_ids, runtime_s=runtime, turn_ranks=rows,
     )
 
 
@@ -218,6 +224,126 @@ def format_table(result: EvalResult, per_intent: bool = False) -> str:
         for name, s in sorted(result.per_intent.items(), key=lambda kv: -kv[1]["turns"]):
             lines.append(f"{name:>16} {s['turns']:>6} {s['mrr']:>7.4f} {s['hit@1']:>7.4f} {s['hit@10']:>7.4f} "
                          f"{s['hit@100']:>8.4f}")
+    return "\n".join(lines)
+
+
+# -- per-turn ranks: paired comparison of two runs ---------------------------------------------------------
+def write_ranks(rows: list[dict], path) -> None:
+    """One JSON line per scored turn: conversation id, turn index, intent, first-hit rank (null: not in top 100)."""
+    import json
+    from pathlib import Path
+
+    with Path(path).open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+class RanksFormatError(ValueError):
+    pass
+
+
+def read_ranks(path) -> list[dict]:
+    """The rows ``write_ranks`` wrote (``talkplay eval --ranks``); a clear error for anything else."""
+    import json
+    from pathlib import Path
+
+    rows = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise RanksFormatError(f"{path}: cannot read ({e})") from e
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            key = (str(row["conversation"]), int(row["turn"]))
+            rank = row["rank"]
+            if rank is not None and (not isinstance(rank, int) or rank < 1):
+                raise ValueError(f"rank {rank!r}")
+        except (ValueError, KeyError, TypeError) as e:
+            raise RanksFormatError(f"{path} line {n}: not a rank row written by `talkplay eval --ranks` ({e})") from e
+        rows.append({"conversation": key[0], "turn": key[1], "intent": row.get("intent"), "rank": rank})
+    if not rows:
+        raise RanksFormatError(f"{path}: no rank rows")
+    return rows
+
+
+def _rr(rank: int | None) -> float:
+    return 1.0 / rank if rank and rank <= N_RANKED else 0.0
+
+
+def sign_test_p(wins: int, losses: int) -> float:
+    """Two-sided exact binomial (sign) test of wins vs losses under p = 1/2."""
+    import math
+
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    k = min(wins, losses)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+
+
+def _paired(pairs: list[tuple[int | None, int | None]], n_boot: int, seed: int) -> dict:
+    import numpy as np
+
+    a = np.array([_rr(x) for x, _ in pairs], dtype=np.float64)
+    b = np.array([_rr(y) for _, y in pairs], dtype=np.float64)
+    d = b - a
+    wins, losses = int((d > 0).sum()), int((d < 0).sum())
+    h1a = np.array([x == 1 for x, _ in pairs], dtype=bool)
+    h1b = np.array([y == 1 for _, y in pairs], dtype=bool)
+    out = {"turns": len(pairs), "mrr_a": float(a.mean()) if len(a) else 0.0, "mrr_b": float(b.mean()) if len(b) else 0.0,
+           "mrr_diff": float(d.mean()) if len(d) else 0.0, "b_better": wins, "a_better": losses,
+           "ties": len(pairs) - wins - losses, "sign_p": sign_test_p(wins, losses),
+           "hit1_a": int(h1a.sum()), "hit1_b": int(h1b.sum()),
+           "hit1_only_b": int((h1b & ~h1a).sum()), "hit1_only_a": int((h1a & ~h1b).sum())}
+    out["hit1_p"] = sign_test_p(out["hit1_only_b"], out["hit1_only_a"])
+    if n_boot and len(d) > 1:
+        rng = np.random.default_rng(seed)
+        means = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(axis=1)
+        out["mrr_diff_ci95"] = [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
+    return out
+
+
+def compare_ranks(a: list[dict], b: list[dict], n_boot: int = 2000, seed: int = 0) -> dict:
+    """Paired comparison of two runs' per-turn ranks (run B against run A) on the turns both scored.
+
+    Per turn the reciprocal rank of B minus that of A: mean difference with a paired bootstrap 95% interval,
+    turns where B / A ranks better and a two-sided sign test; Hit@1 turns only one run gets (McNemar's exact
+    test is the sign test on those). The same per intent."""
+    index_a = {(r["conversation"], r["turn"]): r for r in a}
+    index_b = {(r["conversation"], r["turn"]): r for r in b}
+    shared = [k for k in index_a if k in index_b]
+    pairs = [(index_a[k]["rank"], index_b[k]["rank"]) for k in shared]
+    out = {"only_a": len(index_a) - len(shared), "only_b": len(index_b) - len(shared),
+           "overall": _paired(pairs, n_boot, seed), "per_intent": {}}
+    intents: dict[str, list] = {}
+    for k in shared:
+        intent = index_b[k].get("intent") or index_a[k].get("intent")
+        if intent:
+            intents.setdefault(str(intent), []).append((index_a[k]["rank"], index_b[k]["rank"]))
+    for name, ps in sorted(intents.items(), key=lambda kv: -len(kv[1])):
+        out["per_intent"][name] = _paired(ps, 0, seed)
+    return out
+
+
+def format_comparison(cmp: dict, label_a: str = "A", label_b: str = "B", per_intent: bool = False) -> str:
+    """The human-readable report of ``compare_ranks``."""
+    o = cmp["overall"]
+    lines = [f"{o['turns']} turns in both runs ({cmp['only_a']} only in {label_a}, {cmp['only_b']} only in {label_b})",
+             f"MRR {label_a} {o['mrr_a']:.4f}  {label_b} {o['mrr_b']:.4f}  difference {o['mrr_diff']:+.4f}"
+             + (" (95% CI {:+.4f} .. {:+.4f})".format(*o["mrr_diff_ci95"]) if "mrr_diff_ci95" in o else ""),
+             f"turns ranked better: {label_b} {o['b_better']}, {label_a} {o['a_better']}, tied {o['ties']} "
+             f"(sign test p = {o['sign_p']:.3g})",
+             f"Hit@1 {label_a} {o['hit1_a']}  {label_b} {o['hit1_b']}: only {label_b} {o['hit1_only_b']}, "
+             f"only {label_a} {o['hit1_only_a']} (p = {o['hit1_p']:.3g})"]
+    if per_intent and cmp["per_intent"]:
+        head = f"{'intent':>16} {'n':>5} {'MRR ' + label_a:>10} {'MRR ' + label_b:>10} {'diff':>8} {'better':>9} {'p':>7}"
+        lines += ["", head, "-" * len(head)]
+        for name, s in cmp["per_intent"].items():
+            lines.append(f"{name:>16} {s['turns']:>5} {s['mrr_a']:>10.4f} {s['mrr_b']:>10.4f} {s['mrr_diff']:>+8.4f} "
+                         f"{str(s['b_better']) + '/' + str(s['a_better']):>9} {s['sign_p']:>7.3g}")
     return "\n".join(lines)
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from talkplay_edge.asks import (ASKS, KINDS, NONE, OTHER_ARTIST, AskHead, AskHeadError, Asks, decade_of, genres_in,
                                 moods_of)
-from talkplay_edge.calibration import ASKED, GENRE, ArtistIndex, SpanCalibration, played_marks
+from talkplay_edge.calibration import ASKED, GENRE, LAST, PLAYED, STYLE, ArtistIndex, SpanCalibration, played_marks
 
 
 @pytest.mark.parametrize("message, decade", [
@@ -139,14 +139,17 @@ def test_played_marks_mark_the_asked_tracks():
     from talkplay_edge.trie import CodeTrie
 
     class FixedAsks:
-        def __init__(self, tracks, genre=None):
-            self.tracks, self.genre = tracks, genre
+        def __init__(self, tracks, genre=None, style=None):
+            self.tracks, self.genre, self.style = tracks, genre, style
 
         def asked_tracks(self, history):
             return self.tracks
 
         def genre_tracks(self, history):
             return self.genre
+
+        def style_tracks(self, history):
+            return self.style
 
     trie = CodeTrie.build([[1, 10, 100], [1, 10, 101], [1, 11, 102], [2, 12, 103]])
     index = {"a": 0, "b": 1, "c": 2, "d": 3}
@@ -161,6 +164,23 @@ def test_played_marks_mark_the_asked_tracks():
     marks = played_marks(trie, index, cold, asks=FixedAsks(np.array([1]), genre=np.array([1, 2])))
     assert [int(marks[leaf[i]]) for i in range(4)] == [0, ASKED | GENRE, GENRE, 0]
     assert marks[0] == ASKED | GENRE and marks[trie.parent[leaf[3]]] == 0
+    # the style mark: after a played track only (a first turn has no style to keep)
+    style = FixedAsks(None, style=np.array([0, 3]))
+    assert played_marks(trie, index, cold, asks=style) is None
+    after = [*cold, {"role": "assistant", "content": "x", "track_ids": ["a"]}, {"role": "user", "content": "more"}]
+    marks = played_marks(trie, index, after, asks=style)  # "a" itself is played: only "d" counts
+    assert [int(marks[leaf[i]]) & STYLE for i in range(4)] == [0, 0, 0, STYLE]
+    assert marks[leaf[0]] == PLAYED | LAST and marks[trie.parent[leaf[3]]] == STYLE and marks[0] & STYLE
+    marks = played_marks(trie, index, after, asks=style, unplayed_only=False)
+    assert [int(marks[leaf[i]]) & STYLE for i in range(4)] == [STYLE, 0, 0, STYLE]
+    only_played = FixedAsks(np.array([0]), style=np.array([0]))  # marks of played tracks alone: none
+    assert played_marks(trie, index, after, asks=only_played)[leaf[0]] == PLAYED | LAST
+    # within what the message asks: style ∩ asked ∩ genre; none when they share no track
+    marks = played_marks(trie, index, after, asks=FixedAsks(np.array([2, 3]), style=np.array([1, 2, 3]),
+                                                             genre=np.array([1, 2])))
+    assert [int(marks[leaf[i]]) & STYLE for i in range(4)] == [0, 0, STYLE, 0]
+    marks = played_marks(trie, index, after, asks=FixedAsks(np.array([3]), style=np.array([1, 2])))
+    assert not (marks & STYLE).any() and marks[leaf[3]] & ASKED
 
 
 def test_asks_finds_the_genres_and_moods_a_request_names(asks_on_tiny, tiny_catalog, monkeypatch):
@@ -204,6 +224,31 @@ def test_asks_finds_the_genres_and_moods_a_request_names(asks_on_tiny, tiny_cata
     assert set(asks.asked_tracks(_after(slowest, "faster and more intense")).tolist()) == faster
 
 
+def test_asks_finds_the_style_of_the_last_track(asks_on_tiny, tiny_catalog):
+    """The tracks sharing a subgenre with the last played track (its first one, of the last turn); None on
+    a first turn, for a track without a subgenre or unknown to the index."""
+    import json
+
+    from talkplay_edge.catalog import Catalog
+
+    asks, index, rows, artists = asks_on_tiny
+    with Catalog.open(tiny_catalog) as cat:
+        subs = {r["id"]: {g.lower() for g in json.loads(r["subgenres"] or "[]")} for r in cat.rows("id, subgenres")}
+    ids = sorted(index, key=index.get)
+    last = next(t for t in ids if subs[t])
+    want = {index[t] for t in ids if subs[t] & subs[last]}
+    assert index[last] in want and len(want) < len(ids)  # else the test could not tell
+    assert set(asks.style_tracks(_after(last, "another one")).tolist()) == want
+    history = [*_after(ids[-1], "x"), {"role": "assistant", "content": "y", "track_ids": [last, ids[-1]]},
+               {"role": "user", "content": "more"}]
+    assert set(asks.style_tracks(history).tolist()) == want  # the last turn's first track
+    assert asks.style_tracks([{"role": "user", "content": "hi"}]) is None
+    assert asks.style_tracks(_after("not-a-track", "more")) is None
+    bare = next((t for t in ids if not subs[t]), None)
+    if bare is not None:
+        assert asks.style_tracks(_after(bare, "more")) is None
+
+
 def test_the_asked_weight_scores_its_mark_and_round_trips():
     cal = SpanCalibration((1.0,), (0.5,), asked=(3.0,))
     assert cal.uses_asks and cal.uses_marks and not cal.uses_artists
@@ -215,6 +260,11 @@ def test_the_asked_weight_scores_its_mark_and_round_trips():
     assert cal.uses_asks and SpanCalibration.parse(cal.to_json()) == cal
     assert np.allclose(cal.scores(logits, np.zeros(3), 0, normalise=False, marks=np.array([GENRE, ASKED, 0], dtype=np.uint8)),
                        0.5 * logits + [2, 0, 0])
+    cal = SpanCalibration((1.0,), (0.5,), genre=(2.0,), style=(1.5,))
+    assert cal.uses_asks and SpanCalibration.parse(cal.to_json()) == cal
+    marks = np.array([GENRE | STYLE, STYLE, ASKED], dtype=np.uint8)
+    assert np.allclose(cal.scores(logits, np.zeros(3), 0, normalise=False, marks=marks), 0.5 * logits + [3.5, 1.5, 0])
+    assert SpanCalibration((1.0,), (0.5,), style=(1.5,)).uses_asks
 
 
 def test_export_asks_labels_and_fits_a_head():
@@ -304,3 +354,39 @@ def test_the_runtime_plays_the_genre_a_request_names(runtime_gguf, tiny_catalog)
     other = sorted({g for gs in genres.values() for g in gs} - genres[default])[0]
     assert other not in genres[pick(0.0, f"Got any {other}?")]  # the weight, not the words
     assert other in genres[pick(20.0, f"Got any {other}?")]
+
+
+def test_the_runtime_keeps_the_style_of_the_last_track(runtime_gguf, tiny_catalog):
+    """With the model and the prior switched off and a large ``style`` weight, a follow-up gets a track that
+    shares a subgenre with the one just played (the unweighted follow-up does not)."""
+    import json
+
+    from talkplay_edge.catalog import Catalog
+    from talkplay_edge.runtime import TalkPlay
+
+    with Catalog.open(tiny_catalog) as cat:
+        rows = list(cat.rows("id, genres, subgenres"))
+    subs = {r["id"]: set(json.loads(r["subgenres"] or "[]")) for r in rows}
+    genre = sorted(g for r in rows if subs[r["id"]] for g in json.loads(r["genres"] or "[]"))[0]
+
+    def picks(weight: float, then: str = "Another one.") -> list[str]:  # a track of a genre, then a follow-up
+        tp = TalkPlay.load(runtime_gguf, tiny_catalog, threads=1, n_ctx=1024,
+                           span_calibration={"alpha": [0], "beta": [0], "genre": [10.0], "style": [weight]})
+        try:
+            chat = tp.chat(max_new_tokens=4)
+            return [chat.send(m).tracks[0].id for m in (f"Play some {genre}.", then)]
+        finally:
+            cat = tp.catalog
+            tp.close()
+            cat.close()
+
+    first, second = picks(0.0)
+    assert subs[first] and not subs[first] & subs[second]  # the weight, not the trie's order
+    first_w, second_w = picks(20.0)
+    assert first_w == first and subs[first] & subs[second_w]
+    # a genre the follow-up names wins over the style, though the style weighs more: the style marks only
+    # the tracks that also have that genre (here none)
+    genres = {r["id"]: set(json.loads(r["genres"] or "[]")) for r in rows}
+    other = sorted({g for gs in genres.values() for g in gs} - genres[first])[0]
+    _, switched = picks(20.0, f"Switch to {other}.")
+    assert other in genres[switched] and not subs[first] & subs[switched]

@@ -276,7 +276,8 @@ def test_played_marks_mark_named_and_same_artist_tracks():
     history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x", "track_ids": ["b"]},
                {"role": "user", "content": "more from them"}]
     marks = played_marks(trie, index, history, artists)
-    assert marks[leaf[1]] == PLAYED | LAST | ARTIST and marks[leaf[3]] == ARTIST
+    assert marks[leaf[1]] == PLAYED | LAST and marks[leaf[3]] == ARTIST  # b is played: not one to offer
+    assert played_marks(trie, index, history, artists, unplayed_only=False)[leaf[1]] == PLAYED | LAST | ARTIST
     assert marks[leaf[0]] == 0 and marks[leaf[2]] == 0 and marks[trie.parent[leaf[3]]] == ARTIST
 
 

@@ -10,8 +10,9 @@ from click.testing import CliRunner
 from talkplay_edge.catalog import Catalog
 from talkplay_edge.cli import cli
 from talkplay_edge.evaluate import (
-    SYSTEMS, UnknownSystemError, clean_ranking, evaluate, first_hit_rank, format_table, get_recommender, hit_at,
-    iter_turns, reciprocal_rank, register_recommender, summarise,
+    SYSTEMS, RanksFormatError, UnknownSystemError, clean_ranking, compare_ranks, evaluate, first_hit_rank,
+    format_comparison, format_table, get_recommender, hit_at, iter_turns, read_ranks, reciprocal_rank,
+    register_recommender, sign_test_p, summarise, write_ranks,
 )
 
 
@@ -86,6 +87,11 @@ def test_evaluate_scores_excludes_and_skips():
     assert rec.calls[3][1] == {"t5"} and rec.calls[0][1] == set()
     d = res.to_dict()
     assert json.loads(json.dumps(d))["per_turn"]["2"]["turns"] == 2
+    assert "turn_ranks" not in d  # the per-turn rows go to --ranks, not into the summary
+    assert res.turn_ranks == [{"conversation": "a", "turn": 1, "intent": None, "rank": 2},
+                              {"conversation": "a", "turn": 2, "intent": None, "rank": 1},
+                              {"conversation": "b", "turn": 1, "intent": None, "rank": None},
+                              {"conversation": "b", "turn": 2, "intent": None, "rank": 2}]
     table = format_table(res)
     assert "MRR" in table and "1 with targets not in the catalog" in table
 
@@ -156,3 +162,80 @@ def test_cli_eval_json_and_errors(tiny_catalog, tmp_path):
     assert r.exit_code == 1 and "bad.jsonl:2:" in r.output and "track_ids" in r.output
     r = CliRunner().invoke(cli, ["eval", "--system", "nope", "--conversations", str(good), "--catalog", str(tiny_catalog)])
     assert r.exit_code == 1 and "unknown system 'nope'" in r.output
+
+
+def test_sign_test_hand_computed():
+    assert sign_test_p(0, 0) == 1.0
+    assert sign_test_p(3, 3) == 1.0
+    assert sign_test_p(5, 0) == pytest.approx(2 / 32)  # all 5 of 5 one way: 2 · 1/2^5
+    assert sign_test_p(1, 9) == pytest.approx(2 * (1 + 10) / 1024)
+    assert sign_test_p(9, 1) == sign_test_p(1, 9)
+
+
+def _rows(ranks, intents=None):
+    return [{"conversation": f"c{i // 2}", "turn": i % 2 + 1, "intent": (intents or [None] * len(ranks))[i], "rank": r}
+            for i, r in enumerate(ranks)]
+
+
+def test_compare_ranks_paired():
+    a = _rows([1, None, 5, 2, None, 10], ["x", "x", "y", "y", "y", "x"])
+    b = _rows([2, 1, 5, 1, None, 100], ["x", "x", "y", "y", "y", "x"])
+    cmp = compare_ranks(a, b, n_boot=200)
+    o = cmp["overall"]
+    assert o["turns"] == 6 and cmp["only_a"] == cmp["only_b"] == 0
+    assert o["mrr_a"] == pytest.approx((1 + 0 + 0.2 + 0.5 + 0 + 0.1) / 6)
+    assert o["mrr_b"] == pytest.approx((0.5 + 1 + 0.2 + 1 + 0 + 0.01) / 6)
+    assert o["mrr_diff"] == pytest.approx(o["mrr_b"] - o["mrr_a"])
+    # turns: B better on 2 and 4, A better on 1 and 6, tied on 3 and 5
+    assert (o["b_better"], o["a_better"], o["ties"]) == (2, 2, 2) and o["sign_p"] == 1.0
+    assert (o["hit1_a"], o["hit1_b"], o["hit1_only_b"], o["hit1_only_a"]) == (1, 2, 2, 1)
+    lo, hi = o["mrr_diff_ci95"]
+    assert lo <= o["mrr_diff"] <= hi
+    assert cmp["per_intent"]["x"]["turns"] == 3 and cmp["per_intent"]["y"]["b_better"] == 1
+    # only the shared turns are paired
+    cmp = compare_ranks(a[:4], b[2:], n_boot=0)
+    assert cmp["overall"]["turns"] == 2 and cmp["only_a"] == 2 and cmp["only_b"] == 2
+    assert "mrr_diff_ci95" not in cmp["overall"]
+    assert "sign test" in format_comparison(cmp, per_intent=True)
+
+
+def test_ranks_file_round_trip_and_errors(tmp_path):
+    rows = _rows([3, None], ["genre", "mood"])
+    write_ranks(rows, tmp_path / "r.jsonl")
+    assert read_ranks(tmp_path / "r.jsonl") == rows
+    (tmp_path / "bad.jsonl").write_text('{"conversation": "c", "turn": 1, "rank": 0}\n')
+    with pytest.raises(RanksFormatError, match="line 1"):
+        read_ranks(tmp_path / "bad.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(RanksFormatError, match="no rank rows"):
+        read_ranks(tmp_path / "empty.jsonl")
+    (tmp_path / "eval.json").write_text(json.dumps({"overall": {}}, indent=2))  # an --json summary, not ranks
+    with pytest.raises(RanksFormatError, match="not a rank row"):
+        read_ranks(tmp_path / "eval.json")
+
+
+def test_cli_eval_ranks_and_compare(tiny_catalog, tmp_path):
+    with Catalog.open(tiny_catalog) as cat:
+        pl = cat.playlists()[0]["track_ids"]
+    convs = [conv("a", ("hi", [pl[0]]), ("more", [pl[1]])), conv("b", ("x", [pl[2]]))]
+    path = tmp_path / "c.jsonl"
+    _write(path, convs)
+    for system in ("popularity", "random"):
+        r = CliRunner().invoke(cli, ["eval", "--system", system, "--conversations", str(path), "--catalog",
+                                     str(tiny_catalog), "--ranks", str(tmp_path / f"{system}.jsonl"), "--json"])
+        assert r.exit_code == 0, r.output
+        summary = json.loads(r.stdout)
+        rows = read_ranks(tmp_path / f"{system}.jsonl")
+        assert [(x["conversation"], x["turn"]) for x in rows] == [("a", 1), ("a", 2), ("b", 1)]
+        assert summarise([x["rank"] for x in rows])["mrr"] == pytest.approx(summary["overall"]["mrr"])
+    r = CliRunner().invoke(cli, ["eval-compare", str(tmp_path / "popularity.jsonl"), str(tmp_path / "random.jsonl"),
+                                 "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["overall"]["turns"] == 3 and d["b"].endswith("random.jsonl")
+    r = CliRunner().invoke(cli, ["eval-compare", str(tmp_path / "popularity.jsonl"), str(path)])
+    assert r.exit_code == 1 and "not a rank row" in r.output
+    other = tmp_path / "other.jsonl"
+    write_ranks([{"conversation": "zz", "turn": 1, "intent": None, "rank": 1}], other)
+    r = CliRunner().invoke(cli, ["eval-compare", str(tmp_path / "popularity.jsonl"), str(other)])
+    assert r.exit_code == 1 and "share no scored turn" in r.output

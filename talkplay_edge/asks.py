@@ -22,9 +22,8 @@ model trained on few conversations still moves the way the listener asked.
 A genre the latest message names is its own mark (``calibration.GENRE``, ``Asks.genre_tracks``): the
 tracks with that genre or subgenre. So is the style a session is in (``calibration.STYLE``,
 ``Asks.style_tracks``): the tracks that share a subgenre with the last played track (``played_marks``
-keeps those that also give what the message asks). A mood counts
-towards the asked mark when the message asks no step ("something mellow", not "too mellow" or "something
-more upbeat than this").
+keeps those that also give what the message asks). A mood counts towards the asked mark when the message
+asks no step ("something mellow", not "too mellow" or "something more upbeat than this").
 
 The head answers only when it is sure (probability >= ``threshold``, default 0.5): a wrong step rules out
 the tracks the listener wanted, a missed one only leaves the model on its own.

@@ -34,7 +34,8 @@ from .paths import DEFAULT_DATA_DIR, default_catalog_path
 @json_option
 @_fail_cleanly
 def eval_command(system: str, conv_path: Path, limit: int | None, skip: int, max_turn: int | None, seed: int,
-                 per_intent: bool, ranks_path: Path | None, replies: bool, catalog_path: Path | None, threads: int, as_json: bool) -> None:
+                 per_intent: bool, ranks_path: Path | None, replies: bool, catalog_path: Path | None, threads: int,
+                 as_json: bool) -> None:
     """Score a recommender on conversations: MRR, Hit@1/10/100 overall and per turn."""
     import time
 

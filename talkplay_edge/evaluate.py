@@ -17,8 +17,10 @@ A factory is called as ``factory(catalog, threads=threads, **kw)`` and returns a
 from __future__ import annotations
 
 import importlib
+import json
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable
 
 from .progress import progress
@@ -129,7 +131,7 @@ class EvalResult:
     unknown_ids_returned: int = 0  # ids a system returned that the catalog does not hold (dropped)
     runtime_s: float = 0.0
     extra: dict = field(default_factory=dict)
-    turn_ranks: list[dict] = field(default_factory=list)  # one row per scored turn (see ``rank_rows``)
+    turn_ranks: list[dict] = field(default_factory=list)  # one row per scored turn (``write_ranks``)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -158,7 +160,6 @@ def evaluate(recommender: Recommender, conversations: list[dict], catalog_ids: s
     """Score ``recommender`` on every assistant turn of ``conversations`` (see the module docstring), or on
     those up to ``max_turn`` (1: the first turns only)."""
     t0 = time.perf_counter()
-    ranks: list[int | None] = []
     by_turn: dict[int, list[int | None]] = {}
     by_intent: dict[str, list[int | None]] = {}
     rows: list[dict] = []
@@ -184,13 +185,13 @@ def evaluate(recommender: Recommender, conversations: list[dict], catalog_ids: s
             ranked, unk = clean_ranking(raw, exclude, catalog_ids, n)
             unknown_ids += unk
             r = first_hit_rank(ranked, live, n)
-            ranks.append(r)
             by_turn.setdefault(idx, []).append(r)
             intent = str(intents[idx - 1]) if idx <= len(intents) else None
             if intent is not None:
                 by_intent.setdefault(intent, []).append(r)
             rows.append({"conversation": conv_id, "turn": idx, "intent": intent, "rank": r})
     runtime = time.perf_counter() - t0
+    ranks = [row["rank"] for row in rows]
     return EvalResult(
         system=getattr(recommender, "name", type(recommender).__name__), conversations=len(conversations),
         turns=len(ranks), overall=summarise(ranks), per_turn={k: summarise(v) for k, v in sorted(by_turn.items())},
@@ -230,9 +231,6 @@ def format_table(result: EvalResult, per_intent: bool = False) -> str:
 # -- per-turn ranks: paired comparison of two runs ---------------------------------------------------------
 def write_ranks(rows: list[dict], path) -> None:
     """One JSON line per scored turn: conversation id, turn index, intent, first-hit rank (null: not in top 100)."""
-    import json
-    from pathlib import Path
-
     with Path(path).open("w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
@@ -244,9 +242,6 @@ class RanksFormatError(ValueError):
 
 def read_ranks(path) -> list[dict]:
     """The rows ``write_ranks`` wrote (``talkplay eval --ranks``); a clear error for anything else."""
-    import json
-    from pathlib import Path
-
     rows = []
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()

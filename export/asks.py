@@ -24,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from talkplay_edge.asks import ASKS, HEAD_FILE, KINDS, NONE, OTHER_ARTIST, AskHead, words_of
+from talkplay_edge.asks import ASKS, HEAD_FILE, KINDS, NONE, OTHER_ARTIST, SAME_ARTIST, AskHead, words_of
 
 # the conversations' intents (``conversations.py``) that ask for a step, by the kind they ask
 INTENT_KIND = {**{k: k for k in ASKS}, "neg_too_slow": "faster", "neg_too_fast": "slower",
                "neg_too_mellow": "more_energy", "neg_too_sad": "happier", "neg_too_old": "newer",
-               "other_artist": OTHER_ARTIST, "negative": OTHER_ARTIST}
+               "other_artist": OTHER_ARTIST, "negative": OTHER_ARTIST, "same_artist": SAME_ARTIST}
 
 
 def labelled_messages(conversations) -> list[tuple[str, str]]:

@@ -8,6 +8,7 @@ model trained on few conversations still moves the way the listener asked.
     ASKS             kind -> (track attribute, direction, least step): faster, slower, more/less energy,
                      happier, sadder, more/less acoustic, more danceable, older, newer
     OTHER_ARTIST     another artist than the last track's
+    SAME_ARTIST      the last track's artist again ("more from them", "same artist, different song")
     decade_of(msg)   the decade a message names ("80s", "1980s", "eighties", "noughties", "2010s"), or None
     moods_of(msg)    the moods a message names ("mellow", "upbeat", "danceable"...: ``conversations.MOODS``,
                      each a threshold on one audio feature: "mellow" is energy <= 0.45)
@@ -48,8 +49,9 @@ ASKS: dict[str, tuple[str, int, float]] = {
     "older": ("year", -1, 2.0), "newer": ("year", 1, 2.0),
 }
 OTHER_ARTIST = "other_artist"
+SAME_ARTIST = "same_artist"
 NONE = "none"
-KINDS = (NONE, *sorted(ASKS), OTHER_ARTIST)  # the head's classes, in this order
+KINDS = (NONE, *sorted(ASKS), OTHER_ARTIST, SAME_ARTIST)  # the head's classes, in this order
 ATTRIBUTES = sorted({a for a, _, _ in ASKS.values()} | {f for f, _, _ in MOODS.values()})
 HEAD_FILE = Path(__file__).parent / "models" / "ask_head.npz"
 TRAIN_COMMAND = "python -m export.asks --write"
@@ -146,7 +148,7 @@ class AskHead:
         if W.ndim != 2 or W.shape[1] != len(kinds) or b.shape != (len(kinds),) or W.shape[0] <= len(words):
             raise AskHeadError(f"ask head: W {W.shape}, b {b.shape} and {len(words)} words do not fit "
                                f"{len(kinds)} kinds")
-        unknown = [k for k in kinds if k != NONE and k != OTHER_ARTIST and k not in ASKS]
+        unknown = [k for k in kinds if k not in (NONE, OTHER_ARTIST, SAME_ARTIST) and k not in ASKS]
         if unknown:
             raise AskHeadError(f"ask head: unknown kinds {unknown}")
         self.W, self.b, self.kinds, self.scale = W, b, tuple(kinds), float(scale)
@@ -204,7 +206,7 @@ class Asks:
     """The tracks a request asks for: ``Asks(catalog, track_index, head, embed, artists=None)``;
     ``embed(texts)`` gives the head's sentence embeddings (the runtime passes the dense retriever's, which
     has the latest message embedded already). ``artists`` (``calibration.ArtistIndex``) is needed for
-    "another artist"; without it that kind asks nothing."""
+    "another artist" and "the same artist"; without it those kinds ask nothing."""
 
     def __init__(self, catalog, track_index: dict[str, int], head: AskHead, embed, artists=None,
                  threshold: float = 0.5):
@@ -250,12 +252,12 @@ class Asks:
                 return None
             with np.errstate(invalid="ignore"):
                 return sign * (v - v[last]) >= step  # a track without the attribute gives nothing
-        if kind == OTHER_ARTIST and last is not None and self.artists is not None:
+        if kind in (OTHER_ARTIST, SAME_ARTIST) and last is not None and self.artists is not None:
             main = self.artists.main_of(last)
             if main is None:
                 return None
-            ok = np.ones(len(self.values["year"]), dtype=bool)
-            ok[self.artists.tracks_of([main])] = False
+            ok = np.full(len(self.values["year"]), kind == OTHER_ARTIST, dtype=bool)
+            ok[self.artists.tracks_of([main])] = kind == SAME_ARTIST
             return ok
         return None
 

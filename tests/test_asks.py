@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from talkplay_edge.asks import (ASKS, KINDS, NONE, OTHER_ARTIST, AskHead, AskHeadError, Asks, decade_of, genres_in,
-                                moods_of)
+from talkplay_edge.asks import (ASKS, KINDS, NONE, OTHER_ARTIST, SAME_ARTIST, AskHead, AskHeadError, Asks, decade_of,
+                                genres_in, moods_of)
 from talkplay_edge.calibration import ASKED, GENRE, LAST, PLAYED, STYLE, ArtistIndex, SpanCalibration, played_marks
 
 
@@ -123,6 +123,8 @@ def test_asks_finds_the_tracks_a_step_asks_for(asks_on_tiny):
     other = set(asks.asked_tracks(_after(last, OTHER_ARTIST)).tolist())
     theirs = set(artists.tracks_of([artists.main_of(index[last])]).tolist())
     assert theirs and other == set(range(len(ids))) - theirs
+    # the same artist: exactly the last one's main artist's tracks
+    assert set(asks.asked_tracks(_after(last, SAME_ARTIST)).tolist()) == theirs
     # asking nothing, or a step with no track played yet: None
     assert asks.asked_tracks(_after(last, "play me something")) is None
     assert asks.asked_tracks([{"role": "user", "content": "faster"}]) is None

@@ -1,7 +1,8 @@
 """Train the ask head (``talkplay_edge/asks.py``): which step a user message asks of the next track.
 
-    python -m export.asks --write [--conversations conversations/train.jsonl] [--held_out FILE ...]
-                          [--l2 0.0003] [--word_weight 0.5] [--out talkplay_edge/models/ask_head.npz] [--json]
+    python -m export.asks --write [--conversations conversations/train.jsonl] [--limit 20000]
+                          [--held_out FILE ...] [--l2 0.0003] [--word_weight 0.5]
+                          [--out talkplay_edge/models/ask_head.npz] [--json]
 
 Every user turn of the training conversations is a (message, intent) pair (``meta.intents``, one per user
 turn); intents that ask for a step map to the head's kinds (``asks.KINDS``: "Too slow for me" asks
@@ -97,6 +98,8 @@ def score(head: AskHead, embeddings: np.ndarray, kinds: list[str], threshold: fl
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m export.asks", description=__doc__.split("\n\n")[0])
     p.add_argument("--conversations", default="conversations/train.jsonl")
+    p.add_argument("--limit", type=int, default=20000,
+                   help="the file's first N conversations (the default build's size; 0: all)")
     p.add_argument("--held_out", nargs="*", default=None,
                    help="files to report on (default: valid.jsonl and test_unseen.jsonl beside --conversations)")
     p.add_argument("--l2", type=float, default=3e-4)
@@ -112,7 +115,7 @@ def main(argv=None) -> int:
     from talkplay_edge.text_encoder import TextEncoder
 
     t = time.time()
-    pairs = labelled_messages(read_conversations(args.conversations))
+    pairs = labelled_messages(read_conversations(args.conversations, args.limit or None))
     if not pairs:
         raise SystemExit(f"{args.conversations}: no user turns with intents (meta.intents) to learn from")
     counts: dict[tuple[str, str], int] = {}
@@ -125,7 +128,7 @@ def main(argv=None) -> int:
     messages = [m for m, _ in counts]
     head = fit_head(X, [k for _, k in counts], args.l2, encoder=encoder.name, encoder_version=encoder.version,
                     messages=messages, word_weight=args.word_weight)
-    report = {"conversations": args.conversations, "turns": len(pairs), "distinct": len(counts), "l2": args.l2,
+    report = {"conversations": args.conversations, "limit": args.limit, "turns": len(pairs), "distinct": len(counts), "l2": args.l2,
               "word_weight": args.word_weight, "words": len(head.words), "threshold": args.threshold,
               "train": score(head, X, [k for _, k in counts], args.threshold, messages)}
     held = args.held_out

@@ -148,7 +148,7 @@ class AskHead:
         if W.ndim != 2 or W.shape[1] != len(kinds) or b.shape != (len(kinds),) or W.shape[0] <= len(words):
             raise AskHeadError(f"ask head: W {W.shape}, b {b.shape} and {len(words)} words do not fit "
                                f"{len(kinds)} kinds")
-        unknown = [k for k in kinds if k not in (NONE, OTHER_ARTIST, SAME_ARTIST) and k not in ASKS]
+        unknown = [k for k in kinds if k not in KINDS]
         if unknown:
             raise AskHeadError(f"ask head: unknown kinds {unknown}")
         self.W, self.b, self.kinds, self.scale = W, b, tuple(kinds), float(scale)

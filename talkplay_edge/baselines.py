@@ -24,6 +24,7 @@ import json
 import os
 import random
 import re
+import sys
 
 import numpy as np
 
@@ -60,8 +61,7 @@ def content_terms(text: str) -> list[str]:
 
 
 def _popular_ids(catalog) -> list[str]:
-    rows = catalog.conn.execute("select id from tracks order by coalesce(popularity, -1) desc, id").fetchall()
-    return [r[0] for r in rows]
+    return catalog.popular_ids()
 
 
 def _fill(ranked: list[str], fallback: list[str], exclude: set[str], n: int) -> list[str]:
@@ -124,7 +124,7 @@ class BM25Recommender:
         self.popular = _popular_ids(catalog)
         self._terms: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # term -> (row numbers, scores)
         self._memo_postings = 0  # rows held in self._terms
-        self._index: tuple[dict[int, int], list[str], np.ndarray] | None = None  # see _row_index
+        self._index: tuple[np.ndarray, np.ndarray, list[str], np.ndarray] | None = None  # see _row_index
 
     def query_terms(self, history: list[dict]) -> list[str]:
         turns = user_turns(history)
@@ -151,27 +151,33 @@ class BM25Recommender:
         most of the catalog, and scoring it is most of a query's cost)."""
         got = self._terms.get(term)
         if got is None:
-            row_of, _, _ = self._row_index()
+            rowids, row_of, _, _ = self._row_index()
             w = ", ".join(str(x) for x in self.column_weights)
             hits = self.catalog.conn.execute(f"select rowid, bm25(tracks_fts, {w}) from tracks_fts where tracks_fts match ?",
                                              [f'"{term}"']).fetchall()
-            got = (np.array([row_of[r] for r, _ in hits], dtype=np.int64),
-                   np.array([-b for _, b in hits], dtype=np.float64))
-            if self._memo_postings > 2_000_000:  # ~32 MB of memoised postings
+            hit_rowids = np.fromiter((r for r, _ in hits), dtype=np.int64, count=len(hits))
+            pos = np.minimum(np.searchsorted(rowids, hit_rowids), max(len(rowids) - 1, 0))
+            known = rowids[pos] == hit_rowids if len(rowids) else np.zeros(len(hits), bool)  # FTS rows of tracks
+            got = (row_of[pos[known]],
+                   np.fromiter((-b for _, b in hits), dtype=np.float64, count=len(hits))[known])
+            if self._memo_postings > 2_000_000:  # ~24 MB of memoised postings
                 self._terms.clear()
                 self._memo_postings = 0
             self._terms[term] = got
             self._memo_postings += len(got[0])
         return got
 
-    def _row_index(self) -> tuple[dict[int, int], list[str], np.ndarray]:
-        """(SQLite rowid -> row number, track id of each row, rank of each row's id in id order), read once."""
+    def _row_index(self) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
+        """(SQLite rowids sorted, the row number of each of them, track id of each row, rank of each row's id in
+        id order), read once; a rowid's row number is ``row_of[searchsorted(rowids, rowid)]``."""
         if self._index is None:
             rows = self.catalog.conn.execute("select rowid, id from tracks").fetchall()
-            ids = [r[1] for r in rows]
+            ids = [sys.intern(r[1]) for r in rows]
             id_rank = np.empty(len(ids), dtype=np.int64)
             id_rank[sorted(range(len(ids)), key=ids.__getitem__)] = np.arange(len(ids))
-            self._index = ({r[0]: i for i, r in enumerate(rows)}, ids, id_rank)
+            rowids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            order = np.argsort(rowids, kind="stable").astype(np.int32)
+            self._index = (rowids[order], order, ids, id_rank)
         return self._index
 
     def search(self, terms: list[str], limit: int) -> list[str]:
@@ -186,7 +192,7 @@ class BM25Recommender:
             return []
         uniq, inv = np.unique(rows, return_inverse=True)
         score = np.bincount(inv, weights=np.concatenate([s for _, s in parts]), minlength=len(uniq))
-        _, ids, id_rank = self._row_index()
+        _, _, ids, id_rank = self._row_index()
         order = np.lexsort((id_rank[uniq], -score))[:limit]
         return [ids[i] for i in uniq[order]]
 
@@ -307,7 +313,7 @@ class TrackVectors:
     row blocks, so no BLAS threads spin on the cores llama.cpp decodes on); ``vectors[rows]`` gives float32
     rows."""
 
-    BLOCK = 4096
+    BLOCK = 1024
 
     def __init__(self, q: np.ndarray):
         self.q = np.ascontiguousarray(q, dtype=np.int8)
@@ -400,7 +406,7 @@ def track_vectors(catalog, encoder, cache: bool = True, show_progress: bool = Tr
     """(track ids, ``TrackVectors``): the shipped int8 vectors when they match (no float copy is made), else
     ``track_embeddings`` quantised the same way."""
     if cache:
-        ids = [r[0] for r in catalog.rows("id")]
+        ids = [sys.intern(r[0]) for r in catalog.rows("id")]
         got = read_track_vectors(catalog, encoder, ids, as_int8=True)
         if got is not None:
             return ids, got

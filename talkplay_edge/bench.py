@@ -7,7 +7,7 @@ Measured on the given model and catalog (threads as given, 2 by default):
   to the first track being known (p50/p95) and the full reply latency (p50/p95);
 - decode speed: constrained span steps (trie-masked) vs free text steps (music tokens masked) vs a raw
   decode loop without any mask (tokens/s);
-- peak RSS of the process.
+- peak RSS of the process (and the KV cache's type and size: ``$TALKPLAY_KV_CACHE``).
 
 Scale check (no model): a synthetic trie of ``trie_tracks`` codes (five 1024-way modality tokens, skewed,
 some ``none``, collisions resolved with dup tokens like the real catalog): build time, its memory (array
@@ -64,7 +64,8 @@ def bench_model(model=None, catalog=None, threads: int = 2, n_ctx: int = 2048, t
     tp = TalkPlay.load(model, catalog, threads=threads, n_ctx=n_ctx)
     load_s = time.perf_counter() - t0
     out: dict = {"model": str(tp.model_path), "catalog": str(tp.catalog.path), "threads": threads,
-                 "tracks": len(tp.track_ids), "trie_nodes": tp.trie.n_nodes, "load_s": load_s}
+                 "tracks": len(tp.track_ids), "trie_nodes": tp.trie.n_nodes, "load_s": load_s,
+                 "kv_cache": tp.kv_cache, "n_ctx": tp.n_ctx}
     # warm-up turn (graph allocation), not counted
     tp.chat(max_new_tokens=4).send("hello")
     session = tp.chat(max_new_tokens=max_new_tokens)
@@ -213,6 +214,7 @@ def format_table(r: dict) -> str:
         ("model", r["model"]),
         ("catalog", f"{r['catalog']} ({r['tracks']} tracks, {r['trie_nodes']} trie nodes)"),
         ("threads", r["threads"]),
+        ("KV cache", f"{r.get('kv_cache', '?')}, {r.get('n_ctx', '?')} tokens"),
         ("model load", f"{r['load_s'] * 1000:.0f} ms"),
         ("first track known", f"p50 {r['first_track_p50_s'] * 1000:.0f} ms   p95 {r['first_track_p95_s'] * 1000:.0f} ms"),
         ("full reply", f"p50 {r['reply_p50_s'] * 1000:.0f} ms   p95 {r['reply_p95_s'] * 1000:.0f} ms "

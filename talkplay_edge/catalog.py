@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,6 +130,7 @@ class Catalog:
         self.fingerprint: str = self.meta.get("vocab_fingerprint", "")
         self.vocabulary: list[str] = [r[0] for r in conn.execute("select token from tokens order by id")]
         self._codes: dict[str, tuple[str, ...]] | None = None
+        self._popular: list[str] | None = None
 
     @classmethod
     def open(cls, path: str | Path | None = None, readonly: bool = True, verify: bool = False) -> "Catalog":
@@ -181,15 +183,34 @@ class Catalog:
         if fingerprint(self.vocabulary, blobs) != self.fingerprint:
             raise CatalogError(f"{self.path}: vocabulary fingerprint does not match its tokens/codebooks")
 
-    def codes(self) -> dict[str, tuple[str, ...]]:
-        """track id -> its code's token strings (without span markers); cached."""
-        if self._codes is None:
-            self._codes = {r[0]: tuple(r[1].split(" ")) for r in self.conn.execute("select track_id, code from codes")}
-        return self._codes
+    def codes(self, cache: bool = True) -> dict[str, tuple[str, ...]]:
+        """track id -> its code's token strings (without span markers). Cached unless ``cache=False``, which
+        reads a fresh dict the caller may drop (the runtime builds its trie from it and keeps nothing: ~7 MB
+        for the demo catalog). Token strings are shared between codes, track ids are interned."""
+        if self._codes is not None:
+            return self._codes
+        tok = {t: t for t in self.vocabulary}
+        codes = {sys.intern(r[0]): tuple(tok.get(t, t) for t in r[1].split(" "))
+                 for r in self.conn.execute("select track_id, code from codes")}
+        if cache:
+            self._codes = codes
+        return codes
+
+    def code(self, track_id: str) -> tuple[str, ...] | None:
+        """One track's code (as in ``codes()``), or None when the track has none; reads the cache when
+        ``codes()`` filled it, else the database."""
+        if self._codes is not None:
+            return self._codes.get(track_id)
+        r = self.conn.execute("select code from codes where track_id = ?", [track_id]).fetchone()
+        return tuple(r[0].split(" ")) if r else None
 
     def span(self, track_id: str) -> str:
-        """The full music span of a track as text: start marker, code tokens, end marker."""
-        return SPAN_START + "".join(self.codes()[track_id]) + SPAN_END
+        """The full music span of a track as text: start marker, code tokens, end marker (KeyError when the
+        track has no code)."""
+        code = self.code(track_id)
+        if code is None:
+            raise KeyError(track_id)
+        return SPAN_START + "".join(code) + SPAN_END
 
     def codebook(self, modality: str) -> Codebook:
         r = self.conn.execute("select * from codebooks where modality = ?", [modality]).fetchone()
@@ -203,9 +224,17 @@ class Catalog:
         return self.conn.execute("select count(*) from tracks").fetchone()[0]
 
     def track_ids(self) -> list[str]:
-        return [r[0] for r in self.conn.execute("select id from tracks order by id")]
+        return [sys.intern(r[0]) for r in self.conn.execute("select id from tracks order by id")]
 
-    def _track(self, r: sqlite3.Row) -> Track:
+    def popular_ids(self) -> list[str]:
+        """Every track id, most popular first (ties and unknown popularity by id); read once, shared by the
+        retrievers that fall back on it."""
+        if self._popular is None:
+            self._popular = [sys.intern(r[0]) for r in self.conn.execute(
+                "select id from tracks order by coalesce(popularity, -1) desc, id")]
+        return self._popular
+
+    def _track(self, r: sqlite3.Row, codes: dict | None = None) -> Track:
         loads = lambda v: tuple(json.loads(v)) if v else ()  # noqa: E731
         return Track(
             id=r["id"], title=r["title"], artist=r["artist"], album=r["album"], year=r["year"], genre=r["genre"],
@@ -213,7 +242,7 @@ class Catalog:
             popularity=r["popularity"], duration_ms=r["duration_ms"], explicit=r["explicit"],
             has_lyrics=bool(r["has_lyrics"]), source=r["source"],
             features={k: r[k] for k in FEATURE_COLUMNS if r[k] is not None},
-            code=self.codes().get(r["id"], ()),
+            code=(codes.get(r["id"]) if codes is not None else self.code(r["id"])) or (),
         )
 
     def get(self, track_id: str) -> Track | None:
@@ -223,7 +252,8 @@ class Catalog:
     def tracks(self, ids: list[str] | None = None) -> list[Track]:
         """Tracks by id, in the given order (unknown ids skipped); all tracks when ``ids`` is None."""
         if ids is None:
-            return [self._track(r) for r in self.conn.execute("select * from tracks order by id")]
+            codes = self.codes(cache=False)
+            return [self._track(r, codes) for r in self.conn.execute("select * from tracks order by id")]
         out = []
         for i in range(0, len(ids), 500):
             chunk = ids[i:i + 500]
@@ -261,7 +291,7 @@ class Catalog:
         if not rows:
             return [], np.zeros((0, 0), dtype=np.float32)
         mat = np.stack([np.frombuffer(r[1], dtype=np.int8) for r in rows]).astype(np.float32) / CF_SCALE
-        return [r[0] for r in rows], mat
+        return [sys.intern(r[0]) for r in rows], mat
 
     def info(self) -> dict:
         """Summary statistics (what `talkplay info` prints)."""

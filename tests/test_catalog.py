@@ -50,6 +50,27 @@ def test_sources_errors_name_the_file(tmp_path, fake_data_dir):
         load_sources(broken)
 
 
+def test_codes_uncached_per_track_and_shared(tiny_catalog):
+    """``codes(cache=False)`` leaves nothing behind; ``code``/``span``/``get`` read one track from the database
+    and agree with the full read; tokens and ids are shared objects, not one string per track."""
+    with Catalog.open(tiny_catalog) as cat:
+        fresh = cat.codes(cache=False)
+        assert cat._codes is None and cat.codes(cache=False) is not fresh
+        tid = sorted(fresh)[3]
+        assert cat.code(tid) == fresh[tid] and cat.get(tid).code == fresh[tid]
+        assert cat.span(tid) == SPAN_START + "".join(fresh[tid]) + SPAN_END
+        assert cat._codes is None  # per-track reads did not fill the cache
+        assert cat.code("no-such-track") is None
+        with pytest.raises(KeyError):
+            cat.span("no-such-track")
+        a = next(iter(fresh.values()))
+        same = [x for x in fresh.values() if x[4] == a[4]]
+        assert len(same) > 1 and all(x[4] is a[4] for x in same)  # one string object per token
+        assert cat.codes() is cat.codes() and cat.codes() == fresh  # the cached read: the same codes
+        assert cat.popular_ids() is cat.popular_ids() and sorted(cat.popular_ids()) == sorted(fresh)
+        assert all(x is y for x, y in zip(sorted(cat.popular_ids()), sorted(fresh)))  # interned ids
+
+
 def test_catalog_contents(tiny_catalog):
     with Catalog.open(tiny_catalog, verify=True) as cat:
         info = cat.info()

@@ -308,3 +308,69 @@ def test_only_restricts_recommendations(talkplay):
     got = [session.send(f"song {i}").tracks for i in range(4)]
     assert {t.id for ts in got[:3] for t in ts} == allowed
     assert got[3] == [] and session.send("again").exhausted
+
+
+
+@pytest.fixture(scope="module")
+def gguf_head32(tiny_catalog, tmp_path_factory):
+    """A tiny model whose attention heads have 32 values (llama.cpp's q8_0 block), unlike ``runtime_gguf``'s 16."""
+    from tinymodel import build_tiny_gguf
+
+    from talkplay_edge.catalog import Catalog
+
+    with Catalog.open(tiny_catalog) as cat:
+        vocab, fp = list(cat.vocabulary), cat.fingerprint
+    return build_tiny_gguf(vocab, tmp_path_factory.mktemp("head32"), fp, hidden=64, heads=2, kv_heads=1)
+
+
+def test_kv_cache_types(gguf_head32, runtime_gguf, tiny_catalog, monkeypatch):
+    """A q8_0 KV cache gives the f16 cache's logits within quantisation noise (a wrong context moves them by
+    units), its session snapshots are about half the size and restore the session exactly; a model it does
+    not fit gets f16 by default and a clear error when q8_0 was asked for; an unknown type is refused before
+    the model loads."""
+    import talkplay_edge.runtime as rt
+
+    prompt = "something calm for a rainy evening, like the last one"
+    logits, sizes = {}, {}
+    for kind in ("f16", "q8_0"):
+        tp = TalkPlay.load(gguf_head32, tiny_catalog, threads=1, n_ctx=512, kv_cache=kind)
+        try:
+            assert tp.kv_cache == kind
+            a, b = tp.chat(max_new_tokens=6), tp.chat(max_new_tokens=6)
+            first = a.send("first request").tracks[0].id
+            b.send("another session in between")  # a's cells are copied out
+            sizes[kind] = len(tp._snapshots[a.id][0])
+            second = a.send(prompt).tracks[0].id  # ... and back in
+            assert tp.snapshot_stats["restored"] >= 1
+            alone = tp.chat(max_new_tokens=6)
+            assert [alone.send("first request").tracks[0].id, alone.send(prompt).tracks[0].id] == [first, second]
+            with tp._lock:
+                tokens = a._prompt(a._user_block(prompt))
+                for key, toks in ((kind, tokens), (kind + "-off", tokens[:-1] + [tokens[-2]])):
+                    tp._llama_cpp.llama_memory_clear(tp._mem, True)
+                    tp._kv = []
+                    logits[key] = tp._sync(toks).copy()
+        finally:
+            tp.close()
+    assert np.abs(logits["q8_0"] - logits["f16"]).max() < 0.1
+    assert np.abs(logits["f16-off"] - logits["f16"]).max() > 0.5
+    assert sizes["q8_0"] < 0.6 * sizes["f16"]
+
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from kv_cache import measure  # the bench of the two types runs on the same path
+
+    bench = {k: measure(k, gguf_head32, tiny_catalog, threads=1, rounds=2) for k in ("f16", "q8_0")}
+    assert bench["q8_0"]["snapshot_300_tokens_mb"] < 0.6 * bench["f16"]["snapshot_300_tokens_mb"]
+
+    with pytest.raises(ValueError, match="cannot make a q8_0 KV cache"):
+        TalkPlay.load(runtime_gguf, tiny_catalog, threads=1, n_ctx=256, kv_cache="q8_0")
+    monkeypatch.setattr(rt, "DEFAULT_KV_CACHE", "q8_0")
+    tp = TalkPlay.load(runtime_gguf, tiny_catalog, threads=1, n_ctx=256)
+    assert tp.kv_cache == "f16" and tp.chat(max_new_tokens=4).send("hello").tracks
+    tp.close()
+    monkeypatch.setenv("TALKPLAY_KV_CACHE", "q4_0")
+    with pytest.raises(ValueError, match="KV cache type 'q4_0'.*f16, q8_0"):
+        TalkPlay(runtime_gguf.parent / "missing.gguf", None)

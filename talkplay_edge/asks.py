@@ -33,6 +33,7 @@ the tracks the listener wanted, a missed one only leaves the model on its own.
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -226,7 +227,8 @@ class Asks:
                     self.values[a][i] = row[a]
             for g in set(json_strings(row["genres"])) | set(json_strings(row["subgenres"])):
                 genre_tracks.setdefault(" ".join(g.lower().split()), []).append(i)
-            styles = tuple(sorted({" ".join(g.lower().split()) for g in json_strings(row["subgenres"])} - {""}))
+            styles = tuple(sorted({sys.intern(" ".join(g.lower().split())) for g in json_strings(row["subgenres"])}
+                                  - {""}))  # one string per subgenre, not one per track
             if styles:
                 self.styles_of[i] = styles
                 for g in styles:

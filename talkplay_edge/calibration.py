@@ -50,6 +50,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -191,8 +192,8 @@ class ArtistIndex:
 
     MAX_WORDS = 6
 
-    def __init__(self, names: list[tuple[int, list[str]]]):
-        """``names``: (track index, its credited artists, main one first) per track."""
+    def __init__(self, names: Iterable[tuple[int, list[str]]]):
+        """``names``: (track index, its credited artists, main one first) per track (read once)."""
         self.keys: dict[str, int] = {}  # lower-case name -> name id
         self.one_word: set[str] = set()  # one-word names as the catalog spells them
         name_of, track_of, main = [], [], {}
@@ -219,11 +220,10 @@ class ArtistIndex:
 
     @classmethod
     def from_catalog(cls, catalog, track_index: dict[str, int]) -> "ArtistIndex":
-        names = []
-        for tid, artist, artists in catalog.rows("id, artist, artists"):
-            if tid not in track_index:
-                continue
-            names.append((track_index[tid], json_strings(artists) or ([artist] if artist else [])))
+        # rows are read as the index is built, not gathered first: a list of every track's names would
+        # leave ~20 MB of fragmented heap behind once freed
+        names = ((track_index[tid], json_strings(artists) or ([artist] if artist else []))
+                 for tid, artist, artists in catalog.rows("id, artist, artists") if tid in track_index)
         return cls(names)
 
     def main_of(self, track: int) -> str | None:

@@ -60,10 +60,6 @@ def content_terms(text: str) -> list[str]:
     return [t for t in terms if t not in STOPWORDS]
 
 
-def _popular_ids(catalog) -> list[str]:
-    return catalog.popular_ids()
-
-
 def _fill(ranked: list[str], fallback: list[str], exclude: set[str], n: int) -> list[str]:
     """``ranked`` without excluded/duplicate ids, topped up from ``fallback`` to ``n``."""
     out, seen = [], set(exclude)
@@ -90,7 +86,7 @@ class PopularityRecommender:
     name = "popularity"
 
     def __init__(self, catalog, threads: int = 2, **kw):
-        self.ids = _popular_ids(catalog)
+        self.ids = catalog.popular_ids()
 
     def recommend(self, history: list[dict], exclude: set[str], n: int = 100) -> list[str]:
         return _fill([], self.ids, exclude, n)
@@ -121,7 +117,7 @@ class BM25Recommender:
         self.history_turns = history_turns
         self.latest_weight = latest_weight
         self.column_weights = column_weights
-        self.popular = _popular_ids(catalog)
+        self.popular = catalog.popular_ids()
         self._terms: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # term -> (row numbers, scores)
         self._memo_postings = 0  # rows held in self._terms
         self._index: tuple[np.ndarray, np.ndarray, list[str], np.ndarray] | None = None  # see _row_index
@@ -156,10 +152,9 @@ class BM25Recommender:
             hits = self.catalog.conn.execute(f"select rowid, bm25(tracks_fts, {w}) from tracks_fts where tracks_fts match ?",
                                              [f'"{term}"']).fetchall()
             hit_rowids = np.fromiter((r for r, _ in hits), dtype=np.int64, count=len(hits))
-            pos = np.minimum(np.searchsorted(rowids, hit_rowids), max(len(rowids) - 1, 0))
-            known = rowids[pos] == hit_rowids if len(rowids) else np.zeros(len(hits), bool)  # FTS rows of tracks
-            got = (row_of[pos[known]],
-                   np.fromiter((-b for _, b in hits), dtype=np.float64, count=len(hits))[known])
+            # tracks_fts is an external-content index of tracks: every hit's rowid is a track's
+            got = (row_of[np.searchsorted(rowids, hit_rowids)],
+                   np.fromiter((-b for _, b in hits), dtype=np.float64, count=len(hits)))
             if self._memo_postings > 2_000_000:  # ~24 MB of memoised postings
                 self._terms.clear()
                 self._memo_postings = 0
@@ -406,7 +401,7 @@ def track_vectors(catalog, encoder, cache: bool = True, show_progress: bool = Tr
     """(track ids, ``TrackVectors``): the shipped int8 vectors when they match (no float copy is made), else
     ``track_embeddings`` quantised the same way."""
     if cache:
-        ids = [sys.intern(r[0]) for r in catalog.rows("id")]
+        ids = catalog.track_ids()
         got = read_track_vectors(catalog, encoder, ids, as_int8=True)
         if got is not None:
             return ids, got
@@ -430,7 +425,7 @@ class DenseRecommender:
         self.ids, self.mat = track_vectors(catalog, encoder, cache=cache, show_progress=show_progress)
         self.index = {t: i for i, t in enumerate(self.ids)}
         self.decay, self.history_turns, self.track_weight = decay, history_turns, track_weight
-        self.popular = _popular_ids(catalog)
+        self.popular = catalog.popular_ids()
         self._memo: dict[str, np.ndarray] = {}
 
     def embed(self, texts: list[str]) -> np.ndarray:
@@ -476,7 +471,7 @@ class CFRecommender:
         self.ids, self.mat = ids, (mat / np.where(norms > 0, norms, 1.0)).astype(np.float32)
         self.index = {t: i for i, t in enumerate(ids)}
         self.decay = decay
-        self.popular = _popular_ids(catalog)
+        self.popular = catalog.popular_ids()
 
     def neighbours(self, history: list[dict], exclude: set[str], n: int = 100) -> list[str]:
         """The item2vec neighbours only ([] when no played track has a CF vector)."""

@@ -6,8 +6,9 @@
 
 Measures ``TextEncoder.encode`` end to end (tokenisation, length-sorted batching, onnxruntime), best of
 ``--repeat`` runs over distinct texts (so deduplication never helps), after one warm-up run; plus the latency
-of a single chat message (batch of one, median) and the session load time. Also reports process CPU time
-per text and the load average, and warns when other work was competing for the CPUs.
+of a single chat message (batch of one, median), the session load time and the memory it takes (RSS growth
+over loading it and one warm-up text). Also reports process CPU time per text and the load average, and
+warns when other work was competing for the CPUs.
 """
 
 from __future__ import annotations
@@ -80,6 +81,18 @@ def latency(enc: TextEncoder, n: int = 50) -> dict:
     return {"median_ms": round(1e3 * statistics.median(ts), 2), "p90_ms": round(1e3 * sorted(ts)[int(0.9 * n)], 2)}
 
 
+def _rss_mb() -> float:
+    """Resident memory of this process after handing freed heap back (glibc), in MB; 0 off Linux."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS"))
+    except (OSError, StopIteration):
+        return 0.0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.text_encoder", description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -92,12 +105,19 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     load_before = os.getloadavg()[0]
+    import onnxruntime  # noqa: F401 — imported before the first reading: its own memory is not the encoder's
+    import tokenizers  # noqa: F401
+
+    rss0 = _rss_mb()
     t = time.perf_counter()
     enc = TextEncoder(args.model_dir, threads=args.threads)
     load_s = time.perf_counter() - t
+    enc.encode(["warm up"])
     res = {
         "encoder": enc.name, "version": enc.version, "threads": args.threads, "batch_size": args.batch_size,
-        "load_s": round(load_s, 2), "cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
+        "load_s": round(load_s, 2), "rss_growth_mb": round(_rss_mb() - rss0, 1),
+        "int8_in_memory": {"tables": enc.int8_tables, "matrices": getattr(enc, "int8_matrices", 0)},
+        "cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
         "short": measure(enc, short_texts(args.short), args.repeat, args.batch_size),
         "medium": measure(enc, medium_texts(args.medium), args.repeat, args.batch_size),
         "single_chat_message": latency(enc),
@@ -114,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
-    print(f"{enc.name}  {enc.version}  threads={args.threads}  batch={args.batch_size}  load {res['load_s']} s")
+    print(f"{enc.name}  {enc.version}  threads={args.threads}  batch={args.batch_size}  load {res['load_s']} s, "
+          f"+{res['rss_growth_mb']} MB RSS (int8 in memory: {res['int8_in_memory']['tables']} tables, "
+          f"{res['int8_in_memory']['matrices']} matrices)")
     print(f"{'texts':<8}{'n':>6}{'words':>8}{'tokens':>8}{'texts/s':>10}{'ms/text':>9}{'cpu ms':>8}")
     for k in ("short", "medium"):
         r = res[k]

@@ -416,14 +416,18 @@ class DenseRecommender:
     name = "dense"
 
     def __init__(self, catalog, threads: int = 2, encoder=None, decay: float = 0.5, history_turns: int = 4,
-                 track_weight: float = 2.0, cache: bool = True, show_progress: bool = True, **kw):
+                 track_weight: float = 2.0, cache: bool = True, show_progress: bool = True,
+                 index: dict[str, int] | None = None, **kw):
+        """``index``: a track id -> position mapping the caller holds already (the runtime's trie order),
+        used instead of a second one when it maps the vectors' ids to their rows."""
         if encoder is None:
             from .text_encoder import TextEncoder
 
             encoder = TextEncoder(threads=threads)
         self.encoder = encoder
         self.ids, self.mat = track_vectors(catalog, encoder, cache=cache, show_progress=show_progress)
-        self.index = {t: i for i, t in enumerate(self.ids)}
+        same = index is not None and len(index) == len(self.ids) and all(index.get(t) == i for i, t in enumerate(self.ids))
+        self.index = index if same else {t: i for i, t in enumerate(self.ids)}
         self.decay, self.history_turns, self.track_weight = decay, history_turns, track_weight
         self.popular = catalog.popular_ids()
         self._memo: dict[str, np.ndarray] = {}
@@ -502,9 +506,9 @@ class HybridRecommender:
     name = "hybrid"
 
     def __init__(self, catalog, threads: int = 2, k: int = 60, depth: int = 200, encoder=None,
-                 show_progress: bool = True, **kw):
+                 show_progress: bool = True, index: dict[str, int] | None = None, **kw):
         self.parts = [BM25Recommender(catalog), DenseRecommender(catalog, threads=threads, encoder=encoder,
-                                                                 show_progress=show_progress),
+                                                                 show_progress=show_progress, index=index),
                       CFRecommender(catalog)]
         self.k, self.depth = k, depth
         self.popular = self.parts[0].popular

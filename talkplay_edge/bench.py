@@ -57,11 +57,11 @@ def _pct(xs, q) -> float:
 
 
 def bench_model(model=None, catalog=None, threads: int = 2, n_ctx: int = 2048, turns: int = 20,
-                max_new_tokens: int = 48) -> dict:
+                max_new_tokens: int = 48, kv_cache: str | None = None) -> dict:
     from .runtime import TalkPlay
 
     t0 = time.perf_counter()
-    tp = TalkPlay.load(model, catalog, threads=threads, n_ctx=n_ctx)
+    tp = TalkPlay.load(model, catalog, threads=threads, n_ctx=n_ctx, kv_cache=kv_cache)
     load_s = time.perf_counter() - t0
     out: dict = {"model": str(tp.model_path), "catalog": str(tp.catalog.path), "threads": threads,
                  "tracks": len(tp.track_ids), "trie_nodes": tp.trie.n_nodes, "load_s": load_s,
@@ -201,8 +201,9 @@ def bench_trie(n_tracks: int = 1_000_000, n_vocab: int = 49152 + 2 + 5 * 1025 + 
 
 
 def run_bench(model=None, catalog=None, threads: int = 2, n_ctx: int = 2048, turns: int = 20,
-              max_new_tokens: int = 48, trie_tracks: int = 1_000_000) -> dict:
-    out = bench_model(model, catalog, threads=threads, n_ctx=n_ctx, turns=turns, max_new_tokens=max_new_tokens)
+              max_new_tokens: int = 48, trie_tracks: int = 1_000_000, kv_cache: str | None = None) -> dict:
+    out = bench_model(model, catalog, threads=threads, n_ctx=n_ctx, turns=turns, max_new_tokens=max_new_tokens,
+                      kv_cache=kv_cache)
     if trie_tracks:
         out.update(bench_trie(trie_tracks))
     out["peak_rss_mb"] = _peak_rss_mb()

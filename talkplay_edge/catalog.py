@@ -19,6 +19,7 @@ import sqlite3
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -185,8 +186,8 @@ class Catalog:
 
     def codes(self, cache: bool = True) -> dict[str, tuple[str, ...]]:
         """track id -> its code's token strings (without span markers). Cached unless ``cache=False``, which
-        reads a fresh dict the caller may drop (the runtime builds its trie from it and keeps nothing: ~7 MB
-        for the demo catalog). Token strings are shared between codes, track ids are interned."""
+        reads a fresh dict the caller may drop. Token strings are shared between codes, track ids are
+        interned."""
         if self._codes is not None:
             return self._codes
         tok = {t: t for t in self.vocabulary}
@@ -195,6 +196,12 @@ class Catalog:
         if cache:
             self._codes = codes
         return codes
+
+    def iter_codes(self) -> Iterator[tuple[str, list[str]]]:
+        """(track id, its code's token strings) for every track with a code, in ascending id order, read as
+        they come (the runtime builds its trie from them and keeps no code)."""
+        for tid, code in self.conn.execute("select track_id, code from codes order by track_id"):
+            yield tid, code.split(" ")
 
     def code(self, track_id: str) -> tuple[str, ...] | None:
         """One track's code (as in ``codes()``), or None when the track has none; reads the cache when

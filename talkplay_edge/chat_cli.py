@@ -23,6 +23,9 @@ from .cli import UserError, _fail_cleanly, catalog_option, json_option, threads_
 model_option = click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
                             help="GGUF model (default: the embedded model).")
 ctx_option = click.option("--n-ctx", type=int, default=2048, show_default=True, help="Context size in tokens.")
+kv_option = click.option("--kv-cache", type=click.Choice(["q8_0", "f16"]), default=None,
+                         help="KV cache type (default: $TALKPLAY_KV_CACHE, else q8_0); f16 prefills faster and "
+                              "takes ~20 MB more.")
 sampling_options = [
     click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy."),
     click.option("--top-k", type=int, default=0, show_default=True, help="Sample from the k best (0 = all)."),
@@ -56,10 +59,10 @@ def _clean_errors(fn):
     return wrapper
 
 
-def _load(model_path, catalog_path, threads, n_ctx):
+def _load(model_path, catalog_path, threads, n_ctx, kv_cache=None):
     from .runtime import TalkPlay
 
-    return TalkPlay.load(model_path, catalog_path, threads=threads, n_ctx=n_ctx)
+    return TalkPlay.load(model_path, catalog_path, threads=threads, n_ctx=n_ctx, kv_cache=kv_cache)
 
 
 def _session(tp, temperature, top_k, seed, max_new_tokens, no_force_span, only_local=False):
@@ -85,16 +88,17 @@ def _track_line(i: int | None, t) -> str:
 @catalog_option
 @threads_option
 @ctx_option
+@kv_option
 @_options
 @json_option
 @_fail_cleanly
 @_clean_errors
-def ask(message, n, model_path, catalog_path, threads, n_ctx, temperature, top_k, seed, max_new_tokens,
+def ask(message, n, model_path, catalog_path, threads, n_ctx, kv_cache, temperature, top_k, seed, max_new_tokens,
         no_force_span, only_local, as_json):
     """Ask once: a reply and ranked track(s)."""
     if n < 1:
         raise UserError("--n must be at least 1")
-    tp = _load(model_path, catalog_path, threads, n_ctx)
+    tp = _load(model_path, catalog_path, threads, n_ctx, kv_cache)
     session = _session(tp, temperature, top_k, seed, max_new_tokens, no_force_span, only_local)
     if as_json:
         reply = session.send(message, n=n)
@@ -113,15 +117,16 @@ def ask(message, n, model_path, catalog_path, threads, n_ctx, temperature, top_k
 @catalog_option
 @threads_option
 @ctx_option
+@kv_option
 @_options
 @_fail_cleanly
 @_clean_errors
-def chat(model_path, catalog_path, threads, n_ctx, temperature, top_k, seed, max_new_tokens, no_force_span,
+def chat(model_path, catalog_path, threads, n_ctx, kv_cache, temperature, top_k, seed, max_new_tokens, no_force_span,
          only_local):
     """Chat interactively. Commands: /reset (new conversation), /more [N] (more tracks), /quit."""
     from .chat_format import EmptyMessageError
 
-    tp = _load(model_path, catalog_path, threads, n_ctx)
+    tp = _load(model_path, catalog_path, threads, n_ctx, kv_cache)
     session = _session(tp, temperature, top_k, seed, max_new_tokens, no_force_span, only_local)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -173,6 +178,7 @@ def chat(model_path, catalog_path, threads, n_ctx, temperature, top_k, seed, max
 @catalog_option
 @threads_option
 @ctx_option
+@kv_option
 @click.option("--turns", type=int, default=20, show_default=True, help="Chat turns to time.")
 @click.option("--max-new-tokens", type=int, default=48, show_default=True)
 @click.option("--trie-tracks", type=int, default=1_000_000, show_default=True,
@@ -180,10 +186,10 @@ def chat(model_path, catalog_path, threads, n_ctx, temperature, top_k, seed, max
 @json_option
 @_fail_cleanly
 @_clean_errors
-def bench(model_path, catalog_path, threads, n_ctx, turns, max_new_tokens, trie_tracks, as_json):
+def bench(model_path, catalog_path, threads, n_ctx, kv_cache, turns, max_new_tokens, trie_tracks, as_json):
     """Benchmark: load time, time to first track, reply latency, tokens/s, peak RSS; 1M-track trie check."""
     from .bench import format_table, run_bench
 
     result = run_bench(model_path, catalog_path, threads=threads, n_ctx=n_ctx, turns=turns,
-                       max_new_tokens=max_new_tokens, trie_tracks=trie_tracks)
+                       max_new_tokens=max_new_tokens, trie_tracks=trie_tracks, kv_cache=kv_cache)
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))

@@ -78,7 +78,7 @@ class RetrievalPrior:
             from .baselines import HybridRecommender
 
             self._hybrid = HybridRecommender(self.catalog, threads=self.threads, encoder=self.encoder,
-                                             show_progress=self.show_progress)
+                                             show_progress=self.show_progress, index=self.track_index)
         return self._hybrid
 
     def load(self) -> "RetrievalPrior":

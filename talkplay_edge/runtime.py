@@ -42,12 +42,12 @@ outgoing session's KV cells out and the incoming one's back in (``session_cache_
 the most recently used sessions), so a switch costs a memory copy, not a re-prefill of the conversation;
 a session whose snapshot was evicted re-prefills from the shared system prompt.
 
-Memory: the KV cache holds keys and values as ``kv_cache`` (``$TALKPLAY_KV_CACHE``), ``f16`` by default;
-``q8_0`` takes half the memory (25 instead of 47 MB at 2,048 tokens for SmolLM2-135M, and session snapshots
-with it) for the same recommendations within noise, but prefills ~40% slower on CPU (it needs llama.cpp's
-flash attention). llama.cpp quantises the cache in blocks of 32 values, so q8_0 needs attention heads a
-multiple of 32 wide: asked for on another model it is a clear error (a quantised default would fall back to
-f16). The catalog's codes are read once to build the trie and dropped.
+Memory: the KV cache holds keys and values as ``kv_cache`` (``$TALKPLAY_KV_CACHE``), ``q8_0`` by default:
+half the memory of ``f16`` (24 instead of 45 MB at 2,048 tokens for SmolLM2-135M, and session snapshots
+with it) for the same recommendations within noise; f16 prefills long messages faster on CPU (q8_0 needs
+llama.cpp's flash attention). llama.cpp quantises the cache in blocks of 32 values, so q8_0 needs attention
+heads a multiple of 32 wide: another model gets f16 by default, and a clear error when q8_0 was asked for.
+The trie is built from the catalog's codes as they are read (no code is kept).
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def default_model() -> Path:
 # ggml types of the KV cache (ggml.h); a quantised V cache needs flash attention, which llama.cpp turns on
 # by itself on CPU ("auto")
 KV_CACHE_TYPES = {"f16": 1, "q8_0": 8}
-DEFAULT_KV_CACHE = "f16"
+DEFAULT_KV_CACHE = "q8_0"
 
 
 class TalkPlay:
@@ -205,18 +205,12 @@ class TalkPlay:
                 self.stop_ids.add(i)
 
         # -- the trie over the catalog's codes ------------------------------------------------------------
-        try:
-            codes = catalog.codes(cache=False)  # dropped once the trie is built
+        try:  # read row by row: no code is kept once the trie is built
+            self.track_ids, self.trie = catalog_trie(catalog.iter_codes(), self.music_ids, self.end_id)
         except sqlite3.DatabaseError as e:
             raise corrupt(catalog.path, e) from e
-        ids = self.music_ids
-        for tid, code in codes.items():
-            unknown = [t for t in code if t not in ids]
-            if unknown:
-                raise corrupt(catalog.path, ValueError(f"track {tid} has the code token {unknown[0]}, which is not in "
-                                                       "the catalog's vocabulary"))
-        self.track_ids, self.trie = catalog_trie(codes, ids, self.end_id)
-        del codes
+        except KeyError as e:  # a code token outside the catalog's vocabulary
+            raise corrupt(catalog.path, ValueError(e.args[0])) from e
         self.track_index = {tid: i for i, tid in enumerate(self.track_ids)}
         self._track_cache: dict[int, Track] = {}
         # the span calibration: given, else $TALKPLAY_SPAN_CALIBRATION, else the model's own (GGUF metadata)

@@ -20,7 +20,9 @@ to the root (O(depth)) and prunes every subtree left without a track.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import sys
+from array import array
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -137,13 +139,31 @@ class CodeTrie:
         return out[::-1]
 
 
-def catalog_trie(codes: Mapping[str, Sequence[str]], token_ids: Mapping[str, int], end_id: int) -> tuple[list[str], CodeTrie]:
-    """(track ids in trie order = sorted, the trie) over a catalog's codes (``Catalog.codes()``): each track's
-    token ids, then the span-end token. Every code token must be in ``token_ids`` (KeyError otherwise)."""
-    track_ids = sorted(codes)
-    width = 1 + max(len(c) for c in codes.values())
-    seqs = np.array([[token_ids[t] for t in codes[tid]] + [end_id] + [-1] * (width - 1 - len(codes[tid]))
-                     for tid in track_ids], dtype=np.int64)
+def catalog_trie(codes: Mapping[str, Sequence[str]] | Iterable[tuple[str, Sequence[str]]], token_ids: Mapping[str, int],
+                 end_id: int) -> tuple[list[str], CodeTrie]:
+    """(track ids in trie order = sorted, the trie) over a catalog's codes: a mapping track id -> code tokens
+    (``Catalog.codes()``), or (track id, code tokens) pairs in ascending id order (``Catalog.iter_codes()``,
+    read as they come: only the ids and one flat array of token ids are kept while building). Each track's
+    path is its token ids, then the span-end token. A code token not in ``token_ids`` raises KeyError naming
+    the track and the token; pairs out of order raise ValueError."""
+    pairs = sorted(codes.items()) if isinstance(codes, Mapping) else codes
+    track_ids: list[str] = []
+    flat, lengths = array("q"), array("q")  # machine integers, not Python objects
+    for tid, code in pairs:
+        if track_ids and tid <= track_ids[-1]:
+            raise ValueError(f"codes not in ascending track-id order ({track_ids[-1]!r}, then {tid!r})")
+        try:
+            flat.extend([token_ids[t] for t in code])
+        except KeyError as e:
+            raise KeyError(f"track {tid} has the code token {e.args[0]}, which is not in the vocabulary") from None
+        lengths.append(len(code))
+        track_ids.append(sys.intern(tid))
+    if not track_ids:
+        raise ValueError("cannot build a trie without tracks")
+    lens = np.frombuffer(lengths, dtype=np.int64)
+    seqs = np.full((len(lens), int(lens.max()) + 1), -1, dtype=np.int64)
+    seqs[np.arange(seqs.shape[1])[None, :] < lens[:, None]] = np.frombuffer(flat, dtype=np.int64)  # row by row
+    seqs[np.arange(len(lens)), lens] = end_id
     return track_ids, CodeTrie.build(seqs)
 
 

@@ -111,6 +111,10 @@ def test_dense_cache_and_query(cat, text_encoder, tmp_path, monkeypatch):
     ids3, mat3 = track_embeddings(cat, NoEncode(), show_progress=False)
     assert np.array_equal(mat, mat3)
     rec = DenseRecommender(cat, encoder=text_encoder, show_progress=False)
+    same = {t: i for i, t in enumerate(ids)}  # a mapping the caller holds already is used, not rebuilt ...
+    assert DenseRecommender(cat, encoder=text_encoder, show_progress=False, index=same).index is same
+    other = dict(same, **{ids[0]: 1, ids[1]: 0})  # ... unless it maps some id to another row
+    assert DenseRecommender(cat, encoder=text_encoder, show_progress=False, index=other).index == same
     t = cat.tracks()[5]
     out = rec.recommend([{"role": "user", "content": "hello"}, {"role": "assistant", "content": "", "track_ids": ["x"]},
                          {"role": "user", "content": f"{t.title} by {t.artist}"}], set(), 5)

@@ -87,6 +87,7 @@ def test_the_prior_alone_ranks_as_the_retrievers(retrieval_only):
     assert len(fused) == RETRIEVAL["depth"]
     got = ModelRecommender(tp=tp).recommend(history, exclude, 32)
     assert got[:len(fused)] == fused
+    assert tp.retrieval.hybrid.dense.index is tp.track_index  # one id -> row mapping, shared
     log_prior = tp.retrieval_prior(history, exclude)
     leaf = tp.trie.leaf_of_track[[tp.track_index[t] for t in fused]]
     assert np.all(np.diff(log_prior[leaf]) < 0)  # strictly decreasing along the ranking

@@ -324,10 +324,10 @@ def gguf_head32(tiny_catalog, tmp_path_factory):
 
 
 def test_kv_cache_types(gguf_head32, runtime_gguf, tiny_catalog, monkeypatch):
-    """A q8_0 KV cache gives the f16 cache's logits within quantisation noise (a wrong context moves them by
-    units), its session snapshots are about half the size and restore the session exactly; a model it does
-    not fit gets f16 by default and a clear error when q8_0 was asked for; an unknown type is refused before
-    the model loads."""
+    """A q8_0 KV cache (the default) gives the f16 cache's logits within quantisation noise (a wrong context
+    moves them by units), its session snapshots are about half the size and restore the session exactly; a
+    model it does not fit gets f16 by default and a clear error when q8_0 was asked for; an unknown type is
+    refused before the model loads."""
     import talkplay_edge.runtime as rt
 
     prompt = "something calm for a rainy evening, like the last one"
@@ -367,10 +367,32 @@ def test_kv_cache_types(gguf_head32, runtime_gguf, tiny_catalog, monkeypatch):
 
     with pytest.raises(ValueError, match="cannot make a q8_0 KV cache"):
         TalkPlay.load(runtime_gguf, tiny_catalog, threads=1, n_ctx=256, kv_cache="q8_0")
-    monkeypatch.setattr(rt, "DEFAULT_KV_CACHE", "q8_0")
-    tp = TalkPlay.load(runtime_gguf, tiny_catalog, threads=1, n_ctx=256)
+    assert rt.DEFAULT_KV_CACHE == "q8_0"
+    monkeypatch.delenv("TALKPLAY_KV_CACHE", raising=False)
+    tp = TalkPlay.load(gguf_head32, tiny_catalog, threads=1, n_ctx=256)  # the default, where it fits ...
+    assert tp.kv_cache == "q8_0"
+    tp.close()
+    tp = TalkPlay.load(runtime_gguf, tiny_catalog, threads=1, n_ctx=256)  # ... and f16 where it does not
     assert tp.kv_cache == "f16" and tp.chat(max_new_tokens=4).send("hello").tracks
     tp.close()
     monkeypatch.setenv("TALKPLAY_KV_CACHE", "q4_0")
     with pytest.raises(ValueError, match="KV cache type 'q4_0'.*f16, q8_0"):
         TalkPlay(runtime_gguf.parent / "missing.gguf", None)
+
+    # the CLI mirrors it: --kv-cache on ask, chat and bench
+    from click.testing import CliRunner
+
+    from talkplay_edge.chat_cli import kv_option
+    from talkplay_edge.cli import cli
+
+    monkeypatch.delenv("TALKPLAY_KV_CACHE")
+    assert sorted(kv_option(lambda: None).__click_params__[0].type.choices) == sorted(rt.KV_CACHE_TYPES)
+    common = ["--catalog", str(tiny_catalog), "--threads", "1", "--max-new-tokens", "4", "--n-ctx", "256"]
+    r = CliRunner().invoke(cli, ["ask", "hi", "--json", "--kv-cache", "q8_0", "--model", str(gguf_head32)] + common)
+    assert r.exit_code == 0 and json.loads(r.output)["tracks"], r.output
+    r = CliRunner().invoke(cli, ["ask", "hi", "--kv-cache", "q8_0", "--model", str(runtime_gguf)] + common)
+    assert r.exit_code == 1 and "use kv_cache='f16'" in r.output and len(r.output.strip().splitlines()) == 1
+    r = CliRunner().invoke(cli, ["chat", "--kv-cache", "f16", "--model", str(runtime_gguf)] + common, input="hello\n")
+    assert r.exit_code == 0 and r.output.count("♪") == 1, r.output
+    r = CliRunner().invoke(cli, ["bench", "--kv-cache", "q4_0", "--model", str(runtime_gguf)] + common)
+    assert r.exit_code == 2 and "q4_0" in r.output

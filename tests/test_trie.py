@@ -136,3 +136,29 @@ def test_synthetic_scale_shape_and_mask_speed():
         assert trie.path(i) == row
     r = bench_trie(50_000, steps=300, n_excluded=100)
     assert r["mask_p50_us"] < 2000
+
+
+def test_catalog_trie_from_rows_equals_from_mapping(tiny_catalog):
+    """The runtime builds its trie from the catalog's rows as they come (``Catalog.iter_codes``): the same
+    ids and arrays as from the whole ``codes()`` mapping; rows out of id order and a code token outside the
+    vocabulary are refused by name."""
+    from talkplay_edge.catalog import Catalog
+    from talkplay_edge.trie import catalog_trie
+
+    with Catalog.open(tiny_catalog) as cat:
+        token_ids = {t: 1000 + i for i, t in enumerate(cat.vocabulary)}
+        ids_a, a = catalog_trie(cat.codes(cache=False), token_ids, END)
+        rows = list(cat.iter_codes())
+    ids_b, b = catalog_trie(iter(rows), token_ids, END)
+    assert ids_a == ids_b == sorted(ids_a) and [r[0] for r in rows] == ids_a
+    for name in ("offsets", "token", "parent", "count", "track", "leaf_of_track"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    for i, (tid, code) in enumerate(rows):
+        assert b.path(i) == [token_ids[t] for t in code] + [END]
+    with pytest.raises(ValueError, match="ascending track-id order"):
+        catalog_trie(iter([rows[1], rows[0]]), token_ids, END)
+    tid, code = rows[2]
+    with pytest.raises(KeyError, match=f"track {tid} has the code token <\\|meta_4635\\|>"):
+        catalog_trie(iter(rows[:2] + [(tid, code[:2] + ["<|meta_4635|>"] + code[3:])]), token_ids, END)
+    with pytest.raises(ValueError, match="without tracks"):
+        catalog_trie(iter([]), token_ids, END)

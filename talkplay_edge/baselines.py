@@ -2,8 +2,8 @@
 
 - ``popularity``: the catalog's most popular tracks.
 - ``random``: a seeded random ranking (seeded by ``seed`` and the conversation so far: reproducible).
-- ``bm25``: SQLite FTS5 BM25 over title, artist, album and tags; the query is the user turns, the latest
-  counted twice (content words only).
+- ``bm25``: SQLite FTS5 BM25 over title, artist, album and tags; the query is the last 8 user turns (all
+  of them in the evaluation's conversations), the latest counted twice (content words only).
 - ``dense``: MiniLM embedding of the conversation against each track's "metadata · tags" embedding: the
   user turns (latest weighted up: weights 1, ½, ¼, …), normalised, plus ``track_weight`` (2) × the mean
   embedding of the tracks played so far; the track matrix is computed once and cached under
@@ -107,11 +107,13 @@ class RandomRecommender:
 
 
 class BM25Recommender:
-    """FTS5 BM25 over title, artist, album, tags; query = user turns (latest twice), content words only."""
+    """FTS5 BM25 over title, artist, album, tags; query = the last ``history_turns`` user turns (latest twice),
+    content words only. The cap keeps a long chat's queries (and the memory and time they take) bounded;
+    ``None`` reads every turn."""
 
     name = "bm25"
 
-    def __init__(self, catalog, threads: int = 2, history_turns: int | None = None, latest_weight: int = 2,
+    def __init__(self, catalog, threads: int = 2, history_turns: int | None = 8, latest_weight: int = 2,
                  column_weights: tuple[float, float, float, float] = (1.0, 1.0, 0.5, 2.0), **kw):
         self.catalog = catalog
         self.history_turns = history_turns

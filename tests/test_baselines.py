@@ -77,6 +77,18 @@ def test_bm25_finds_the_named_artist(cat):
     assert rec.recommend(h, set(h[1]["track_ids"]), 5)[0] in by_artist
 
 
+def test_bm25_reads_the_last_eight_user_turns(cat):
+    """A long chat's query is its last 8 user turns (the evaluation's conversations have at most 8), the
+    latest twice: older turns' words drop out, so the query, and the memory it takes, stay bounded."""
+    history = []
+    for i in range(12):
+        history += [{"role": "user", "content": f"word{i}"}, {"role": "assistant", "content": "", "track_ids": []}]
+    history.pop()
+    got = BM25Recommender(cat).query_terms(history)
+    assert got == ["word11", "word11"] + [f"word{i}" for i in range(4, 11)]
+    assert len(BM25Recommender(cat, history_turns=None).query_terms(history)) == 13
+
+
 def test_cf_neighbours(cat):
     rec = CFRecommender(cat)
     h, exclude = history_for(cat, 1)

@@ -310,11 +310,11 @@ def int8_matmuls(model: bytes, block_size: int = 128) -> tuple[bytes, int]:
             continue
         dq, q, scale = found
         k, cols = q.dims
-        if k % block_size:
+        if k % block_size or q.dtype != _INT8:  # uint8 with zero point 0 does not fit the implied zero point 128
             continue
         blocks = k // block_size
-        w = np.frombuffer(g.raw(q), dtype=np.int8 if q.dtype == _INT8 else np.uint8).reshape(k, cols)
-        w = (w.T.astype(np.int16) + (128 if q.dtype == _INT8 else 0)).astype(np.uint8)  # [N, K], zero point 128
+        w = np.frombuffer(g.raw(q), dtype=np.int8).reshape(k, cols)
+        w = (w.T.astype(np.int16) + 128).astype(np.uint8)  # [N, K], zero point 128
         s = np.repeat(np.frombuffer(g.raw(scale), dtype="<f4"), blocks)  # [N * blocks], the column's scale
         base = dq.outputs[0]
         new_inits += [_encode_tensor(f"{base}/nbits_q", [cols, blocks, block_size], _UINT8, w.tobytes()),

@@ -410,11 +410,13 @@ def test_int8_matmuls_rewrites_a_matrix(zero_point):
 
 
 def test_int8_matmuls_leaves_other_graphs_alone():
-    """A per-row scale, K not a multiple of the block, or a weight used elsewhere too: bytes unchanged."""
+    """A per-row scale, K not a multiple of the block, a weight used elsewhere too, or a uint8 weight (zero
+    point 0, where MatMulNBits implies 128): bytes unchanged."""
     from talkplay_edge.onnx_lookup import int8_matmuls
 
+    uint8 = _dq_model(np.full((256, 8), 200, np.uint8), np.full(8, 0.01), None, 1, "MatMul", False)
     for model in (_matmul_graph(axis=0, scale_shape="row")[0], _matmul_graph(k=200)[0],
-                  _matmul_graph(extra_use=True)[0], _table_graph(np.full(50, 0.01), np.zeros(50))[0]):
+                  _matmul_graph(extra_use=True)[0], _table_graph(np.full(50, 0.01), np.zeros(50))[0], uint8):
         new, n = int8_matmuls(model)
         assert n == 0 and new is model
     for damaged in (b"", b"\xff" * 64):

@@ -25,6 +25,8 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from talkplay_edge.runtime import KV_CACHE_TYPES  # noqa: E402
+
 TEXT = "Play me something upbeat for a morning run, like the eighties synth pop I love. " * 30
 
 
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", help="GGUF (default: the embedded model, built on first use)")
     ap.add_argument("--catalog", default=None, help="catalog.db (default: the embedded one)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--types", nargs="+", default=["f16", "q8_0"], choices=["f16", "q8_0"])
+    ap.add_argument("--types", nargs="+", default=list(KV_CACHE_TYPES), choices=list(KV_CACHE_TYPES))
     ap.add_argument("--json", action="store_true", help="print JSON")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one type in this process
     a = ap.parse_args(argv)

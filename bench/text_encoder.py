@@ -26,7 +26,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from talkplay_edge.text_encoder import TextEncoder  # noqa: E402
+from talkplay_edge.bench import _rss_mb  # noqa: E402
+from talkplay_edge.text_encoder import TextEncoder, _release_free_heap  # noqa: E402
 
 WORDS = ("midnight summer love fire city heart river golden electric lonely neon wild dream ocean highway broken "
          "velvet silver thunder paradise shadow dancing rain echo stardust honey gravity sunset ghost wonder fever "
@@ -81,18 +82,6 @@ def latency(enc: TextEncoder, n: int = 50) -> dict:
     return {"median_ms": round(1e3 * statistics.median(ts), 2), "p90_ms": round(1e3 * sorted(ts)[int(0.9 * n)], 2)}
 
 
-def _rss_mb() -> float:
-    """Resident memory of this process after handing freed heap back (glibc), in MB; 0 off Linux."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS"))
-    except (OSError, StopIteration):
-        return 0.0
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.text_encoder", description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -108,15 +97,18 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime  # noqa: F401 — imported before the first reading: its own memory is not the encoder's
     import tokenizers  # noqa: F401
 
+    _release_free_heap()
     rss0 = _rss_mb()
     t = time.perf_counter()
     enc = TextEncoder(args.model_dir, threads=args.threads)
     load_s = time.perf_counter() - t
     enc.encode(["warm up"])
+    _release_free_heap()
+    rss_growth = _rss_mb() - rss0
     res = {
         "encoder": enc.name, "version": enc.version, "threads": args.threads, "batch_size": args.batch_size,
-        "load_s": round(load_s, 2), "rss_growth_mb": round(_rss_mb() - rss0, 1),
-        "int8_in_memory": {"tables": enc.int8_tables, "matrices": getattr(enc, "int8_matrices", 0)},
+        "load_s": round(load_s, 2), "rss_growth_mb": round(rss_growth, 1),
+        "int8_in_memory": {"tables": enc.int8_tables, "matrices": enc.int8_matrices},
         "cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
         "short": measure(enc, short_texts(args.short), args.repeat, args.batch_size),
         "medium": measure(enc, medium_texts(args.medium), args.repeat, args.batch_size),

@@ -19,13 +19,14 @@ import click
 
 from .catalog import CatalogError
 from .cli import UserError, _fail_cleanly, catalog_option, json_option, threads_option
+from .runtime import DEFAULT_KV_CACHE, KV_CACHE_TYPES
 
 model_option = click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
                             help="GGUF model (default: the embedded model).")
 ctx_option = click.option("--n-ctx", type=int, default=2048, show_default=True, help="Context size in tokens.")
-kv_option = click.option("--kv-cache", type=click.Choice(["q8_0", "f16"]), default=None,
-                         help="KV cache type (default: $TALKPLAY_KV_CACHE, else q8_0); f16 prefills faster and "
-                              "takes ~20 MB more.")
+kv_option = click.option("--kv-cache", type=click.Choice(list(KV_CACHE_TYPES)), default=None,
+                         help=f"KV cache type (default: $TALKPLAY_KV_CACHE, else {DEFAULT_KV_CACHE}); f16 prefills "
+                              "faster and takes ~20 MB more.")
 sampling_options = [
     click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy."),
     click.option("--top-k", type=int, default=0, show_default=True, help="Sample from the k best (0 = all)."),

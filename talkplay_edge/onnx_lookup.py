@@ -16,7 +16,7 @@ Two rewrites keep them int8:
 They work on the serialized bytes with a minimal protobuf wire-format reader and writer, so the runtime
 needs neither the ``onnx`` package nor a second model file: the file on disk, its sha256 and the encoder's
 version stay what they were. Each returns the rewritten bytes and how many tensors it rewrote (0: the
-bytes unchanged).
+bytes unchanged); ``int8_weights`` makes both in one pass.
 """
 
 from __future__ import annotations
@@ -257,15 +257,10 @@ def _splice(model: bytes, g: _Graph, replaced: dict[tuple[int, int], bytes], new
     return b"".join(out)
 
 
-def int8_lookups(model: bytes) -> tuple[bytes, int]:
-    """Rewrite every ``Gather(DequantizeLinear(int8 table, per-row or single scale, zero point 0))`` whose
-    dequantised table feeds nothing else into a lookup of int8 rows dequantised afterwards. Returns the new
-    model bytes and the number of tables rewritten (0: ``model`` itself)."""
-    g = _parse(model)
-    if g is None:
-        return model, 0
-    replaced: dict[tuple[int, int], bytes] = {}  # node span → its replacement (b"" drops it)
-    new_inits = []
+def _lookup_rewrites(g: _Graph, replaced: dict[tuple[int, int], bytes], new_inits: list[bytes]) -> int:
+    """Add to ``replaced`` (node or initializer span → its replacement; b"" drops it) and ``new_inits`` the
+    rewrite of every int8 table lookup (see ``int8_lookups``); returns how many tables."""
+    n_tables = 0
     for n in g.nodes:
         if n.op != "Gather" or n.domain or n.ints.get("axis", 0) != 0 or len(n.inputs) != 2:
             continue
@@ -287,21 +282,14 @@ def int8_lookups(model: bytes) -> tuple[bytes, int]:
         else:
             parts.append(_encode_node("Mul", [floats, dq.inputs[1]], [out], f"{base}/ScaleRows"))
         replaced[dq.span], replaced[n.span] = b"", b"".join(parts)
-    if not replaced:
-        return model, 0
-    return _splice(model, g, replaced, new_inits), len(replaced) // 2
+        n_tables += 1
+    return n_tables
 
 
-def int8_matmuls(model: bytes, block_size: int = 128) -> tuple[bytes, int]:
-    """Rewrite every ``MatMul(x, DequantizeLinear(int8 weight [K, N], one scale per column, zero point 0))``
-    whose dequantised weight feeds nothing else, and whose K is a multiple of ``block_size``, into an 8-bit
-    ``MatMulNBits`` with fp32 arithmetic (see the module docstring). Returns the new model bytes and the
-    number of matrices rewritten (0: ``model`` itself)."""
-    g = _parse(model)
-    if g is None:
-        return model, 0
-    replaced: dict[tuple[int, int], bytes] = {}
-    new_inits = []
+def _matmul_rewrites(g: _Graph, replaced: dict[tuple[int, int], bytes], new_inits: list[bytes],
+                     block_size: int = 128) -> int:
+    """As ``_lookup_rewrites``, for every int8 matrix product (see ``int8_matmuls``); returns how many."""
+    n_matrices = 0
     for n in g.nodes:
         if n.op != "MatMul" or n.domain or len(n.inputs) != 2:
             continue
@@ -326,6 +314,37 @@ def int8_matmuls(model: bytes, block_size: int = 128) -> tuple[bytes, int]:
         replaced[n.span] = _encode_node(
             "MatMulNBits", [n.inputs[0], f"{base}/nbits_q", f"{base}/nbits_scales"], n.outputs, f"{base}/MatMulNBits",
             {"K": k, "N": cols, "bits": 8, "block_size": block_size, "accuracy_level": 1}, domain="com.microsoft")
+        n_matrices += 1
+    return n_matrices
+
+
+def int8_weights(model: bytes, tables: bool = True, matrices: bool = True) -> tuple[bytes, int, int]:
+    """Both rewrites (``int8_lookups`` and ``int8_matmuls``, each when asked) in one pass over the model:
+    (new model bytes, tables rewritten, matrices rewritten); ``model`` itself when nothing was rewritten."""
+    g = _parse(model)
+    if g is None:
+        return model, 0, 0
+    replaced: dict[tuple[int, int], bytes] = {}
+    new_inits: list[bytes] = []
+    n_tables = _lookup_rewrites(g, replaced, new_inits) if tables else 0
+    n_matrices = _matmul_rewrites(g, replaced, new_inits) if matrices else 0
     if not replaced:
-        return model, 0
-    return _splice(model, g, replaced, new_inits, ("com.microsoft", 1)), len(new_inits) // 2
+        return model, 0, 0
+    return _splice(model, g, replaced, new_inits, ("com.microsoft", 1) if n_matrices else None), n_tables, n_matrices
+
+
+def int8_lookups(model: bytes) -> tuple[bytes, int]:
+    """Rewrite every ``Gather(DequantizeLinear(int8 table, per-row or single scale, zero point 0))`` whose
+    dequantised table feeds nothing else into a lookup of int8 rows dequantised afterwards. Returns the new
+    model bytes and the number of tables rewritten (0: ``model`` itself)."""
+    new, n_tables, _ = int8_weights(model, matrices=False)
+    return new, n_tables
+
+
+def int8_matmuls(model: bytes) -> tuple[bytes, int]:
+    """Rewrite every ``MatMul(x, DequantizeLinear(int8 weight [K, N], one scale per column, zero point 0))``
+    whose dequantised weight feeds nothing else, and whose K is a multiple of 128 (the block), into an 8-bit
+    ``MatMulNBits`` with fp32 arithmetic (see the module docstring). Returns the new model bytes and the
+    number of matrices rewritten (0: ``model`` itself)."""
+    new, _, n_matrices = int8_weights(model, tables=False)
+    return new, n_matrices

@@ -24,7 +24,7 @@ from typing import Iterable
 
 import numpy as np
 
-from .onnx_lookup import int8_lookups, int8_matmuls
+from .onnx_lookup import int8_weights
 
 MODEL_DIR = Path(__file__).resolve().parent / "models" / "minilm-l6-v2"
 EXPORT_COMMAND = "python -m export.text_encoder"
@@ -125,8 +125,7 @@ class TextEncoder:
         # int8 weights stay int8 in memory (onnx_lookup): the embedding tables (rows dequantised after the
         # lookup, the same numbers bit for bit) and the matrices (MatMulNBits, fp32 arithmetic); onnxruntime
         # would otherwise fold them into fp32 copies (MiniLM: −38 MB and −30 MB)
-        graph, self.int8_tables = int8_lookups((d / "model.onnx").read_bytes())
-        graph, self.int8_matrices = int8_matmuls(graph)
+        graph, self.int8_tables, self.int8_matrices = int8_weights((d / "model.onnx").read_bytes())
         try:
             self._sess = ort.InferenceSession(graph, session_options(threads), providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001 — onnxruntime raises its own exception types

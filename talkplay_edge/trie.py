@@ -158,10 +158,8 @@ def catalog_trie(codes: Mapping[str, Sequence[str]] | Iterable[tuple[str, Sequen
             raise KeyError(f"track {tid} has the code token {e.args[0]}, which is not in the vocabulary") from None
         lengths.append(len(code))
         track_ids.append(sys.intern(tid))
-    if not track_ids:
-        raise ValueError("cannot build a trie without tracks")
     lens = np.frombuffer(lengths, dtype=np.int64)
-    seqs = np.full((len(lens), int(lens.max()) + 1), -1, dtype=np.int64)
+    seqs = np.full((len(lens), int(lens.max(initial=0)) + 1), -1, dtype=np.int64)  # no tracks: build refuses
     seqs[np.arange(seqs.shape[1])[None, :] < lens[:, None]] = np.frombuffer(flat, dtype=np.int64)  # row by row
     seqs[np.arange(len(lens)), lens] = end_id
     return track_ids, CodeTrie.build(seqs)

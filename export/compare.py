@@ -3,9 +3,11 @@
     python -m export.compare --delta talkplay_edge/models/talkplay-smollm2            # F16, Q8_0, Q4_K_M
     python -m export.compare --delta out/delta-cpu --ftypes Q8_0 --prompts 2 --json
 
-The torch side is the trainer's own model: the pinned base dequantised by transformers, the catalog's tokens
-appended, the delta's rows and LoRA factors (``W += B·A``, q/k rows back in Hugging Face order) merged in.
-The GGUF side is ``model_build.build_model`` (the path users run), evaluated by llama.cpp with all logits.
+The torch side is the trainer's own model: the delta's base (the pinned SmolLM2 dequantised by transformers,
+or the Hugging Face directory it was trained on), the catalog's tokens appended, the delta's rows and LoRA
+factors (``W += B·A``, q/k rows back in Hugging Face order where the delta stores llama.cpp's) merged in.
+The GGUF side is ``export.build`` (for the default model: ``model_build.build_model``, the path users run),
+evaluated by llama.cpp with all logits.
 Prompts are the first valid conversations in the training format (music spans included), so the positions
 that choose music tokens are compared too. Reports per ftype: max and mean |Δlogit| over every position and
 vocabulary entry, and how often the argmax agrees.
@@ -23,7 +25,8 @@ import numpy as np
 
 
 def torch_model(delta: Path, catalog):
-    """(model, tokenizer): the pinned base + the catalog's tokens + the delta, merged, float32, eval mode."""
+    """(model, tokenizer, new token ids): the delta's base + the catalog's tokens + the delta, merged, float32,
+    eval mode."""
     import torch
 
     from talkplay_edge.model_build import load_delta
@@ -31,11 +34,16 @@ def torch_model(delta: Path, catalog):
     from export import train
 
     tensors, meta = load_delta(delta)
-    model, tok, _ = train.load_base(train.Config(base="smollm2", out=tempfile.mkdtemp(prefix="talkplay-compare-")))
+    base = meta.get("base", "smollm2")
+    model, tok, _ = train.load_base(train.Config(base=base, out=tempfile.mkdtemp(prefix="talkplay-compare-")))
     new_ids = train.add_music_tokens(model, tok, catalog, "mean")
     cfg = model.config
+    permuted = meta.get("lora_qk_order", "llama.cpp") == "llama.cpp"
     with torch.no_grad():
         model.get_input_embeddings().weight[min(new_ids):] = torch.from_numpy(tensors["new_token_embd"].astype(np.float32))
+        head = train.untied_head(model)
+        if head is not None:
+            head[min(new_ids):] = torch.from_numpy(tensors["new_output_rows"].astype(np.float32))
         inverse = {v: k for k, v in train.LORA_TARGETS.items()}
         for name, a in tensors.items():
             if not name.startswith("lora_a."):
@@ -43,32 +51,31 @@ def torch_model(delta: Path, catalog):
             gguf = name[len("lora_a."):]  # blk.{i}.{kind}.weight
             _, i, kind, _ = gguf.split(".")
             b = tensors[f"lora_b.{gguf}"].astype(np.float32)
-            if kind == "attn_q":
+            if permuted and kind == "attn_q":
                 b = train.llama_cpp_unpermute(b, cfg.num_attention_heads)
-            elif kind == "attn_k":
+            elif permuted and kind == "attn_k":
                 b = train.llama_cpp_unpermute(b, cfg.num_key_value_heads)
             parent, attr = inverse[kind].split(".")
             lin = getattr(getattr(model.model.layers[int(i)], parent), attr)
             lin.weight += torch.from_numpy(b @ a.astype(np.float32))
-    return model.eval(), tok
+    return model.eval(), tok, new_ids
 
 
 def compare(delta: Path, catalog_path: Path, ftypes: list[str], n_prompts: int = 4, max_tokens: int = 256,
-            threads: int = 2) -> dict:
+            threads: int = 2, conversations: Path = Path("conversations/valid.jsonl")) -> dict:
     import llama_cpp
     import torch
 
     from talkplay_edge.catalog import Catalog
     from talkplay_edge.conversations import read_conversations
-    from talkplay_edge.model_build import build_model
-
     from export import train
+    from export.build import build
 
     catalog = Catalog.open(catalog_path)
-    model, tok = torch_model(delta, catalog)
+    model, tok, new_ids = torch_model(delta, catalog)
     encoder = train.Encoder(tok, catalog, max_tokens)
-    prompts = [ex[0] for ex in map(encoder, read_conversations("conversations/valid.jsonl", n_prompts)) if ex] \
-        if Path("conversations/valid.jsonl").is_file() else []
+    prompts = [ex[0] for ex in map(encoder, read_conversations(conversations, n_prompts)) if ex] \
+        if Path(conversations).is_file() else []
     if not prompts:  # no conversations built: one hand-written turn with a real span
         tid = catalog.track_ids()[0]
         conv = {"id": "x", "turns": [{"role": "user", "content": "something mellow for a rainy drive"},
@@ -79,16 +86,21 @@ def compare(delta: Path, catalog_path: Path, ftypes: list[str], n_prompts: int =
     out: dict = {"delta": str(delta), "prompts": len(prompts), "tokens": sum(map(len, prompts)), "ftypes": {}}
     with tempfile.TemporaryDirectory(prefix="talkplay-compare-") as d:
         for ftype in ftypes:
-            path = build_model(delta, Path(d) / f"m.{ftype.lower()}.gguf", ftype=ftype, threads=threads, quiet=True)
+            path = build(delta, Path(d) / f"m.{ftype.lower()}.gguf", ftype=ftype, threads=threads, quiet=True)
             llm = llama_cpp.Llama(str(path), n_ctx=max_tokens + 8, n_batch=max_tokens + 8, logits_all=True,
                                   verbose=False, n_threads=threads)
+            # a padded base vocabulary (Qwen: more embedding rows than tokens) puts the music tokens later
+            # in the GGUF than in torch: compare token for token
+            first_new, shift = min(new_ids), llm.n_vocab() - len(new_ids) - min(new_ids)
+            to_gguf = np.arange(reference[0].shape[1]) + np.where(np.arange(reference[0].shape[1]) >= first_new, shift, 0)
             diffs, agree, total, same_tokens = [], 0, 0, True
             for ids, ref in zip(prompts, reference):
                 text = tok.decode(ids)
-                same_tokens &= llm.tokenize(text.encode(), add_bos=False, special=True) == ids
+                gguf_ids = [int(to_gguf[i]) for i in ids]
+                same_tokens &= llm.tokenize(text.encode(), add_bos=False, special=True) == gguf_ids
                 llm.reset()
-                llm.eval(ids)
-                ours = np.array(llm.scores[:len(ids)], dtype=np.float32)
+                llm.eval(gguf_ids)
+                ours = np.array(llm.scores[:len(ids)], dtype=np.float32)[:, to_gguf]
                 diffs.append(np.abs(ours - ref))
                 agree += int((ours.argmax(-1) == ref.argmax(-1)).sum())
                 total += len(ids)
@@ -105,12 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m export.compare", description=__doc__.split("\n\n")[0])
     ap.add_argument("--delta", type=Path, default=Path("talkplay_edge/models/talkplay-smollm2"))
     ap.add_argument("--catalog", type=Path, default=Path("catalog.db"))
+    ap.add_argument("--conversations", type=Path, default=Path("conversations/valid.jsonl"),
+                    help="prompts: the first conversations of this file (default: a hand-written one if absent)")
     ap.add_argument("--ftypes", default="F16,Q8_0,Q4_K_M")
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
-    r = compare(a.delta, a.catalog, a.ftypes.split(","), a.prompts, threads=a.threads)
+    r = compare(a.delta, a.catalog, a.ftypes.split(","), a.prompts, threads=a.threads, conversations=a.conversations)
     if a.json:
         print(json.dumps(r, indent=2))
     else:

@@ -10,13 +10,18 @@ Reads like nanoGPT on purpose: config → model → data → loop → delta. Wha
   of ``catalog.db`` appended to its vocabulary, in the catalog's order; new embedding rows start as the mean
   of the old rows (``init=mean``) or as the MiniLM-free text embedding of a short description of the token
   (``init=text``: the mean of the base's own embeddings of the description's tokens);
-- LoRA adapters on every linear layer of every block, plus the new embedding rows (old rows stay frozen,
-  the output layer is tied to the embeddings), trained with loss on assistant tokens only;
+- LoRA adapters on every linear layer of every block, plus the new embedding rows (old rows stay frozen;
+  a base whose output layer is not tied to its embeddings, like the larger Qwen2.5, also trains the new
+  output rows), trained with loss on assistant tokens only;
 - conversations are rendered by ``talkplay_edge.chat_format.training_segments``: the very function family
   the runtime uses, so training and inference see identical text.
 
 The output is a *delta* (``delta.safetensors``: LoRA factors in llama.cpp tensor names and order + the new
 token rows), which ``talkplay_edge.model_build`` merges into the pinned base GGUF on the user's machine.
+
+``--base DIR`` takes any local Hugging Face causal LM of the Llama (Llama, Mistral, SmolLM) or Qwen (Qwen2,
+Qwen2.5, Qwen3) families whose tokenizer has the ChatML markers (``<|im_start|>``, ``<|im_end|>``); the delta
+records the directory and a hash of its files, and ``python -m export.build`` turns it into a GGUF.
 """
 
 from __future__ import annotations
@@ -109,6 +114,32 @@ class LoRALinear(nn.Module):
         return self.base(x) + (x @ self.lora_a.T @ self.lora_b.T) * self.scale
 
 
+# the q/k row order llama.cpp's converter writes per architecture (config.model_type): LlamaModel permutes
+# each head's rows for its rope layout, Qwen's converter keeps Hugging Face's order. LoRA B factors of q/k
+# are stored in the GGUF's order, so the merge on the user's machine is a plain W += B·A.
+QK_ROW_ORDER = {"llama": "llama.cpp", "mistral": "llama.cpp", "qwen2": "hf", "qwen3": "hf"}
+
+
+def qk_row_order(config) -> str:
+    """"llama.cpp" or "hf": the q/k row order of the GGUF this architecture converts to."""
+    order = QK_ROW_ORDER.get(getattr(config, "model_type", None))
+    if order is None:
+        raise SystemExit(f"base model type {getattr(config, 'model_type', None)!r} is not supported: the base must "
+                         f"be a Llama- or Qwen-family causal LM ({', '.join(QK_ROW_ORDER)})")
+    return order
+
+
+def check_chat_markers(tok, base: str) -> None:
+    """The chat format is ChatML: the base tokenizer must have ``<|im_start|>`` and ``<|im_end|>`` tokens."""
+    from talkplay_edge.chat_format import IM_END, IM_START
+
+    for marker in (IM_START, IM_END):
+        ids = tok(marker, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1 or ids[0] == tok.unk_token_id:
+            raise SystemExit(f"base {base}: its tokenizer has no {marker} token. talkplay-edge's chat format is "
+                             "ChatML (SmolLM2, Qwen2/2.5/3 Instruct); pick a base whose chat template uses it")
+
+
 LORA_TARGETS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
                 "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
                 "mlp.down_proj": "ffn_down"}
@@ -151,8 +182,16 @@ def load_base(cfg: Config):
         d = build_tiny_hf_model([], Path(cfg.out) / "tiny-base", seed=cfg.seed, layers=cfg.tiny_layers, hidden=cfg.tiny_hidden)
         return (AutoModelForCausalLM.from_pretrained(d, local_files_only=True),
                 AutoTokenizer.from_pretrained(d, local_files_only=True), {"base": "tiny", "base_dir": str(d)})
-    return (AutoModelForCausalLM.from_pretrained(cfg.base, dtype=torch.float32, local_files_only=True),
-            AutoTokenizer.from_pretrained(cfg.base, local_files_only=True), {"base": cfg.base})
+    from export.build import hf_dir_sha256
+
+    base_dir = Path(cfg.base)
+    if not (base_dir / "config.json").is_file():
+        raise SystemExit(f"base {cfg.base}: not 'smollm2', 'tiny' or a Hugging Face model directory (no config.json)")
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
+    qk_row_order(model.config)  # refuse an unsupported architecture before any data is read
+    check_chat_markers(tok, cfg.base)
+    return model, tok, {"base": str(base_dir.resolve()), "base_dir_sha256": hf_dir_sha256(base_dir)}
 
 
 def token_description(token: str, catalog) -> str:
@@ -172,8 +211,15 @@ def token_description(token: str, catalog) -> str:
     return f"{p.modality}: {text}"[:200] or p.modality
 
 
+def untied_head(model):
+    """The output layer's weight when it is not the input embeddings' (else None)."""
+    head = model.get_output_embeddings().weight
+    return None if head is model.get_input_embeddings().weight else head
+
+
 def add_music_tokens(model, tok, catalog, init: str) -> list[int]:
-    """Append the catalog's music tokens to tokenizer and embeddings; returns their ids (in vocab order)."""
+    """Append the catalog's music tokens to tokenizer and embeddings (and an untied output layer); returns
+    their ids (in vocab order)."""
     vocab = catalog.vocabulary
     n_old = model.get_input_embeddings().weight.shape[0]
     descriptions = [token_description(t, catalog) for t in vocab] if init == "text" else None
@@ -185,23 +231,25 @@ def add_music_tokens(model, tok, catalog, init: str) -> list[int]:
     ids = tok.convert_tokens_to_ids(vocab)
     assert ids == list(range(len(tok) - len(vocab), len(tok))), "music tokens must be appended in order"
     model.resize_token_embeddings(len(tok), mean_resizing=False)
-    emb = model.get_input_embeddings().weight
     with torch.no_grad():
-        old = emb[:n_old]
-        for j, i in enumerate(ids):
-            emb[i] = old[desc_ids[j]].mean(0) if desc_ids and desc_ids[j] else old.mean(0)
+        for rows in filter(lambda w: w is not None, (model.get_input_embeddings().weight, untied_head(model))):
+            old = rows[:min(n_old, ids[0])]  # a padded vocabulary (Qwen) has spare rows past the tokenizer's
+            for j, i in enumerate(ids):
+                rows[i] = old[desc_ids[j]].mean(0) if desc_ids and desc_ids[j] else old.mean(0)
     return ids
 
 
-def freeze_except_new_rows(model, new_ids: list[int]):
-    """Only LoRA factors and the new embedding rows learn (a gradient hook zeroes the old rows)."""
+def freeze_except_new_rows(model, new_ids: list[int]) -> list[torch.Tensor]:
+    """Only LoRA factors and the new rows learn (a gradient hook zeroes the old rows). Returns the row
+    tensors: [input embeddings] or, for an untied output layer, [input embeddings, output weight]."""
     for p in model.parameters():
         p.requires_grad_(False)
-    emb = model.get_input_embeddings().weight
-    emb.requires_grad_(True)
     first_new = min(new_ids)
-    emb.register_hook(lambda g: torch.cat([torch.zeros_like(g[:first_new]), g[first_new:]]))
-    return emb
+    rows = [w for w in (model.get_input_embeddings().weight, untied_head(model)) if w is not None]
+    for w in rows:
+        w.requires_grad_(True)
+        w.register_hook(lambda g: torch.cat([torch.zeros_like(g[:first_new]), g[first_new:]]))
+    return rows
 
 
 def load_init_delta(path: str, fresh: str, model, lora: dict[str, "LoRALinear"], new_ids: list[int],
@@ -216,6 +264,11 @@ def load_init_delta(path: str, fresh: str, model, lora: dict[str, "LoRALinear"],
     if json.loads(meta.get("added_tokens", "[]")) != list(vocab):
         raise SystemExit(f"init_delta {path}: its music tokens are not this catalog's")
     cfg = model.config
+    permuted = meta.get("lora_qk_order", "llama.cpp") == "llama.cpp"
+    head = untied_head(model)
+    if (head is None) != ("new_output_rows" not in tensors):
+        raise SystemExit(f"init_delta {path}: its output rows do not fit this base "
+                         f"({'untied' if head is not None else 'tied'} output layer)")
     with torch.no_grad():
         for name, m in lora.items():
             a, b = tensors.get(f"lora_a.{name}"), tensors.get(f"lora_b.{name}")
@@ -224,18 +277,18 @@ def load_init_delta(path: str, fresh: str, model, lora: dict[str, "LoRALinear"],
             if a.shape != tuple(m.lora_a.shape):
                 raise SystemExit(f"init_delta {path}: {name} has rank {a.shape[0]}, the config says {m.lora_a.shape[0]}")
             b = torch.from_numpy(b.astype("float32"))
-            if ".attn_q." in name or ".attn_k." in name:  # stored in llama.cpp's row order
+            if permuted and (".attn_q." in name or ".attn_k." in name):  # stored in llama.cpp's row order
                 b = llama_cpp_unpermute(b, cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads)
             m.lora_a.copy_(torch.from_numpy(a.astype("float32")))
             m.lora_b.copy_(b / m.scale)  # stored scaled: B·alpha/r
-        rows = torch.from_numpy(tensors["new_token_embd"].astype("float32"))
         skip = {x.strip() for x in fresh.split(",") if x.strip()}
-        emb = model.get_input_embeddings().weight
-        taken = 0
-        for j, (i, tok) in enumerate(zip(new_ids, vocab)):
-            if parse_token(tok).modality not in skip:
-                emb[i], taken = rows[j], taken + 1
-    return taken
+        keep = [(j, i) for j, (i, tok) in enumerate(zip(new_ids, vocab)) if parse_token(tok).modality not in skip]
+        for key, w in (("new_token_embd", model.get_input_embeddings().weight), ("new_output_rows", head)):
+            if w is not None:
+                rows = torch.from_numpy(tensors[key].astype("float32"))
+                for j, i in keep:
+                    w[i] = rows[j]
+    return len(keep)
 
 
 # -- data ------------------------------------------------------------------------------------------------
@@ -415,17 +468,21 @@ def export_delta(model, lora: dict[str, LoRALinear], new_ids: list[int], tokens:
     from safetensors.torch import save_file
 
     cfg = model.config
+    permute = meta.get("lora_qk_order", "llama.cpp") == "llama.cpp"
     tensors = {}
     for name, m in lora.items():
         b = (m.lora_b.detach().float() * m.scale)
-        if ".attn_q." in name:
+        if permute and ".attn_q." in name:
             b = llama_cpp_permute(b, cfg.num_attention_heads)
-        elif ".attn_k." in name:
+        elif permute and ".attn_k." in name:
             b = llama_cpp_permute(b, cfg.num_key_value_heads)
         tensors[f"lora_a.{name}"] = m.lora_a.detach().float().half().contiguous()
         tensors[f"lora_b.{name}"] = b.half().contiguous()
     emb = model.get_input_embeddings().weight.detach()
     tensors["new_token_embd"] = emb[min(new_ids):].float().half().contiguous()
+    head = untied_head(model)
+    if head is not None:
+        tensors["new_output_rows"] = head.detach()[min(new_ids):].float().half().contiguous()
     metadata = {k: str(v) for k, v in meta.items()}
     metadata["added_tokens"] = json.dumps(tokens)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -471,7 +528,8 @@ def main(argv: list[str] | None = None) -> dict:
     model, tok, base_info = load_base(cfg)
     new_ids = add_music_tokens(model, tok, catalog, cfg.init)
     lora = apply_lora(model, cfg.lora_r, cfg.lora_alpha)
-    emb = freeze_except_new_rows(model, new_ids)
+    row_params = freeze_except_new_rows(model, new_ids)
+    emb = row_params[0]
     lora_params = [p for m in lora.values() for p in (m.lora_a, m.lora_b)]
     for p in lora_params:
         p.requires_grad_(True)
@@ -480,11 +538,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"init_delta: LoRA factors and {taken} of {len(new_ids)} token rows from {cfg.init_delta}")
     model.to(device=device, dtype=dtype)
     opt = torch.optim.AdamW([{"params": lora_params, "lr": cfg.lr},
-                             {"params": [emb], "lr": cfg.emb_lr, "weight_decay": 0.0}],
+                             {"params": row_params, "lr": cfg.emb_lr, "weight_decay": 0.0}],
                             weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     base_lrs = [g["lr"] for g in opt.param_groups]
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
-          f"{sum(p.numel() for p in lora_params) / 1e6:.2f}M LoRA, {len(new_ids)} new tokens; device {device} {dtype}")
+          f"{sum(p.numel() for p in lora_params) / 1e6:.2f}M LoRA, {len(new_ids)} new tokens"
+          f"{' (input and output rows)' if len(row_params) > 1 else ''}; device {device} {dtype}")
 
     t = time.time()
     if cfg.max_steps == 0:
@@ -513,7 +572,8 @@ def main(argv: list[str] | None = None) -> dict:
         model.train()
         return sum(losses) / max(len(losses), 1), span_ce / max(span_n, 1)
 
-    meta = {**base_info, "vocab_fingerprint": catalog.fingerprint, "config": json.dumps(asdict(cfg))}
+    meta = {**base_info, "vocab_fingerprint": catalog.fingerprint, "config": json.dumps(asdict(cfg)),
+            "lora_qk_order": qk_row_order(model.config)}
 
     def save(log: list, tokens_seen: int) -> dict:
         """Write the delta and train_log.json (at every eval too, so a run cut short still leaves a delta).
@@ -542,10 +602,11 @@ def main(argv: list[str] | None = None) -> dict:
             tokens_seen += int((x != pad).sum())
             if seen is not None:
                 seen[x.flatten()] = True
-        torch.nn.utils.clip_grad_norm_(lora_params + [emb], 1.0)
+        torch.nn.utils.clip_grad_norm_(lora_params + row_params, 1.0)
         if seen is None:
             opt.step()
-        else:  # rows not in this step's batches stay as they were, Adam moments included (zero before any step)
+        else:  # input rows not in this step's batches stay as they were, Adam moments included (zero before any
+            # step); an untied output layer's rows all get a gradient (the softmax) and all step
             seen[:span_from] = True  # old rows are frozen anyway
             absent = (~seen).nonzero().flatten()
             rows, moments = emb.data[absent].clone(), {k: v[absent].clone() for k, v in _row_moments(opt, emb)}

@@ -16,7 +16,12 @@ Delta layout (safetensors, float16 or float32; names are GGUF tensor names, so n
 - ``lora_a.<gguf name>`` [r, in] and ``lora_b.<gguf name>`` [out, r], with the LoRA scale folded into B
   and rows already in llama.cpp's order (the exporter applies llama.cpp's q/k head permutation to B);
 - ``new_token_embd`` [n_new, d]: embedding rows of the added tokens, in vocabulary order;
-- ``__metadata__``: ``base_sha256``, ``vocab_fingerprint``, ``added_tokens`` (JSON list of strings).
+- ``new_output_rows`` [n_new, d]: only for a base whose output layer is not tied to its embeddings (GGUF
+  ``output.weight``): the added tokens' output rows;
+- ``__metadata__``: ``base_sha256`` (or ``base`` + ``base_dir_sha256`` for a Hugging Face directory base,
+  built by ``python -m export.build``), ``vocab_fingerprint``, ``added_tokens`` (JSON list of strings),
+  ``lora_qk_order`` (``llama.cpp``, the default, or ``hf`` for architectures whose converter keeps q/k rows
+  as they are, like Qwen2).
 """
 
 from __future__ import annotations
@@ -98,10 +103,16 @@ def merge_delta_into_gguf(base: Path, delta: dict[str, np.ndarray], added_tokens
     reader = GGUFReader(base)
     arch = reader.fields["general.architecture"].contents()
     n_new = len(added_tokens)
-    new_rows = delta.get("new_token_embd")
+    new_rows, out_rows = delta.get("new_token_embd"), delta.get("new_output_rows")
     if n_new and (new_rows is None or new_rows.shape[0] != n_new):
         raise ModelBuildError(f"delta has {0 if new_rows is None else new_rows.shape[0]} new token rows "
                               f"for {n_new} added tokens")
+    untied = any(t.name == "output.weight" for t in reader.tensors)
+    if n_new and untied != (out_rows is not None):
+        raise ModelBuildError(f"{base} has {'an untied' if untied else 'a tied'} output layer but the delta "
+                              f"{'has no' if untied else 'has'} output rows: it was trained on another base")
+    if n_new and out_rows is not None and out_rows.shape != new_rows.shape:
+        raise ModelBuildError(f"delta has {out_rows.shape[0]} output rows for {n_new} added tokens")
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     writer = GGUFWriter(tmp, arch=arch)
     for key, field in reader.fields.items():
@@ -132,6 +143,8 @@ def merge_delta_into_gguf(base: Path, delta: dict[str, np.ndarray], added_tokens
             used.add(t.name)
         if t.name == "token_embd.weight" and n_new:
             w = np.concatenate([w, new_rows.astype(np.float32)], 0)
+        elif t.name == "output.weight" and n_new:
+            w = np.concatenate([w, out_rows.astype(np.float32)], 0)
         writer.add_tensor(t.name, w.astype(np.float16) if w.ndim == 2 else w)
     unknown = {k.split(".", 1)[1] for k in delta if k.startswith("lora_")} - used
     if unknown:
@@ -208,14 +221,19 @@ def delta_sha256(path: Path) -> str:
 
 
 def build_model(delta_path: Path, out: Path, ftype: str = "Q8_0", base: Path | None = None,
-                threads: int = 2, quiet: bool = False) -> Path:
-    """base + delta → ``out`` (quantised GGUF). Checks the base's sha256 against the delta's pin."""
+                threads: int = 2, quiet: bool = False, check_base: bool = True) -> Path:
+    """base + delta → ``out`` (quantised GGUF). Checks the base's sha256 against the delta's pin, unless the
+    caller checked the base itself (``check_base=False``: export.build, for a Hugging Face directory base)."""
     tensors, meta = load_delta(delta_path)
+    if check_base and "base_dir_sha256" in meta:
+        raise ModelBuildError(f"{delta_path}: trained on the Hugging Face model {meta.get('base')}; build it with "
+                              f"`python -m export.build {delta_path} OUT.gguf`")
     base = Path(base) if base else find_base_gguf()
-    want = meta.get("base_sha256", BASE_SHA256)
-    got = sha256_file(base)
-    if got != want:
-        raise ModelBuildError(f"{base}: sha256 {got[:12]}… is not the pinned base {want[:12]}…")
+    if check_base:
+        want = meta.get("base_sha256", BASE_SHA256)
+        got = sha256_file(base)
+        if got != want:
+            raise ModelBuildError(f"{base}: sha256 {got[:12]}… is not the pinned base {want[:12]}…")
     added = json.loads(meta.get("added_tokens", "[]"))
     extra = {"talkplay.delta_sha256": delta_sha256(delta_path)}
     try:

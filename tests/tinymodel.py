@@ -69,28 +69,33 @@ def load_tokenizer(music_tokens: list[str] = ()):
 
 def build_tiny_hf_model(music_tokens: list[str], out_dir, seed: int = 0, layers: int = 2, hidden: int = 64,
                         heads: int = 4, kv_heads: int = 2, intermediate: int = 128,
-                        initializer_range: float = 0.1) -> Path:
-    """Save (``save_pretrained``) a random LlamaForCausalLM with SmolLM2's tokenizer + ``music_tokens`` into
-    ``out_dir``; tied embeddings, rope_theta and norm eps as SmolLM2. ``initializer_range`` is larger than the
-    usual 0.02 so the logits are O(1) and a numerical comparison means something."""
+                        initializer_range: float = 0.1, arch: str = "llama", tied: bool = True) -> Path:
+    """Save (``save_pretrained``) a random LlamaForCausalLM (``arch="qwen2"``: Qwen2ForCausalLM, with q/k/v
+    biases) with SmolLM2's tokenizer + ``music_tokens`` into ``out_dir``; tied embeddings (unless ``tied`` is
+    False), rope_theta and norm eps as SmolLM2. ``initializer_range`` is larger than the usual 0.02 so the
+    logits are O(1) and a numerical comparison means something."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
+    config_class, model_class = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
+                                 "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}[arch]
     out = Path(out_dir)
     tok = load_tokenizer(music_tokens)
-    cfg = LlamaConfig(
+    cfg = getattr(transformers, config_class)(
         vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=2048,
-        rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True, initializer_range=initializer_range,
+        rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=tied, initializer_range=initializer_range,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # RMSNorm weights start at 1: jitter them so the norm scaling is exercised too
+    model = getattr(transformers, model_class)(cfg).eval()
+    with torch.no_grad():  # RMSNorm weights start at 1 and biases at 0: jitter them so they are exercised too
         g = torch.Generator().manual_seed(seed + 1)
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            elif name.endswith(".bias"):
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)

@@ -1,5 +1,6 @@
 """A local Hugging Face base (``export.train --base DIR``) end to end: a tiny Qwen2 with an untied output layer
-(q/k/v biases; llama.cpp's converter keeps its q/k rows in Hugging Face order, unlike Llama's) trains a few
+and spare embedding rows past its tokenizer's last token, as Qwen2.5's (q/k/v biases; llama.cpp's converter
+keeps its q/k rows in Hugging Face order, unlike Llama's, and pads the vocabulary to the rows) trains a few
 steps on CPU, ``export.build`` turns base directory + delta into a GGUF, its logits match the torch model,
 and the runtime recommends real catalog tracks with it. A changed base, an unsupported architecture and a
 tokenizer without the ChatML markers are refused."""
@@ -29,7 +30,7 @@ def qwen(tiny_catalog, tmp_path_factory):
     from tinymodel import build_tiny_hf_model
 
     d = tmp_path_factory.mktemp("qwen")
-    base = build_tiny_hf_model([], d / "Qwen2-tiny", seed=3, arch="qwen2", tied=False)
+    base = build_tiny_hf_model([], d / "Qwen2-tiny", seed=3, arch="qwen2", tied=False, spare_rows=7)
     with Catalog.open(tiny_catalog) as cat:
         build_conversations(cat, d / "conv", seed=0, sizes={"train": 24, "valid": 4, "test": 4, "test_unseen": 4},
                             show_progress=False)
@@ -89,7 +90,11 @@ def test_built_model_recommends_in_the_runtime(qwen, tiny_catalog, capsys):
     with Catalog.open(tiny_catalog) as cat:
         ids = set(cat.track_ids())
     tp = TalkPlay.load(out, tiny_catalog, threads=2, n_ctx=512)
-    try:
+    try:  # the converter padded the vocabulary to the 7 spare rows; the music tokens come after them
+        from transformers import AutoTokenizer
+
+        n_tokens = len(AutoTokenizer.from_pretrained(qwen[1], local_files_only=True))
+        assert tp.n_vocab == n_tokens + 7 + len(tp.music_ids) and min(tp.music_ids.values()) == n_tokens + 7
         session = tp.chat(max_new_tokens=8)
         played = []
         for msg in ("something upbeat", "more like that", "another one"):

@@ -69,10 +69,12 @@ def load_tokenizer(music_tokens: list[str] = ()):
 
 def build_tiny_hf_model(music_tokens: list[str], out_dir, seed: int = 0, layers: int = 2, hidden: int = 64,
                         heads: int = 4, kv_heads: int = 2, intermediate: int = 128,
-                        initializer_range: float = 0.1, arch: str = "llama", tied: bool = True) -> Path:
+                        initializer_range: float = 0.1, arch: str = "llama", tied: bool = True,
+                        spare_rows: int = 0) -> Path:
     """Save (``save_pretrained``) a random LlamaForCausalLM (``arch="qwen2"``: Qwen2ForCausalLM, with q/k/v
     biases) with SmolLM2's tokenizer + ``music_tokens`` into ``out_dir``; tied embeddings (unless ``tied`` is
-    False), rope_theta and norm eps as SmolLM2. ``initializer_range`` is larger than the usual 0.02 so the
+    False), rope_theta and norm eps as SmolLM2; ``spare_rows`` embedding rows past the tokenizer's last token,
+    as Qwen pads its vocabulary. ``initializer_range`` is larger than the usual 0.02 so the
     logits are O(1) and a numerical comparison means something."""
     import torch
     import transformers
@@ -82,7 +84,7 @@ def build_tiny_hf_model(music_tokens: list[str], out_dir, seed: int = 0, layers:
     out = Path(out_dir)
     tok = load_tokenizer(music_tokens)
     cfg = getattr(transformers, config_class)(
-        vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        vocab_size=len(tok) + spare_rows, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=2048,
         rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=tied, initializer_range=initializer_range,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,

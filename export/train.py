@@ -264,7 +264,11 @@ def load_init_delta(path: str, fresh: str, model, lora: dict[str, "LoRALinear"],
     if json.loads(meta.get("added_tokens", "[]")) != list(vocab):
         raise SystemExit(f"init_delta {path}: its music tokens are not this catalog's")
     cfg = model.config
-    permuted = meta.get("lora_qk_order", "llama.cpp") == "llama.cpp"
+    order = meta.get("lora_qk_order", "llama.cpp")
+    if order != qk_row_order(cfg):
+        raise SystemExit(f"init_delta {path}: trained on another architecture (q/k rows in {order} order, "
+                         f"this base's are {qk_row_order(cfg)})")
+    permuted = order == "llama.cpp"
     head = untied_head(model)
     if (head is None) != ("new_output_rows" not in tensors):
         raise SystemExit(f"init_delta {path}: its output rows do not fit this base "
@@ -468,7 +472,7 @@ def export_delta(model, lora: dict[str, LoRALinear], new_ids: list[int], tokens:
     from safetensors.torch import save_file
 
     cfg = model.config
-    permute = meta.get("lora_qk_order", "llama.cpp") == "llama.cpp"
+    permute = qk_row_order(cfg) == "llama.cpp"
     tensors = {}
     for name, m in lora.items():
         b = (m.lora_b.detach().float() * m.scale)
@@ -485,6 +489,7 @@ def export_delta(model, lora: dict[str, LoRALinear], new_ids: list[int], tokens:
         tensors["new_output_rows"] = head.detach()[min(new_ids):].float().half().contiguous()
     metadata = {k: str(v) for k, v in meta.items()}
     metadata["added_tokens"] = json.dumps(tokens)
+    metadata["lora_qk_order"] = qk_row_order(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     shards, current, size = [], {}, 0
     for k in sorted(tensors):
@@ -572,8 +577,7 @@ def main(argv: list[str] | None = None) -> dict:
         model.train()
         return sum(losses) / max(len(losses), 1), span_ce / max(span_n, 1)
 
-    meta = {**base_info, "vocab_fingerprint": catalog.fingerprint, "config": json.dumps(asdict(cfg)),
-            "lora_qk_order": qk_row_order(model.config)}
+    meta = {**base_info, "vocab_fingerprint": catalog.fingerprint, "config": json.dumps(asdict(cfg))}
 
     def save(log: list, tokens_seen: int) -> dict:
         """Write the delta and train_log.json (at every eval too, so a run cut short still leaves a delta).

@@ -55,6 +55,24 @@ def test_delta_records_the_base_and_its_layout(qwen, tiny_catalog):
     assert max(np.abs(tensors[k].astype(np.float32)).max() for k in tensors if k.startswith("lora_b.")) > 0
 
 
+def test_init_delta_continues_from_a_qwen_delta(qwen, tiny_catalog, tmp_path):
+    """A run started from the delta at lr 0 writes it back: output rows, and q/k rows left in their order."""
+    d, base, delta = qwen
+    before, _ = load_delta(delta)
+    train.main([f"--catalog={tiny_catalog}", f"--train={d / 'conv' / 'train.jsonl'}",
+                f"--valid={d / 'conv' / 'valid.jsonl'}", f"--out={tmp_path / 'same'}", f"--base={base}",
+                "--max_steps=1", "--batch_size=2", "--eval_batches=1", "--hit_turns=0", "--lora_r=4",
+                "--lora_alpha=8", "--seq_len=256", "--lr=0", "--emb_lr=0", f"--init_delta={delta}"])
+    after, meta = load_delta(tmp_path / "same")
+    assert sorted(after) == sorted(before) and meta["lora_qk_order"] == "hf"
+    for k in before:
+        assert np.abs(after[k].astype(np.float32) - before[k].astype(np.float32)).max() <= 1e-3, k
+    with pytest.raises(SystemExit, match="another architecture"):  # the Llama tiny base reads q/k rows otherwise
+        train.main([f"--catalog={tiny_catalog}", f"--train={d / 'conv' / 'train.jsonl'}",
+                    f"--valid={d / 'conv' / 'valid.jsonl'}", f"--out={tmp_path / 'llama'}", "--base=tiny",
+                    "--max_steps=1", "--lora_r=4", "--lora_alpha=8", f"--init_delta={delta}"])
+
+
 def test_gguf_matches_torch(qwen, tiny_catalog):
     d, _, delta = qwen
     r = export_compare.compare(delta, tiny_catalog, ["F16"], n_prompts=2, conversations=d / "conv" / "valid.jsonl")

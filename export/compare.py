@@ -38,23 +38,17 @@ def torch_model(delta: Path, catalog):
     model, tok, _ = train.load_base(train.Config(base=base, out=tempfile.mkdtemp(prefix="talkplay-compare-")))
     new_ids = train.add_music_tokens(model, tok, catalog, "mean")
     cfg = model.config
-    permuted = meta.get("lora_qk_order", "llama.cpp") == "llama.cpp"
+    order = meta.get("lora_qk_order", "llama.cpp")
     with torch.no_grad():
-        model.get_input_embeddings().weight[min(new_ids):] = torch.from_numpy(tensors["new_token_embd"].astype(np.float32))
-        head = train.untied_head(model)
-        if head is not None:
-            head[min(new_ids):] = torch.from_numpy(tensors["new_output_rows"].astype(np.float32))
+        for key, w in train.new_row_tensors(model):
+            w[min(new_ids):] = torch.from_numpy(tensors[key].astype(np.float32))
         inverse = {v: k for k, v in train.LORA_TARGETS.items()}
         for name, a in tensors.items():
             if not name.startswith("lora_a."):
                 continue
             gguf = name[len("lora_a."):]  # blk.{i}.{kind}.weight
             _, i, kind, _ = gguf.split(".")
-            b = tensors[f"lora_b.{gguf}"].astype(np.float32)
-            if permuted and kind == "attn_q":
-                b = train.llama_cpp_unpermute(b, cfg.num_attention_heads)
-            elif permuted and kind == "attn_k":
-                b = train.llama_cpp_unpermute(b, cfg.num_key_value_heads)
+            b = train.qk_rows(tensors[f"lora_b.{gguf}"].astype(np.float32), gguf, cfg, order, back=True)
             parent, attr = inverse[kind].split(".")
             lin = getattr(getattr(model.model.layers[int(i)], parent), attr)
             lin.weight += torch.from_numpy(b @ a.astype(np.float32))
@@ -91,8 +85,8 @@ def compare(delta: Path, catalog_path: Path, ftypes: list[str], n_prompts: int =
                                   verbose=False, n_threads=threads)
             # a padded base vocabulary (Qwen: more embedding rows than tokens) puts the music tokens later
             # in the GGUF than in torch: compare token for token
-            first_new, shift = min(new_ids), llm.n_vocab() - len(new_ids) - min(new_ids)
-            to_gguf = np.arange(reference[0].shape[1]) + np.where(np.arange(reference[0].shape[1]) >= first_new, shift, 0)
+            cols, first_new = np.arange(reference[0].shape[1]), min(new_ids)
+            to_gguf = np.where(cols >= first_new, cols + llm.n_vocab() - len(new_ids) - first_new, cols)
             diffs, agree, total, same_tokens = [], 0, 0, True
             for ids, ref in zip(prompts, reference):
                 text = tok.decode(ids)

@@ -211,10 +211,11 @@ def token_description(token: str, catalog) -> str:
     return f"{p.modality}: {text}"[:200] or p.modality
 
 
-def untied_head(model):
-    """The output layer's weight when it is not the input embeddings' (else None)."""
-    head = model.get_output_embeddings().weight
-    return None if head is model.get_input_embeddings().weight else head
+def new_row_tensors(model) -> list[tuple[str, torch.Tensor]]:
+    """(delta key, weight) of each matrix that gets rows for the music tokens: the input embeddings and, when
+    it is not tied to them, the output layer."""
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    return [("new_token_embd", emb)] + ([("new_output_rows", head)] if head is not emb else [])
 
 
 def add_music_tokens(model, tok, catalog, init: str) -> list[int]:
@@ -232,7 +233,7 @@ def add_music_tokens(model, tok, catalog, init: str) -> list[int]:
     assert ids == list(range(len(tok) - len(vocab), len(tok))), "music tokens must be appended in order"
     model.resize_token_embeddings(len(tok), mean_resizing=False)
     with torch.no_grad():
-        for rows in filter(lambda w: w is not None, (model.get_input_embeddings().weight, untied_head(model))):
+        for _, rows in new_row_tensors(model):
             old = rows[:min(n_old, ids[0])]  # a padded vocabulary (Qwen) has spare rows past the tokenizer's
             for j, i in enumerate(ids):
                 rows[i] = old[desc_ids[j]].mean(0) if desc_ids and desc_ids[j] else old.mean(0)
@@ -245,7 +246,7 @@ def freeze_except_new_rows(model, new_ids: list[int]) -> list[torch.Tensor]:
     for p in model.parameters():
         p.requires_grad_(False)
     first_new = min(new_ids)
-    rows = [w for w in (model.get_input_embeddings().weight, untied_head(model)) if w is not None]
+    rows = [w for _, w in new_row_tensors(model)]
     for w in rows:
         w.requires_grad_(True)
         w.register_hook(lambda g: torch.cat([torch.zeros_like(g[:first_new]), g[first_new:]]))
@@ -268,11 +269,10 @@ def load_init_delta(path: str, fresh: str, model, lora: dict[str, "LoRALinear"],
     if order != qk_row_order(cfg):
         raise SystemExit(f"init_delta {path}: trained on another architecture (q/k rows in {order} order, "
                          f"this base's are {qk_row_order(cfg)})")
-    permuted = order == "llama.cpp"
-    head = untied_head(model)
-    if (head is None) != ("new_output_rows" not in tensors):
+    row_tensors = new_row_tensors(model)
+    if {k for k, _ in row_tensors} != {k for k in tensors if k.startswith("new_")}:
         raise SystemExit(f"init_delta {path}: its output rows do not fit this base "
-                         f"({'untied' if head is not None else 'tied'} output layer)")
+                         f"({'untied' if len(row_tensors) > 1 else 'tied'} output layer)")
     with torch.no_grad():
         for name, m in lora.items():
             a, b = tensors.get(f"lora_a.{name}"), tensors.get(f"lora_b.{name}")
@@ -280,18 +280,15 @@ def load_init_delta(path: str, fresh: str, model, lora: dict[str, "LoRALinear"],
                 raise SystemExit(f"init_delta {path}: no LoRA factors for {name}")
             if a.shape != tuple(m.lora_a.shape):
                 raise SystemExit(f"init_delta {path}: {name} has rank {a.shape[0]}, the config says {m.lora_a.shape[0]}")
-            b = torch.from_numpy(b.astype("float32"))
-            if permuted and (".attn_q." in name or ".attn_k." in name):  # stored in llama.cpp's row order
-                b = llama_cpp_unpermute(b, cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads)
+            b = qk_rows(torch.from_numpy(b.astype("float32")), name, cfg, order, back=True)
             m.lora_a.copy_(torch.from_numpy(a.astype("float32")))
             m.lora_b.copy_(b / m.scale)  # stored scaled: B·alpha/r
         skip = {x.strip() for x in fresh.split(",") if x.strip()}
         keep = [(j, i) for j, (i, tok) in enumerate(zip(new_ids, vocab)) if parse_token(tok).modality not in skip]
-        for key, w in (("new_token_embd", model.get_input_embeddings().weight), ("new_output_rows", head)):
-            if w is not None:
-                rows = torch.from_numpy(tensors[key].astype("float32"))
-                for j, i in keep:
-                    w[i] = rows[j]
+        for key, w in row_tensors:
+            rows = torch.from_numpy(tensors[key].astype("float32"))
+            for j, i in keep:
+                w[i] = rows[j]
     return len(keep)
 
 
@@ -466,30 +463,32 @@ def llama_cpp_unpermute(w, n_head: int):
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def qk_rows(b, gguf_name: str, config, order: str, back: bool = False):
+    """LoRA B of tensor ``gguf_name`` with its rows put in llama.cpp's q/k order (``back``: returned to
+    Hugging Face's) when ``order`` is "llama.cpp" and the tensor is a q or k projection; else ``b`` itself."""
+    if order != "llama.cpp" or not (".attn_q." in gguf_name or ".attn_k." in gguf_name):
+        return b
+    heads = config.num_attention_heads if ".attn_q." in gguf_name else config.num_key_value_heads
+    return (llama_cpp_unpermute if back else llama_cpp_permute)(b, heads)
+
+
 def export_delta(model, lora: dict[str, LoRALinear], new_ids: list[int], tokens: list[str], meta: dict,
                  out_dir: Path, shard_mb: int = 15) -> list[Path]:
     """Write the delta as safetensors shards (each under ``shard_mb`` MiB) + delta.json."""
     from safetensors.torch import save_file
 
     cfg = model.config
-    permute = qk_row_order(cfg) == "llama.cpp"
+    order = qk_row_order(cfg)
     tensors = {}
     for name, m in lora.items():
-        b = (m.lora_b.detach().float() * m.scale)
-        if permute and ".attn_q." in name:
-            b = llama_cpp_permute(b, cfg.num_attention_heads)
-        elif permute and ".attn_k." in name:
-            b = llama_cpp_permute(b, cfg.num_key_value_heads)
+        b = qk_rows(m.lora_b.detach().float() * m.scale, name, cfg, order)
         tensors[f"lora_a.{name}"] = m.lora_a.detach().float().half().contiguous()
         tensors[f"lora_b.{name}"] = b.half().contiguous()
-    emb = model.get_input_embeddings().weight.detach()
-    tensors["new_token_embd"] = emb[min(new_ids):].float().half().contiguous()
-    head = untied_head(model)
-    if head is not None:
-        tensors["new_output_rows"] = head.detach()[min(new_ids):].float().half().contiguous()
+    for key, w in new_row_tensors(model):
+        tensors[key] = w.detach()[min(new_ids):].float().half().contiguous()
     metadata = {k: str(v) for k, v in meta.items()}
     metadata["added_tokens"] = json.dumps(tokens)
-    metadata["lora_qk_order"] = qk_row_order(cfg)
+    metadata["lora_qk_order"] = order
     out_dir.mkdir(parents=True, exist_ok=True)
     shards, current, size = [], {}, 0
     for k in sorted(tensors):

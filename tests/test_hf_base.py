@@ -84,12 +84,11 @@ def test_gguf_matches_torch(qwen, tiny_catalog):
 
 def test_compare_sees_a_wrong_qk_order(qwen, tiny_catalog, tmp_path):
     """The comparison can fail: the same delta read as if its q/k rows were in llama.cpp's order."""
+    from safetensors import safe_open
     from safetensors.numpy import load_file, save_file
 
     d, _, delta = qwen
     for f in delta.glob("delta-*.safetensors"):
-        from safetensors import safe_open
-
         with safe_open(str(f), framework="numpy") as st:
             meta = dict(st.metadata())
         save_file(load_file(str(f)), str(tmp_path / f.name), metadata={**meta, "lora_qk_order": "llama.cpp"})

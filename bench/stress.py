@@ -31,7 +31,6 @@ import os
 import random
 import shutil
 import signal
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from talkplay_edge.catalog import connect  # noqa: E402
 
 WORDS = ("play something calm upbeat jazz rock sad happy eighties nineties dance guitar piano like that more "
          "slower faster female vocals classic new party study run rain night morning road trip").split()
@@ -190,7 +191,7 @@ def _tone(path: Path, seconds: float, freq: float) -> None:
 def check_index_invariants(db: Path) -> list[str]:
     """What must hold in a catalog after any interruption of `talkplay index`; returns the violations."""
     bad = []
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    conn = connect(db, readonly=True)  # as the next reader opens it
     try:
         ic = conn.execute("pragma integrity_check").fetchone()[0]
         if ic != "ok":
@@ -271,7 +272,7 @@ def run_kills(kills: int = 20, seed: int = 0, files: list[Path] | None = None, c
             state = {"run": k + 1, "after_s": round(delay, 2), "killed": not finished, "rc": p.returncode}
             if db.exists():
                 v = check_index_invariants(db)
-                conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+                conn = connect(db, readonly=True)  # as the next reader opens it
                 has = conn.execute("select 1 from sqlite_master where name = 'local_files'").fetchone()
                 state["files_recorded"] = conn.execute("select count(*) from local_files").fetchone()[0] if has else 0
                 conn.close()

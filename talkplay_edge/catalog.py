@@ -114,9 +114,30 @@ FEATURE_COLUMNS = ("danceability", "energy", "key", "mode", "loudness", "speechi
                    "instrumentalness", "liveness", "valence", "tempo")
 
 
+# a read-only connection cannot roll back what a killed writer left (a hot journal or WAL): SQLite says
+# "attempt to write a readonly database" on the first read
+_NEEDS_RECOVERY = ("SQLITE_READONLY_ROLLBACK", "SQLITE_READONLY_RECOVERY")
+
+
 def connect(path: Path, readonly: bool) -> sqlite3.Connection:
+    """A connection to a catalog file. Read-only opens first recover the file when a writer was killed
+    mid-transaction (e.g. `talkplay index`): one read through a read-write connection rolls the hot journal
+    back, as the next writer would, so readers see the last committed state."""
     uri = f"file:{Path(path).resolve()}?mode={'ro' if readonly else 'rw'}"
     conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
+    if readonly:
+        try:
+            conn.execute("select count(*) from sqlite_master").fetchone()
+        except sqlite3.OperationalError as e:
+            if getattr(e, "sqlite_errorname", None) not in _NEEDS_RECOVERY:
+                raise
+            conn.close()
+            recover = sqlite3.connect(f"file:{Path(path).resolve()}?mode=rw", uri=True)
+            try:
+                recover.execute("select count(*) from sqlite_master").fetchone()
+            finally:
+                recover.close()
+            conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
     conn.row_factory = sqlite3.Row
     return conn
 

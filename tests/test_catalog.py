@@ -208,3 +208,35 @@ def test_none_clusters_for_missing_modalities(text_encoder):
     clusters = assign_clusters(1, emb, {"metadata": CB(384), "tags": CB(384), "lyrics": CB(384), "audio": CB(12), "cf": CB(64)})
     assert clusters["metadata"][0] != NONE
     assert all(clusters[m][0] == NONE for m in ("tags", "lyrics", "audio", "cf"))
+
+
+def test_read_only_open_recovers_from_a_killed_writer(tiny_catalog, tmp_path):
+    """A writer killed mid-transaction (as `talkplay index` can be) leaves a hot journal, which a plain
+    read-only SQLite connection refuses ("attempt to write a readonly database"); Catalog.open rolls it back
+    and reads the last committed state."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    db = tmp_path / "catalog.db"
+    shutil.copy(tiny_catalog, db)
+    with Catalog.open(db) as cat:
+        n_tracks = len(cat.track_ids())
+    writer = ("import sqlite3, sys, time\n"
+              "c = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+              "c.execute('pragma cache_size=1')\nc.execute('begin')\n"
+              "c.execute('delete from tracks')\n"  # an uncommitted change, spilled to the file (tiny cache)
+              "for i in range(20000): c.execute('insert into meta values (?, ?)', (f'junk{i}', 'x' * 200))\n"
+              "print('ready', flush=True)\ntime.sleep(60)\n")
+    p = subprocess.Popen([sys.executable, "-c", writer, str(db)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert (tmp_path / "catalog.db-journal").stat().st_size > 0
+    plain = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        plain.execute("select count(*) from tracks").fetchone()
+    plain.close()
+    with Catalog.open(db) as cat:
+        assert len(cat.track_ids()) == n_tracks and "junk0" not in cat.meta

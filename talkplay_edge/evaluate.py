@@ -52,9 +52,17 @@ def register_recommender(name: str, factory: Callable | str) -> None:
 
 def get_recommender(name: str, catalog, threads: int = 2, **kw) -> Recommender:
     """A Recommender for a registered system name (see ``SYSTEMS``)."""
+    return _make_recommender(name, _factory(name), catalog, threads=threads, **kw)
+
+
+def _factory(name: str) -> Callable | str:
     factory = SYSTEMS.get(name)
     if factory is None:
         raise UnknownSystemError(f"unknown system {name!r} (known: {', '.join(sorted(SYSTEMS))})")
+    return factory
+
+
+def _make_recommender(name: str, factory: Callable | str, catalog, threads: int, **kw) -> Recommender:
     if isinstance(factory, str):
         module, _, attr = factory.partition(":")
         factory = getattr(importlib.import_module(module), attr)
@@ -156,16 +164,16 @@ def iter_turns(conversation: dict):
 
 
 def evaluate(recommender: Recommender, conversations: list[dict], catalog_ids: set[str], n: int = N_RANKED,
-             show_progress: bool = False, max_turn: int | None = None) -> EvalResult:
+             show_progress: bool = False, max_turn: int | None = None, first_index: int = 0,
+             on_conversation: Callable[[], None] | None = None) -> EvalResult:
     """Score ``recommender`` on every assistant turn of ``conversations`` (see the module docstring), or on
-    those up to ``max_turn`` (1: the first turns only)."""
+    those up to ``max_turn`` (1: the first turns only). A conversation without an ``id`` is named by its
+    index, counted from ``first_index``; ``on_conversation()`` is called after each one (progress)."""
     t0 = time.perf_counter()
-    by_turn: dict[int, list[int | None]] = {}
-    by_intent: dict[str, list[int | None]] = {}
     rows: list[dict] = []
     skipped_unknown = skipped_played = unknown_ids = 0
     bar = progress(conversations, desc=f"eval {recommender.name}", unit="conv") if show_progress else conversations
-    for n_conv, conv in enumerate(bar):
+    for n_conv, conv in enumerate(bar, first_index):
         meta = conv.get("meta") or {}
         conv_id = str(conv.get("id", n_conv))
         intents = meta.get("intents") if isinstance(meta.get("intents"), list) else []
@@ -185,20 +193,28 @@ def evaluate(recommender: Recommender, conversations: list[dict], catalog_ids: s
             ranked, unk = clean_ranking(raw, exclude, catalog_ids, n)
             unknown_ids += unk
             r = first_hit_rank(ranked, live, n)
-            by_turn.setdefault(idx, []).append(r)
             intent = str(intents[idx - 1]) if idx <= len(intents) else None
-            if intent is not None:
-                by_intent.setdefault(intent, []).append(r)
             rows.append({"conversation": conv_id, "turn": idx, "intent": intent, "rank": r})
-    runtime = time.perf_counter() - t0
+        if on_conversation is not None:
+            on_conversation()
+    return result_from_rows(getattr(recommender, "name", type(recommender).__name__), len(conversations), rows,
+                            skipped_unknown_target=skipped_unknown, skipped_target_played=skipped_played,
+                            unknown_ids_returned=unknown_ids, runtime_s=time.perf_counter() - t0)
+
+
+def result_from_rows(system: str, conversations: int, rows: list[dict], **counts) -> EvalResult:
+    """The summaries (overall, per turn index, per intent) of scored-turn rows, as ``evaluate`` returns them;
+    ``counts``: the other ``EvalResult`` fields (skipped turns, dropped ids, runtime_s)."""
+    by_turn: dict[int, list[int | None]] = {}
+    by_intent: dict[str, list[int | None]] = {}
+    for row in rows:
+        by_turn.setdefault(row["turn"], []).append(row["rank"])
+        if row["intent"] is not None:
+            by_intent.setdefault(row["intent"], []).append(row["rank"])
     ranks = [row["rank"] for row in rows]
-    return EvalResult(
-        system=getattr(recommender, "name", type(recommender).__name__), conversations=len(conversations),
-        turns=len(ranks), overall=summarise(ranks), per_turn={k: summarise(v) for k, v in sorted(by_turn.items())},
-        per_intent={k: summarise(v) for k, v in by_intent.items()},
-        skipped_unknown_target=skipped_unknown, skipped_target_played=skipped_played,
-        unknown_ids_returned=unknown_ids, runtime_s=runtime, turn_ranks=rows,
-    )
+    return EvalResult(system=system, conversations=conversations, turns=len(ranks), overall=summarise(ranks),
+                      per_turn={k: summarise(v) for k, v in sorted(by_turn.items())},
+                      per_intent={k: summarise(v) for k, v in by_intent.items()}, turn_ranks=rows, **counts)
 
 
 def format_table(result: EvalResult, per_intent: bool = False) -> str:
@@ -398,7 +414,7 @@ class ReplyResult:
 
 
 def evaluate_replies(tp, conversations: list[dict], max_new_tokens: int = 64, n_examples: int = 5,
-                     show_progress: bool = False) -> ReplyResult:
+                     show_progress: bool = False, on_conversation: Callable[[], None] | None = None) -> ReplyResult:
     """Chat through ``tp`` (a ``runtime.TalkPlay``) with each conversation's user messages, greedy, as a user
     would: count real / repeated tracks and replies that name their track."""
     catalog_ids = set(tp.track_ids)
@@ -431,5 +447,118 @@ def evaluate_replies(tp, conversations: list[dict], max_new_tokens: int = 64, n_
                                          if reply.tracks else None})
         finally:
             session.reset()  # frees the session's KV snapshot
+        if on_conversation is not None:
+            on_conversation()
     res.runtime_s = time.perf_counter() - t0
     return res
+
+
+# -- several processes: `talkplay eval --jobs N` -----------------------------------------------------------
+class EvalJobError(RuntimeError):
+    """A process of ``evaluate_in_processes`` failed; the message names the job and the cause."""
+
+
+_ticks = None  # in a job process: the queue its finished conversations are counted on
+
+
+def _job_init(ticks) -> None:
+    global _ticks
+    _ticks = ticks
+
+
+def _tick() -> None:
+    _ticks.put(1)
+
+
+def _job(job: dict) -> dict:
+    """One process's share: its own catalog connection and recommender, one run of contiguous conversations."""
+    from .catalog import Catalog
+
+    try:
+        t0 = time.perf_counter()
+        with Catalog.open(job["catalog"]) as cat:
+            rec = _make_recommender(job["system"], job["factory"], cat, threads=job["threads"], **job["kw"])
+            setup_s = time.perf_counter() - t0
+            tick = _tick if _ticks is not None else None
+            result = evaluate(rec, job["conversations"], set(cat.track_ids()), max_turn=job["max_turn"],
+                              first_index=job["first_index"], on_conversation=tick)
+            chat = evaluate_replies(rec.tp, job["conversations"], on_conversation=tick) if job["replies"] else None
+    except Exception as e:  # noqa: BLE001 — sent back to the parent as one picklable, readable error
+        why = str(e) if type(e).__module__.startswith("talkplay_edge.") else f"{type(e).__name__}: {e}"
+        raise EvalJobError(f"eval job {job['job']} of {job['jobs']}: {why}") from None
+    return {"result": result, "replies": chat, "setup_s": setup_s}
+
+
+def split_evenly(items: list, parts: int) -> list[tuple[int, list]]:
+    """``items`` as at most ``parts`` contiguous, non-empty runs whose sizes differ by at most one:
+    [(index of the run's first item, run), ...]."""
+    parts = max(1, min(parts, len(items)))
+    size, extra = divmod(len(items), parts)
+    out, start = [], 0
+    for i in range(parts):
+        end = start + size + (i < extra)
+        out.append((start, items[start:end]))
+        start = end
+    return out
+
+
+def evaluate_in_processes(system: str, catalog_path, conversations: list[dict], jobs: int, threads: int = 1,
+                          max_turn: int | None = None, replies: bool = False, first_index: int = 0,
+                          show_progress: bool = False, **kw) -> tuple[EvalResult, ReplyResult | None, float]:
+    """``evaluate`` (and ``evaluate_replies`` with ``replies``) split over ``jobs`` processes of ``threads``
+    threads each, every process with its own recommender on a contiguous run of the conversations.
+
+    Returns (result, replies or None, the slowest process's setup seconds). The rows and summaries are the
+    ones a single run gives (systems are deterministic per conversation; ``random`` is seeded per process).
+    A failing process stops the others and raises ``EvalJobError``."""
+    import multiprocessing
+    import pickle
+    import queue as queue_mod
+
+    factory = _factory(system)
+    try:
+        pickle.dumps(factory)
+    except Exception as e:  # noqa: BLE001
+        raise EvalJobError(f"system {system!r} was registered as an object other processes cannot load ({e}); "
+                           "register it as a 'module:attribute' string, or run with one job") from None
+    runs = split_evenly(conversations, jobs)
+    todo = [{"job": i + 1, "jobs": len(runs), "system": system, "factory": factory, "catalog": str(catalog_path),
+             "threads": threads, "kw": kw, "conversations": run, "first_index": first_index + start,
+             "max_turn": max_turn, "replies": replies} for i, (start, run) in enumerate(runs)]
+    ctx = multiprocessing.get_context("spawn")  # llama.cpp and sqlite connections do not survive fork
+    ticks = ctx.Queue()
+    total = len(conversations) * (2 if replies else 1)
+    bar = progress(desc=f"eval {system} ({len(runs)} jobs)", total=total, unit="conv") if show_progress else None
+    try:
+        with ctx.Pool(len(runs), initializer=_job_init, initargs=(ticks,)) as pool:  # leaving it kills the rest
+            pending = [pool.apply_async(_job, (job,)) for job in todo]
+            while not all(p.ready() for p in pending):
+                try:
+                    n = ticks.get(timeout=0.2)
+                    if bar is not None:
+                        bar.update(n)
+                except queue_mod.Empty:
+                    pass
+                for p in pending:
+                    if p.ready() and not p.successful():
+                        p.get()  # raises the job's EvalJobError
+            outs = [p.get() for p in pending]
+    finally:
+        if bar is not None:
+            bar.close()
+    parts = [o["result"] for o in outs]
+    result = result_from_rows(parts[0].system, len(conversations), [r for p in parts for r in p.turn_ranks],
+                              skipped_unknown_target=sum(p.skipped_unknown_target for p in parts),
+                              skipped_target_played=sum(p.skipped_target_played for p in parts),
+                              unknown_ids_returned=sum(p.unknown_ids_returned for p in parts),
+                              runtime_s=max(p.runtime_s for p in parts))  # the processes ran side by side
+    chat = None
+    if replies:
+        chat = ReplyResult(runtime_s=max(o["replies"].runtime_s for o in outs))
+        for o in outs:
+            r = o["replies"]
+            for name in ("conversations", "turns", "with_track", "real", "repeated", "mentions", "empty_replies",
+                         "exhausted", "reply_chars"):
+                setattr(chat, name, getattr(chat, name) + getattr(r, name))
+            chat.examples += r.examples[: max(0, 5 - len(chat.examples))]
+    return result, chat, max(o["setup_s"] for o in outs)

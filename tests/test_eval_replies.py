@@ -66,6 +66,15 @@ def test_cli_eval_replies_on_the_tiny_model(runtime_gguf, tiny_catalog, tmp_path
     rep = json.loads(r.output)["replies"]
     assert rep["turns"] == user_turns and rep["with_track"] == user_turns  # the runtime forces a span
     assert rep["real_rate"] == 1.0 and rep["repeated"] == 0
+    # two processes: the same ranks and the same replies, counted once
+    r2 = CliRunner().invoke(cli, ["eval", "--system", "model", "--replies", "--conversations", str(tmp_path / "test.jsonl"),
+                                  "--catalog", str(tiny_catalog), "--threads", "1", "--jobs", "2", "--json"])
+    assert r2.exit_code == 0, r2.output
+    one, two = json.loads(r.output), json.loads(r2.output)
+    assert two["extra"]["jobs"] == 2 and two["overall"] == one["overall"] and two["per_turn"] == one["per_turn"]
+    for key in ("conversations", "turns", "with_track", "real", "repeated", "mentions", "reply_chars"):
+        assert two["replies"][key] == rep[key], key
+    assert [e["reply"] for e in two["replies"]["examples"]] == [e["reply"] for e in rep["examples"]]
     r = CliRunner().invoke(cli, ["eval", "--system", "hybrid", "--replies", "--conversations", str(tmp_path / "test.jsonl"),
                                  "--catalog", str(tiny_catalog)])
     assert r.exit_code == 1 and "--system model" in r.output

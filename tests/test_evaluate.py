@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -239,3 +240,51 @@ def test_cli_eval_ranks_and_compare(tiny_catalog, tmp_path):
     write_ranks([{"conversation": "zz", "turn": 1, "intent": None, "rank": 1}], other)
     r = CliRunner().invoke(cli, ["eval-compare", str(tmp_path / "popularity.jsonl"), str(other)])
     assert r.exit_code == 1 and "share no scored turn" in r.output
+
+
+def test_split_evenly_keeps_order_and_balance():
+    from talkplay_edge.evaluate import split_evenly
+
+    assert split_evenly(list("abcdefg"), 3) == [(0, ["a", "b", "c"]), (3, ["d", "e"]), (5, ["f", "g"])]
+    assert split_evenly(["a", "b"], 5) == [(0, ["a"]), (1, ["b"])]  # never an empty run
+    assert split_evenly([], 4) == [(0, [])]
+
+
+def test_cli_eval_jobs_gives_the_figures_of_one_process(tiny_catalog, tmp_path):
+    from talkplay_edge.conversations import build_conversations
+
+    with Catalog.open(tiny_catalog) as cat:
+        build_conversations(cat, tmp_path, seed=5, sizes={"train": 1, "valid": 1, "test": 7, "test_unseen": 1},
+                            show_progress=False)
+    convs = tmp_path / "test.jsonl"
+    out = {}
+    for jobs in (1, 3):
+        r = CliRunner().invoke(cli, ["eval", "--system", "bm25", "--conversations", str(convs), "--catalog",
+                                     str(tiny_catalog), "--skip", "1", "--jobs", str(jobs), "--threads", "1",
+                                     "--ranks", str(tmp_path / f"r{jobs}.jsonl"), "--json"])
+        assert r.exit_code == 0, r.output
+        out[jobs] = json.loads(r.stdout)
+    assert out[3]["extra"]["jobs"] == 3 and out[1]["extra"]["jobs"] == 1
+    assert out[1]["turns"] > 6 and out[1]["conversations"] == out[3]["conversations"] == 6
+    for key in ("turns", "overall", "per_turn", "per_intent", "skipped_unknown_target", "skipped_target_played"):
+        assert out[3][key] == out[1][key], key
+    assert read_ranks(tmp_path / "r3.jsonl") == read_ranks(tmp_path / "r1.jsonl")  # the same turns, in order
+
+
+def test_cli_eval_jobs_reports_a_failing_process(tiny_catalog, tmp_path):
+    with Catalog.open(tiny_catalog) as cat:
+        pl = cat.playlists()[0]["track_ids"]
+    path = tmp_path / "c.jsonl"
+    _write(path, [conv("a", ("hi", [pl[0]])), conv("b", ("x", [pl[1]]))])
+    register_recommender("broken-in-a-job", "talkplay_edge.baselines:NoSuchRecommender")
+    register_recommender("local-object", lambda catalog, threads=1, **kw: None)
+    try:
+        r = CliRunner().invoke(cli, ["eval", "--system", "broken-in-a-job", "--conversations", str(path),
+                                     "--catalog", str(tiny_catalog), "--jobs", "2"])
+        assert r.exit_code == 1
+        assert re.search(r"eval job [12] of 2: AttributeError: .*NoSuchRecommender", r.output), r.output
+        r = CliRunner().invoke(cli, ["eval", "--system", "local-object", "--conversations", str(path),
+                                     "--catalog", str(tiny_catalog), "--jobs", "2"])
+        assert r.exit_code == 1 and "'module:attribute' string" in r.output, r.output
+    finally:
+        SYSTEMS.pop("broken-in-a-job"), SYSTEMS.pop("local-object")

@@ -125,6 +125,45 @@ def eval_compare_command(ranks_a: Path, ranks_b: Path, per_intent: bool, bootstr
         click.echo(format_comparison(cmp, per_intent=per_intent))
 
 
+@click.command("eval-summary")
+@click.argument("ranks", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--per-intent", is_flag=True, help="Also one row per intent.")
+@json_option
+@_fail_cleanly
+def eval_summary_command(ranks: tuple[Path, ...], per_intent: bool, as_json: bool) -> None:
+    """The MRR / Hit@K table of one or more `talkplay eval --ranks` files, pooled (e.g. runs of pieces of a
+    conversations file made with --skip/--limit, on one machine or several). A turn in two files is refused.
+
+    \b
+      talkplay eval --system model --conversations conversations/test.jsonl --limit 500 --ranks a.jsonl
+      talkplay eval --system model --conversations conversations/test.jsonl --skip 500 --ranks b.jsonl
+      talkplay eval-summary a.jsonl b.jsonl
+    """
+    from .evaluate import RanksFormatError, format_table, read_ranks, result_from_rows
+
+    rows: list[dict] = []
+    where: dict[tuple[str, int], Path] = {}
+    for path in ranks:
+        try:
+            file_rows = read_ranks(path)
+        except RanksFormatError as e:
+            raise UserError(str(e)) from e
+        for row in file_rows:
+            key = (row["conversation"], row["turn"])
+            if key in where:
+                raise UserError(f"{path}: conversation {key[0]} turn {key[1]} is also in {where[key]} "
+                                "(the same conversations twice, or ranks of two systems?)")
+            where[key] = path
+        rows += file_rows
+    result = result_from_rows("ranks", len({r["conversation"] for r in rows}), rows)
+    result.extra = {"ranks": [str(p) for p in ranks]}
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        click.echo(format_table(result, per_intent=per_intent,
+                                title=f"{len(ranks)} ranks file{'s' * (len(ranks) > 1)}"))
+
+
 @click.group("conversations")
 def conversations_group() -> None:
     """Synthetic conversation data sets (training and test data)."""

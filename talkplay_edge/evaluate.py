@@ -217,11 +217,12 @@ def result_from_rows(system: str, conversations: int, rows: list[dict], **counts
                       per_intent={k: summarise(v) for k, v in by_intent.items()}, turn_ranks=rows, **counts)
 
 
-def format_table(result: EvalResult, per_intent: bool = False) -> str:
-    """The human-readable report: one row per turn index, the overall row; optionally one row per intent."""
+def format_table(result: EvalResult, per_intent: bool = False, title: str | None = None) -> str:
+    """The human-readable report: one row per turn index, the overall row; optionally one row per intent.
+    ``title``: what the first line calls the run (default "system NAME")."""
     o = result.overall
-    lines = [f"system {result.system}: {result.conversations} conversations, {result.turns} scored turns "
-             f"in {result.runtime_s:.1f} s ({result.turns / result.runtime_s if result.runtime_s else 0:.1f} turns/s)"]
+    lines = [f"{title or 'system ' + result.system}: {result.conversations} conversations, {result.turns} scored turns"
+             + (f" in {result.runtime_s:.1f} s ({result.turns / result.runtime_s:.1f} turns/s)" if result.runtime_s else "")]
     if result.skipped_unknown_target or result.skipped_target_played:
         lines.append(f"skipped turns: {result.skipped_unknown_target} with targets not in the catalog, "
                      f"{result.skipped_target_played} with targets already played")

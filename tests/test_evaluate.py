@@ -288,3 +288,30 @@ def test_cli_eval_jobs_reports_a_failing_process(tiny_catalog, tmp_path):
         assert r.exit_code == 1 and "'module:attribute' string" in r.output, r.output
     finally:
         SYSTEMS.pop("broken-in-a-job"), SYSTEMS.pop("local-object")
+
+
+def test_cli_eval_summary_pools_ranks_of_pieces(tiny_catalog, tmp_path):
+    from talkplay_edge.conversations import build_conversations
+
+    with Catalog.open(tiny_catalog) as cat:
+        build_conversations(cat, tmp_path, seed=7, sizes={"train": 1, "valid": 1, "test": 6, "test_unseen": 1},
+                            show_progress=False)
+    convs = str(tmp_path / "test.jsonl")
+    base = ["eval", "--system", "bm25", "--conversations", convs, "--catalog", str(tiny_catalog), "--json"]
+    whole = json.loads(CliRunner().invoke(cli, base + ["--ranks", str(tmp_path / "all.jsonl")]).stdout)
+    for name, piece in (("a", ["--limit", "2"]), ("b", ["--skip", "2", "--limit", "3"]), ("c", ["--skip", "5"])):
+        assert CliRunner().invoke(cli, base + piece + ["--ranks", str(tmp_path / f"{name}.jsonl")]).exit_code == 0
+    pieces = [str(tmp_path / f"{n}.jsonl") for n in "cab"]  # any order
+    r = CliRunner().invoke(cli, ["eval-summary", *pieces, "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["conversations"] == 6 and d["turns"] == whole["turns"] > 6
+    rounded = lambda x: {k: rounded(v) for k, v in x.items()} if isinstance(x, dict) else round(x, 12)  # noqa: E731
+    for key in ("overall", "per_turn", "per_intent"):
+        assert rounded(d[key]) == rounded(whole[key]), key
+    r = CliRunner().invoke(cli, ["eval-summary", *pieces, "--per-intent"])
+    assert r.exit_code == 0 and r.output.startswith("3 ranks files: 6 conversations") and "intent" in r.output
+    r = CliRunner().invoke(cli, ["eval-summary", pieces[1], str(tmp_path / "all.jsonl")])
+    assert r.exit_code == 1 and "is also in" in r.output
+    r = CliRunner().invoke(cli, ["eval-summary", convs])
+    assert r.exit_code == 1 and "not a rank row" in r.output

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
@@ -176,6 +175,3 @@ cli.add_command(index_command)
 def main(argv: list[str] | None = None) -> None:
     cli.main(args=argv, prog_name="talkplay")
 
-
-if __name__ == "__main__":
-    sys.exit(main())

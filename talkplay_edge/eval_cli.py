@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
@@ -211,6 +210,3 @@ def conversations_build(out_dir: Path, seed: int, n_train: int, n_valid: int, n_
                    f"(mean {s['mean_turns']:.2f}) over {s['playlists']} playlists -> {out_dir / (name + '.jsonl')}")
     click.echo(f"stats -> {out_dir / 'stats.json'} ({stats['runtime_s']:.0f} s)")
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(eval_command())

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from talkplay_edge.bench import peak_rss_mb  # noqa: E402
 from talkplay_edge.runtime import KV_CACHE_TYPES  # noqa: E402
 
 TEXT = "Play me something upbeat for a morning run, like the eighties synth pop I love. " * 30
@@ -54,7 +54,7 @@ def measure(kind: str, model=None, catalog=None, threads: int = 2, rounds: int =
     med = np.median(np.asarray(times[1:]), axis=0)
     return {"kv_cache": kind, "threads": threads, "prefill_100_ms": med[0] * 1e3, "prefill_200_after_100_ms": med[1] * 1e3,
             "decode_ms_per_token": med[2] * 1e3, "snapshot_300_tokens_mb": snapshot / 2**20,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def main(argv: list[str] | None = None) -> None:

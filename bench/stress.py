@@ -42,6 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from talkplay_edge.bench import rss_mb  # noqa: E402
 from talkplay_edge.catalog import connect  # noqa: E402
 
 WORDS = ("play something calm upbeat jazz rock sad happy eighties nineties dance guitar piano like that more "
@@ -50,12 +51,6 @@ WORDS = ("play something calm upbeat jazz rock sad happy eighties nineties dance
 
 def _message(rng: random.Random, k: int, j: int) -> str:
     return f"session {k} request {j}: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 10)))
-
-
-def _rss_mb() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -167,7 +162,7 @@ def run_long(tp, turns: int = 500, max_new_tokens: int = 48, progress: bool = Fa
             raise AssertionError(f"turn {i}: {len(r.tracks)} tracks")
         if i == 0 or (i + 1) % 10 == 0:
             gc.collect()
-            rss.append((i + 1, round(_rss_mb(), 1)))
+            rss.append((i + 1, round(rss_mb(), 1)))
             if progress and (i + 1) % 50 == 0:
                 print(f"  turn {i + 1}: RSS {rss[-1][1]} MB", file=sys.stderr, flush=True)
     half = [m for t, m in rss if t >= turns // 2]
@@ -334,7 +329,7 @@ def main() -> None:
 
         tp = TalkPlay.load(a.model, a.catalog, threads=a.model_threads, n_ctx=a.n_ctx,
                            session_cache_mb=a.session_cache_mb)
-        rss0 = _rss_mb()
+        rss0 = rss_mb()
         if a.cmd == "load":
             out = run_load(tp, a.threads, a.requests, a.max_new_tokens, replay=not a.no_replay, progress=not a.json)
             ok = out["errors"] == 0 and not out["replies_differing_from_sequential_replay"]
@@ -342,7 +337,7 @@ def main() -> None:
             out = run_long(tp, a.turns, a.max_new_tokens, progress=not a.json)
             ok = True
         out.update(model=str(tp.model_path), catalog=str(tp.catalog.path), rss_after_load_mb=round(rss0, 1),
-                   rss_end_mb=round(_rss_mb(), 1), n_ctx=tp.n_ctx, session_cache_mb=a.session_cache_mb)
+                   rss_end_mb=round(rss_mb(), 1), n_ctx=tp.n_ctx, session_cache_mb=a.session_cache_mb)
     print(json.dumps(out, indent=2) if a.json else "\n".join(f"{k}: {v}" for k, v in out.items() if k != "log"))
     sys.exit(0 if ok else 1)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from talkplay_edge.bench import _rss_mb  # noqa: E402
+from talkplay_edge.bench import rss_mb  # noqa: E402
 from talkplay_edge.text_encoder import TextEncoder, _release_free_heap  # noqa: E402
 
 WORDS = ("midnight summer love fire city heart river golden electric lonely neon wild dream ocean highway broken "
@@ -98,13 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     import tokenizers  # noqa: F401
 
     _release_free_heap()
-    rss0 = _rss_mb()
+    rss0 = rss_mb()
     t = time.perf_counter()
     enc = TextEncoder(args.model_dir, threads=args.threads)
     load_s = time.perf_counter() - t
     enc.encode(["warm up"])
     _release_free_heap()
-    rss_growth = _rss_mb() - rss0
+    rss_growth = rss_mb() - rss0
     res = {
         "encoder": enc.name, "version": enc.version, "threads": args.threads, "batch_size": args.batch_size,
         "load_s": round(load_s, 2), "rss_growth_mb": round(rss_growth, 1),

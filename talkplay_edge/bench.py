@@ -40,7 +40,8 @@ PROMPTS = [
 ]
 
 
-def _rss_mb() -> float:
+def rss_mb() -> float:
+    """This process's resident memory now, in MiB (/proc/self/statm)."""
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * resource.getpagesize() / 2**20
@@ -48,7 +49,8 @@ def _rss_mb() -> float:
         return float("nan")
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
@@ -115,7 +117,7 @@ def bench_model(model=None, catalog=None, threads: int = 2, n_ctx: int = 2048, t
         compactions=session.compactions,
     )
     tp.close()
-    out["peak_rss_mb"] = _peak_rss_mb()
+    out["peak_rss_mb"] = peak_rss_mb()
     return out
 
 
@@ -160,13 +162,13 @@ def bench_trie(n_tracks: int = 1_000_000, n_vocab: int = 49152 + 2 + 5 * 1025 + 
     max_dup = int(seqs[:, 5].max()) - dup_base + 1 if dup_tracks else 0
     n_vocab = max(n_vocab, int(seqs.max()) + 1)
     gc.collect()
-    rss0 = _rss_mb()
+    rss0 = rss_mb()
     t = time.perf_counter()
     trie = CodeTrie.build(seqs)
     build_s = time.perf_counter() - t
     del seqs
     gc.collect()
-    rss1 = _rss_mb()
+    rss1 = rss_mb()
     rng = np.random.default_rng(seed)
     excl = Exclusions(trie, rng.choice(n_tracks, size=min(n_excluded, n_tracks - 1), replace=False).tolist())
     logits = rng.normal(size=n_vocab).astype(np.float32)
@@ -206,7 +208,7 @@ def run_bench(model=None, catalog=None, threads: int = 2, n_ctx: int = 2048, tur
                       kv_cache=kv_cache)
     if trie_tracks:
         out.update(bench_trie(trie_tracks))
-    out["peak_rss_mb"] = _peak_rss_mb()
+    out["peak_rss_mb"] = peak_rss_mb()
     return out
 
 

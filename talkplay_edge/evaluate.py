@@ -462,9 +462,29 @@ class EvalJobError(RuntimeError):
 _ticks = None  # in a job process: the queue its finished conversations are counted on
 
 
-def _job_init(ticks) -> None:
+def _job_init(ticks, parent_pid: int) -> None:
     global _ticks
     _ticks = ticks
+    _end_with_parent(parent_pid)
+
+
+def _end_with_parent(parent_pid: int) -> None:
+    """On Linux, have the kernel end this job when its parent dies, so a killed `talkplay eval --jobs` leaves
+    no process evaluating on for nothing (a Ctrl-C or a normal exit already ends them)."""
+    import os
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before the call above
+        os._exit(1)
 
 
 def _tick() -> None:
@@ -513,6 +533,7 @@ def evaluate_in_processes(system: str, catalog_path, conversations: list[dict], 
     ones a single run gives (systems are deterministic per conversation; ``random`` is seeded per process).
     A failing process stops the others and raises ``EvalJobError``."""
     import multiprocessing
+    import os
     import pickle
     import queue as queue_mod
 
@@ -531,7 +552,7 @@ def evaluate_in_processes(system: str, catalog_path, conversations: list[dict], 
     total = len(conversations) * (2 if replies else 1)
     bar = progress(desc=f"eval {system} ({len(runs)} jobs)", total=total, unit="conv") if show_progress else None
     try:
-        with ctx.Pool(len(runs), initializer=_job_init, initargs=(ticks,)) as pool:  # leaving it kills the rest
+        with ctx.Pool(len(runs), initializer=_job_init, initargs=(ticks, os.getpid())) as pool:  # leaving it kills the rest
             pending = [pool.apply_async(_job, (job,)) for job in todo]
             while not all(p.ready() for p in pending):
                 try:

@@ -315,3 +315,72 @@ def test_cli_eval_summary_pools_ranks_of_pieces(tiny_catalog, tmp_path):
     assert r.exit_code == 1 and "is also in" in r.output
     r = CliRunner().invoke(cli, ["eval-summary", convs])
     assert r.exit_code == 1 and "not a rank row" in r.output
+
+
+def test_eval_jobs_end_when_the_parent_is_killed(tiny_catalog, tmp_path):
+    """A SIGKILLed `talkplay eval --jobs 2` leaves no job process running (Linux: PR_SET_PDEATHSIG)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the parent-death signal is Linux's")
+    (tmp_path / "slowrec.py").write_text(
+        "import time\n"
+        "class Slow:\n"
+        "    name = 'slow'\n"
+        "    def __init__(self, catalog, threads=1, **kw):\n"
+        "        pass\n"
+        "    def recommend(self, history, exclude, n=100):\n"
+        "        time.sleep(120)\n"
+        "        return []\n")
+    with Catalog.open(tiny_catalog) as cat:
+        pl = cat.playlists()[0]["track_ids"]
+    path = tmp_path / "c.jsonl"
+    _write(path, [conv("a", ("hi", [pl[0]])), conv("b", ("x", [pl[1]]))])
+    code = ("import sys; from talkplay_edge.evaluate import register_recommender; "
+            "register_recommender('slow', 'slowrec:Slow'); from talkplay_edge.cli import main; sys.exit(main())")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    parent = subprocess.Popen([sys.executable, "-c", code, "eval", "--system", "slow", "--conversations", str(path),
+                               "--catalog", str(tiny_catalog), "--jobs", "2"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def children() -> list[int]:
+        out = []
+        for d in os.listdir("/proc"):
+            try:
+                stat = open(f"/proc/{d}/stat").read()
+                cmd = open(f"/proc/{d}/cmdline", "rb").read()
+            except OSError:
+                continue
+            if d.isdigit() and int(stat.rsplit(")", 1)[1].split()[1]) == parent.pid and b"spawn_main" in cmd:
+                out.append(int(d))
+        return out
+
+    def running(pid: int) -> bool:
+        try:
+            return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    jobs: list[int] = []
+    try:
+        deadline = time.time() + 60
+        while len(jobs := children()) < 2 and time.time() < deadline:
+            time.sleep(0.2)
+        assert len(jobs) == 2, "the two job processes did not start"
+        time.sleep(3)  # past their start-up, into the slow recommend()
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.time() + 15
+        while any(map(running, jobs)) and time.time() < deadline:
+            time.sleep(0.2)
+        alive = [j for j in jobs if running(j)]
+        assert not alive, f"job processes {alive} outlived their killed parent"
+    finally:
+        for j in filter(running, jobs):
+            os.kill(j, signal.SIGKILL)
+        if parent.poll() is None:
+            parent.kill()

@@ -29,8 +29,8 @@ from .paths import DEFAULT_DATA_DIR, default_catalog_path
 @click.option("--replies", is_flag=True, help="(--system model) Also chat through the runtime with the user "
               "messages: real / repeated tracks, replies that name their track.")
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Split the conversations over N processes of --threads threads each (same figures; on 2 cores "
-              "`--jobs 2 --threads 1` is the fastest for the model).")
+              help="Split the conversations over N processes of --threads threads each (the same figures as one "
+              "process).")
 @catalog_option
 @threads_option
 @json_option

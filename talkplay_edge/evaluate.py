@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -406,6 +406,17 @@ class ReplyResult:
                  turns_per_s=self.turns / self.runtime_s if self.runtime_s else None)
         return d
 
+    @classmethod
+    def pooled(cls, parts: list["ReplyResult"], n_examples: int = 5) -> "ReplyResult":
+        """The counts of runs made side by side (``talkplay eval --jobs``): summed, the slowest run's time, the
+        first ``n_examples`` examples in order."""
+        out = cls(runtime_s=max(p.runtime_s for p in parts),
+                  examples=[e for p in parts for e in p.examples][:n_examples])
+        for f in fields(cls):
+            if f.name not in ("runtime_s", "examples"):
+                setattr(out, f.name, sum(getattr(p, f.name) for p in parts))
+        return out
+
     def format(self) -> str:
         d = self.to_dict()
         return (f"replies: {self.turns} turns in {self.conversations} conversations ({self.runtime_s:.1f} s); "
@@ -574,13 +585,5 @@ def evaluate_in_processes(system: str, catalog_path, conversations: list[dict], 
                               skipped_target_played=sum(p.skipped_target_played for p in parts),
                               unknown_ids_returned=sum(p.unknown_ids_returned for p in parts),
                               runtime_s=max(p.runtime_s for p in parts))  # the processes ran side by side
-    chat = None
-    if replies:
-        chat = ReplyResult(runtime_s=max(o["replies"].runtime_s for o in outs))
-        for o in outs:
-            r = o["replies"]
-            for name in ("conversations", "turns", "with_track", "real", "repeated", "mentions", "empty_replies",
-                         "exhausted", "reply_chars"):
-                setattr(chat, name, getattr(chat, name) + getattr(r, name))
-            chat.examples += r.examples[: max(0, 5 - len(chat.examples))]
+    chat = ReplyResult.pooled([o["replies"] for o in outs]) if replies else None
     return result, chat, max(o["setup_s"] for o in outs)

@@ -25,7 +25,9 @@ from .paths import DEFAULT_DATA_DIR, default_catalog_path
 @click.option("--per-intent", is_flag=True, help="Also print one row per intent (generated data's meta.intents).")
 @click.option("--ranks", "ranks_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write each scored turn's first-hit rank here (JSON lines; compare two runs with "
-              "`talkplay eval-compare`).")
+              "`talkplay eval-compare`). While it runs, finished conversations are kept in RANKS.partial.")
+@click.option("--resume", is_flag=True, help="Continue the stopped run whose RANKS.partial is there: score only "
+              "the conversations it lacks (the same figures as one uninterrupted run).")
 @click.option("--replies", is_flag=True, help="(--system model) Also chat through the runtime with the user "
               "messages: real / repeated tracks, replies that name their track.")
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
@@ -36,53 +38,69 @@ from .paths import DEFAULT_DATA_DIR, default_catalog_path
 @json_option
 @_fail_cleanly
 def eval_command(system: str, conv_path: Path, limit: int | None, skip: int, max_turn: int | None, seed: int,
-                 per_intent: bool, ranks_path: Path | None, replies: bool, jobs: int, catalog_path: Path | None,
-                 threads: int, as_json: bool) -> None:
+                 per_intent: bool, ranks_path: Path | None, resume: bool, replies: bool, jobs: int,
+                 catalog_path: Path | None, threads: int, as_json: bool) -> None:
     """Score a recommender on conversations: MRR, Hit@1/10/100 overall and per turn.
 
     \b
       talkplay eval --system hybrid --conversations conversations/test.jsonl --limit 50
       talkplay eval --system model --conversations conversations/test.jsonl --jobs 2 --threads 1 --ranks m.jsonl
+      talkplay eval --system model --conversations conversations/test.jsonl --jobs 2 --threads 1 --ranks m.jsonl --resume
     """
-    import time
-
     from .catalog import Catalog
     from .conversations import ConversationFormatError, read_conversations
-    from .evaluate import (UnknownSystemError, evaluate, evaluate_in_processes, evaluate_replies, format_table,
-                           get_recommender, write_ranks)
+    from .eval_journal import Journal, JournalError, run_key
+    from .evaluate import UnknownSystemError, format_table, result_from_records, write_ranks
 
     if replies and system != "model":
         raise UserError("--replies needs --system model (only the model writes replies)")
+    if resume and ranks_path is None:
+        raise UserError("--resume needs --ranks (the stopped run's journal is RANKS.partial)")
+    if resume and replies:
+        raise UserError("--resume does not work with --replies (the chat figures are not kept in the journal)")
     try:
         convs = read_conversations(conv_path, limit=None if limit is None else skip + limit)[skip:]
     except ConversationFormatError as e:
         raise UserError(str(e)) from e
     with Catalog.open(catalog_path or default_catalog_path()) as cat:
-        t0 = time.perf_counter()
+        journal = None
+        if ranks_path is not None:
+            try:
+                journal = Journal.open(ranks_path, run_key(system, convs, skip, max_turn, seed, cat.fingerprint),
+                                       resume=resume)
+            except JournalError as e:
+                raise UserError(str(e)) from e
+        pending = [(i, c) for i, c in enumerate(convs, skip) if journal is None or i not in journal.done]
+        if journal is not None and journal.done and not as_json:
+            click.echo(f"resuming: {len(journal.done)} of {len(convs)} conversations are in {journal.path}", err=True)
         try:
-            if jobs > 1 and len(convs) > 1:
-                if system == "model":  # build the default model once, here, not in every process
-                    from .runtime import default_model
-
-                    default_model()
-                result, chat, setup_s = evaluate_in_processes(
-                    system, cat.path, convs, jobs, threads=threads, max_turn=max_turn, replies=replies,
-                    first_index=skip, show_progress=not as_json, seed=seed)
-            else:
-                rec = get_recommender(system, cat, threads=threads, seed=seed, show_progress=not as_json)
-                setup_s = time.perf_counter() - t0
-                result = evaluate(rec, convs, set(cat.track_ids()), show_progress=not as_json, max_turn=max_turn,
-                                  first_index=skip)
-                chat = evaluate_replies(rec.tp, convs, show_progress=not as_json) if replies else None
-        except UnknownSystemError as e:
-            raise UserError(str(e)) from e
+            result, chat, setup_s = _score(system, cat, [c for _, c in pending], [i for i, _ in pending], jobs,
+                                           threads=threads, seed=seed, max_turn=max_turn, replies=replies,
+                                           show_progress=not as_json,
+                                           on_conversation=journal.add if journal is not None else None)
+        except BaseException as e:
+            if journal is not None and len(journal):
+                journal.close()
+                click.echo(f"talkplay eval: {len(journal)} finished conversations are kept in {journal.path}; "
+                           "run the same command with --resume to continue", err=True)
+            elif journal is not None:
+                journal.finish()  # nothing in it worth keeping
+            if isinstance(e, UnknownSystemError):
+                raise UserError(str(e)) from e
+            raise
+        if journal is not None and journal.done:
+            result = result_from_records(result.system, list(journal.done.values()) + result.records,
+                                         runtime_s=result.runtime_s)
         result.extra = {"conversations_file": str(conv_path), "catalog": str(cat.path), "setup_s": round(setup_s, 2),
-                        "limit": limit, "skip": skip, "max_turn": max_turn, "jobs": min(jobs, max(len(convs), 1))}
+                        "limit": limit, "skip": skip, "max_turn": max_turn, "jobs": min(jobs, max(len(pending), 1)),
+                        "resumed_conversations": len(journal.done) if journal is not None else 0}
         if ranks_path is not None:
             try:
                 write_ranks(result.turn_ranks, ranks_path)
             except OSError as e:
-                raise UserError(f"--ranks {ranks_path}: cannot write ({e})") from e
+                raise UserError(f"--ranks {ranks_path}: cannot write ({e}); the scores are kept in "
+                                f"{journal.path}: --resume writes them") from e
+            journal.finish()
     if as_json:
         click.echo(json.dumps({**result.to_dict(), **({"replies": chat.to_dict()} if chat else {})}, indent=2))
     else:
@@ -90,6 +108,32 @@ def eval_command(system: str, conv_path: Path, limit: int | None, skip: int, max
         if chat:
             click.echo(chat.format())
         click.echo(f"(setup {setup_s:.1f} s)")
+
+
+def _score(system: str, cat, convs: list[dict], indices: list[int], jobs: int, threads: int, seed: int,
+           max_turn: int | None, replies: bool, show_progress: bool, on_conversation):
+    """(result, replies or None, setup seconds) of ``system`` on ``convs``, in one process or ``jobs``."""
+    import time
+
+    from .evaluate import evaluate, evaluate_in_processes, evaluate_replies, get_recommender, result_from_records
+
+    if not convs:  # e.g. a resumed run whose journal already holds every conversation
+        return result_from_records(system, []), None, 0.0
+    if jobs > 1 and len(convs) > 1:
+        if system == "model":  # build the default model once, here, not in every process
+            from .runtime import default_model
+
+            default_model()
+        return evaluate_in_processes(system, cat.path, convs, jobs, threads=threads, max_turn=max_turn,
+                                     replies=replies, indices=indices, show_progress=show_progress, seed=seed,
+                                     on_conversation=on_conversation)
+    t0 = time.perf_counter()
+    rec = get_recommender(system, cat, threads=threads, seed=seed, show_progress=show_progress)
+    setup_s = time.perf_counter() - t0
+    result = evaluate(rec, convs, set(cat.track_ids()), show_progress=show_progress, max_turn=max_turn,
+                      indices=indices, on_conversation=on_conversation)
+    chat = evaluate_replies(rec.tp, convs, show_progress=show_progress) if replies else None
+    return result, chat, setup_s
 
 
 @click.command("eval-compare")

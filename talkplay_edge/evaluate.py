@@ -140,10 +140,12 @@ class EvalResult:
     runtime_s: float = 0.0
     extra: dict = field(default_factory=dict)
     turn_ranks: list[dict] = field(default_factory=list)  # one row per scored turn (``write_ranks``)
+    records: list[dict] = field(default_factory=list)  # one per conversation (``score_conversation``)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("turn_ranks")
+        d.pop("records")
         d["per_turn"] = {str(k): v for k, v in sorted(self.per_turn.items())}
         d["per_intent"] = dict(sorted(self.per_intent.items(), key=lambda kv: -kv[1]["turns"]))
         d["turns_per_s"] = self.turns / self.runtime_s if self.runtime_s else None
@@ -165,41 +167,68 @@ def iter_turns(conversation: dict):
 
 def evaluate(recommender: Recommender, conversations: list[dict], catalog_ids: set[str], n: int = N_RANKED,
              show_progress: bool = False, max_turn: int | None = None, first_index: int = 0,
-             on_conversation: Callable[[], None] | None = None) -> EvalResult:
+             on_conversation: Callable[[dict], None] | None = None, indices: list[int] | None = None) -> EvalResult:
     """Score ``recommender`` on every assistant turn of ``conversations`` (see the module docstring), or on
-    those up to ``max_turn`` (1: the first turns only). A conversation without an ``id`` is named by its
-    index, counted from ``first_index``; ``on_conversation()`` is called after each one (progress)."""
+    those up to ``max_turn`` (1: the first turns only). ``indices``: each conversation's index in its file
+    (default ``first_index``, ``first_index`` + 1, …); it names a conversation without an ``id``.
+    ``on_conversation(record)`` is called after each one with its ``score_conversation`` record (progress,
+    the journal of `talkplay eval --ranks`)."""
     t0 = time.perf_counter()
-    rows: list[dict] = []
-    skipped_unknown = skipped_played = unknown_ids = 0
+    if indices is None:
+        indices = list(range(first_index, first_index + len(conversations)))
+    records: list[dict] = []
     bar = progress(conversations, desc=f"eval {recommender.name}", unit="conv") if show_progress else conversations
-    for n_conv, conv in enumerate(bar, first_index):
-        meta = conv.get("meta") or {}
-        conv_id = str(conv.get("id", n_conv))
-        intents = meta.get("intents") if isinstance(meta.get("intents"), list) else []
-        for idx, history, targets, played in iter_turns(conv):
-            if max_turn is not None and idx > max_turn:
-                break
-            exclude = set(played)
-            known = [t for t in targets if t in catalog_ids]
-            if not known:
-                skipped_unknown += 1
-                continue
-            live = [t for t in known if t not in exclude]
-            if not live:
-                skipped_played += 1
-                continue
-            raw = recommender.recommend(history, set(exclude), n)
-            ranked, unk = clean_ranking(raw, exclude, catalog_ids, n)
-            unknown_ids += unk
-            r = first_hit_rank(ranked, live, n)
-            intent = str(intents[idx - 1]) if idx <= len(intents) else None
-            rows.append({"conversation": conv_id, "turn": idx, "intent": intent, "rank": r})
+    for index, conv in zip(indices, bar):
+        records.append(score_conversation(recommender, conv, index, catalog_ids, n=n, max_turn=max_turn))
         if on_conversation is not None:
-            on_conversation()
-    return result_from_rows(getattr(recommender, "name", type(recommender).__name__), len(conversations), rows,
-                            skipped_unknown_target=skipped_unknown, skipped_target_played=skipped_played,
-                            unknown_ids_returned=unknown_ids, runtime_s=time.perf_counter() - t0)
+            on_conversation(records[-1])
+    return result_from_records(getattr(recommender, "name", type(recommender).__name__), records,
+                               runtime_s=time.perf_counter() - t0)
+
+
+def score_conversation(recommender: Recommender, conv: dict, index: int, catalog_ids: set[str], n: int = N_RANKED,
+                       max_turn: int | None = None) -> dict:
+    """One conversation's record: {"index", "rows": one rank row per scored turn, and the counts of turns
+    skipped (targets unknown / already played) and of returned ids the catalog does not hold}."""
+    meta = conv.get("meta") or {}
+    conv_id = str(conv.get("id", index))
+    intents = meta.get("intents") if isinstance(meta.get("intents"), list) else []
+    rec = {"index": index, "rows": [], "skipped_unknown_target": 0, "skipped_target_played": 0,
+           "unknown_ids_returned": 0}
+    for idx, history, targets, played in iter_turns(conv):
+        if max_turn is not None and idx > max_turn:
+            break
+        exclude = set(played)
+        known = [t for t in targets if t in catalog_ids]
+        if not known:
+            rec["skipped_unknown_target"] += 1
+            continue
+        live = [t for t in known if t not in exclude]
+        if not live:
+            rec["skipped_target_played"] += 1
+            continue
+        raw = recommender.recommend(history, set(exclude), n)
+        ranked, unk = clean_ranking(raw, exclude, catalog_ids, n)
+        rec["unknown_ids_returned"] += unk
+        intent = str(intents[idx - 1]) if idx <= len(intents) else None
+        rec["rows"].append({"conversation": conv_id, "turn": idx, "intent": intent,
+                            "rank": first_hit_rank(ranked, live, n)})
+    return rec
+
+
+RECORD_COUNTS = ("skipped_unknown_target", "skipped_target_played", "unknown_ids_returned")
+
+
+def result_from_records(system: str, records: list[dict], runtime_s: float = 0.0,
+                        conversations: int | None = None) -> EvalResult:
+    """The ``EvalResult`` of conversation records (``score_conversation``), pooled in the order of their
+    indices: the same whether they came from one run, several processes, or a journal and a resumed run."""
+    records = sorted(records, key=lambda r: r["index"])
+    result = result_from_rows(system, len(records) if conversations is None else conversations,
+                              [row for r in records for row in r["rows"]], runtime_s=runtime_s,
+                              **{k: sum(r[k] for r in records) for k in RECORD_COUNTS})
+    result.records = records
+    return result
 
 
 def result_from_rows(system: str, conversations: int, rows: list[dict], **counts) -> EvalResult:
@@ -470,7 +499,7 @@ class EvalJobError(RuntimeError):
     """A process of ``evaluate_in_processes`` failed; the message names the job and the cause."""
 
 
-_ticks = None  # in a job process: the queue its finished conversations are counted on
+_ticks = None  # in a job process: the queue its finished conversations go to (records; 1 for a chat)
 
 
 def _job_init(ticks, parent_pid: int) -> None:
@@ -498,6 +527,10 @@ def _end_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
+def _send_record(record: dict) -> None:
+    _ticks.put(record)
+
+
 def _tick() -> None:
     _ticks.put(1)
 
@@ -511,10 +544,11 @@ def _job(job: dict) -> dict:
         with Catalog.open(job["catalog"]) as cat:
             rec = _make_recommender(job["system"], job["factory"], cat, threads=job["threads"], **job["kw"])
             setup_s = time.perf_counter() - t0
-            tick = _tick if _ticks is not None else None
+            send = _ticks is not None
             result = evaluate(rec, job["conversations"], set(cat.track_ids()), max_turn=job["max_turn"],
-                              first_index=job["first_index"], on_conversation=tick)
-            chat = evaluate_replies(rec.tp, job["conversations"], on_conversation=tick) if job["replies"] else None
+                              indices=job["indices"], on_conversation=_send_record if send else None)
+            chat = (evaluate_replies(rec.tp, job["conversations"], on_conversation=_tick if send else None)
+                    if job["replies"] else None)
     except Exception as e:  # noqa: BLE001 — sent back to the parent as one picklable, readable error
         why = str(e) if type(e).__module__.startswith("talkplay_edge.") else f"{type(e).__name__}: {e}"
         raise EvalJobError(f"eval job {job['job']} of {job['jobs']}: {why}") from None
@@ -536,9 +570,12 @@ def split_evenly(items: list, parts: int) -> list[tuple[int, list]]:
 
 def evaluate_in_processes(system: str, catalog_path, conversations: list[dict], jobs: int, threads: int = 1,
                           max_turn: int | None = None, replies: bool = False, first_index: int = 0,
-                          show_progress: bool = False, **kw) -> tuple[EvalResult, ReplyResult | None, float]:
+                          show_progress: bool = False, indices: list[int] | None = None,
+                          on_conversation: Callable[[dict], None] | None = None,
+                          **kw) -> tuple[EvalResult, ReplyResult | None, float]:
     """``evaluate`` (and ``evaluate_replies`` with ``replies``) split over ``jobs`` processes of ``threads``
     threads each, every process with its own recommender on a contiguous run of the conversations.
+    ``indices`` and ``on_conversation`` (called here, in this process) are ``evaluate``'s.
 
     Returns (result, replies or None, the slowest process's setup seconds). The rows and summaries are the
     ones a single run gives (systems are deterministic per conversation; ``random`` is seeded per process).
@@ -554,10 +591,12 @@ def evaluate_in_processes(system: str, catalog_path, conversations: list[dict], 
     except Exception as e:  # noqa: BLE001
         raise EvalJobError(f"system {system!r} was registered as an object other processes cannot load ({e}); "
                            "register it as a 'module:attribute' string, or run with one job") from None
-    runs = split_evenly(conversations, jobs)
+    if indices is None:
+        indices = list(range(first_index, first_index + len(conversations)))
+    runs = split_evenly(list(zip(indices, conversations)), jobs)
     todo = [{"job": i + 1, "jobs": len(runs), "system": system, "factory": factory, "catalog": str(catalog_path),
-             "threads": threads, "kw": kw, "conversations": run, "first_index": first_index + start,
-             "max_turn": max_turn, "replies": replies} for i, (start, run) in enumerate(runs)]
+             "threads": threads, "kw": kw, "conversations": [c for _, c in run], "indices": [i for i, _ in run],
+             "max_turn": max_turn, "replies": replies} for i, (_, run) in enumerate(runs)]
     ctx = multiprocessing.get_context("spawn")  # llama.cpp and sqlite connections do not survive fork
     ticks = ctx.Queue()
     total = len(conversations) * (2 if replies else 1)
@@ -567,23 +606,29 @@ def evaluate_in_processes(system: str, catalog_path, conversations: list[dict], 
             pending = [pool.apply_async(_job, (job,)) for job in todo]
             while not all(p.ready() for p in pending):
                 try:
-                    n = ticks.get(timeout=0.2)
-                    if bar is not None:
-                        bar.update(n)
+                    msg = ticks.get(timeout=0.2)
                 except queue_mod.Empty:
-                    pass
+                    msg = None
+                if isinstance(msg, dict) and on_conversation is not None:
+                    on_conversation(msg)
+                if msg is not None and bar is not None:
+                    bar.update(1)
                 for p in pending:
                     if p.ready() and not p.successful():
                         p.get()  # raises the job's EvalJobError
             outs = [p.get() for p in pending]
     finally:
+        while True:  # records still on their way (e.g. when a job failed): to the journal too
+            try:
+                msg = ticks.get(timeout=0.05)
+            except (queue_mod.Empty, OSError, ValueError):
+                break
+            if isinstance(msg, dict) and on_conversation is not None:
+                on_conversation(msg)
         if bar is not None:
             bar.close()
     parts = [o["result"] for o in outs]
-    result = result_from_rows(parts[0].system, len(conversations), [r for p in parts for r in p.turn_ranks],
-                              skipped_unknown_target=sum(p.skipped_unknown_target for p in parts),
-                              skipped_target_played=sum(p.skipped_target_played for p in parts),
-                              unknown_ids_returned=sum(p.unknown_ids_returned for p in parts),
-                              runtime_s=max(p.runtime_s for p in parts))  # the processes ran side by side
+    result = result_from_records(parts[0].system, [r for p in parts for r in p.records],
+                                 runtime_s=max(p.runtime_s for p in parts))  # the processes ran side by side
     chat = ReplyResult.pooled([o["replies"] for o in outs]) if replies else None
     return result, chat, max(o["setup_s"] for o in outs)

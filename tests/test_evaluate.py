@@ -384,3 +384,91 @@ def test_eval_jobs_end_when_the_parent_is_killed(tiny_catalog, tmp_path):
             os.kill(j, signal.SIGKILL)
         if parent.poll() is None:
             parent.kill()
+
+
+FLAKY = '''
+import os
+from talkplay_edge.evaluate import get_recommender
+
+class Flaky:
+    """bm25, but stopping (as a crash or Ctrl-C would) at the conversation whose first message is FLAKY_STOP."""
+    name = "bm25"
+    def __init__(self, catalog, threads=1, **kw):
+        self.inner = get_recommender("bm25", catalog, threads=threads)
+    def recommend(self, history, exclude, n=100):
+        if history and history[0]["content"] == os.environ.get("FLAKY_STOP"):
+            raise RuntimeError("stopped here")
+        return self.inner.recommend(history, exclude, n)
+'''
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_cli_eval_resume_continues_a_stopped_run(tiny_catalog, tmp_path, monkeypatch, jobs):
+    """A run stopped at conversation 5 of 7 keeps 1–4 in RANKS.partial; --resume scores the rest and gives
+    exactly the figures and ranks file of one uninterrupted run."""
+    from talkplay_edge.conversations import build_conversations, read_conversations
+    from talkplay_edge.eval_journal import journal_path, read_journal
+
+    with Catalog.open(tiny_catalog) as cat:
+        build_conversations(cat, tmp_path, seed=5, sizes={"train": 1, "valid": 1, "test": 8, "test_unseen": 1},
+                            show_progress=False)
+    convs = tmp_path / "test.jsonl"
+    (tmp_path / "flakyrec.py").write_text(FLAKY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    register_recommender("flaky", "flakyrec:Flaky")
+    base = ["eval", "--conversations", str(convs), "--catalog", str(tiny_catalog), "--skip", "1",
+            "--jobs", str(jobs), "--threads", "1"]
+    try:
+        r = CliRunner().invoke(cli, base + ["--system", "bm25", "--ranks", str(tmp_path / "whole.jsonl"), "--json"])
+        assert r.exit_code == 0, r.output
+        whole = json.loads(r.stdout)
+        assert not journal_path(tmp_path / "whole.jsonl").exists()  # a finished run leaves no journal
+
+        stop_at = read_conversations(convs)[6]["turns"][0]["content"]  # the 6th conversation scored (of 7)
+        monkeypatch.setenv("FLAKY_STOP", stop_at)
+        ranks = tmp_path / "r.jsonl"
+        r = CliRunner().invoke(cli, base + ["--system", "flaky", "--ranks", str(ranks)])
+        assert r.exit_code == 1 and "stopped here" in r.output, r.output
+        assert "--resume to continue" in r.output and not ranks.exists()
+        key, done = read_journal(journal_path(ranks))
+        assert key["conversations"] == 7 and 6 not in done and done  # the ones before the stop (jobs 2: some)
+        if jobs == 1:
+            assert sorted(done) == [1, 2, 3, 4, 5]
+        with journal_path(ranks).open("a") as f:
+            f.write('{"index": 7, "rows": [{"conv')  # the line being written when the run was killed
+
+        r = CliRunner().invoke(cli, base + ["--system", "flaky", "--ranks", str(ranks)])
+        assert r.exit_code == 1 and "add --resume to continue it" in r.output, r.output
+        r = CliRunner().invoke(cli, base + ["--system", "flaky", "--ranks", str(ranks), "--resume", "--max-turn", "2"])
+        assert r.exit_code == 1 and "differs in max_turn" in r.output, r.output
+        r = CliRunner().invoke(cli, base + ["--system", "bm25", "--ranks", str(ranks), "--resume"])
+        assert r.exit_code == 1 and "differs in system" in r.output, r.output
+
+        monkeypatch.delenv("FLAKY_STOP")
+        r = CliRunner().invoke(cli, base + ["--system", "flaky", "--ranks", str(ranks), "--resume", "--json"])
+        assert r.exit_code == 0, r.output
+        resumed = json.loads(r.stdout)
+        assert resumed["extra"]["resumed_conversations"] == len(done)
+        for key in ("conversations", "turns", "overall", "per_turn", "per_intent", "skipped_unknown_target",
+                    "skipped_target_played"):
+            assert resumed[key] == whole[key], key
+        assert read_ranks(ranks) == read_ranks(tmp_path / "whole.jsonl")
+        assert not journal_path(ranks).exists()
+    finally:
+        SYSTEMS.pop("flaky")
+
+
+def test_cli_eval_resume_errors(tiny_catalog, tmp_path):
+    with Catalog.open(tiny_catalog) as cat:
+        pl = cat.playlists()[0]["track_ids"]
+    path = tmp_path / "c.jsonl"
+    _write(path, [conv("a", ("hi", [pl[0]]))])
+    base = ["eval", "--system", "bm25", "--conversations", str(path), "--catalog", str(tiny_catalog)]
+    r = CliRunner().invoke(cli, base + ["--resume"])
+    assert r.exit_code == 1 and "--resume needs --ranks" in r.output
+    (tmp_path / "r.jsonl.partial").write_text('{"not": "a journal"}\n')
+    r = CliRunner().invoke(cli, base + ["--ranks", str(tmp_path / "r.jsonl"), "--resume"])
+    assert r.exit_code == 1 and "not a journal of `talkplay eval --ranks`" in r.output
+    r = CliRunner().invoke(cli, ["eval", "--system", "nope", "--conversations", str(path), "--catalog",
+                                 str(tiny_catalog), "--ranks", str(tmp_path / "n.jsonl")])
+    assert r.exit_code == 1 and not (tmp_path / "n.jsonl.partial").exists()  # nothing scored: no journal left

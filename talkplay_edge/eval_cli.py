@@ -76,7 +76,7 @@ def eval_command(system: str, conv_path: Path, limit: int | None, skip: int, max
         try:
             result, chat, setup_s = _score(system, cat, [c for _, c in pending], [i for i, _ in pending], jobs,
                                            threads=threads, seed=seed, max_turn=max_turn, replies=replies,
-                                           show_progress=not as_json,
+                                           show_progress=True,
                                            on_conversation=journal.add if journal is not None else None)
         except BaseException as e:
             if journal is not None and len(journal):
@@ -242,7 +242,7 @@ def conversations_build(out_dir: Path, seed: int, n_train: int, n_valid: int, n_
     else:
         click.echo(f"warning: {data_dir} not found; no lyrics-theme intents", err=True)
     with Catalog.open(catalog_path or default_catalog_path()) as cat:
-        stats = build_conversations(cat, out_dir, seed=seed, lyrics=lyrics, show_progress=not as_json,
+        stats = build_conversations(cat, out_dir, seed=seed, lyrics=lyrics, show_progress=True,
                                     sizes={"train": n_train, "valid": n_valid, "test": n_test, "test_unseen": n_unseen})
     if as_json:
         click.echo(json.dumps(stats, indent=2))

@@ -30,7 +30,7 @@ def index_command(path: Path, catalog_path: Path | None, batch_size: int, thread
         click.echo(line, err=True)
 
     try:
-        summary = index_folder(path, catalog_path, progress=not as_json, threads=threads, batch_size=batch_size,
+        summary = index_folder(path, catalog_path, progress=True, threads=threads, batch_size=batch_size,
                                warn=warn)
     except IndexingError as e:
         raise UserError(str(e)) from e

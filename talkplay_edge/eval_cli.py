@@ -65,9 +65,14 @@ def eval_command(system: str, conv_path: Path, limit: int | None, skip: int, max
     with Catalog.open(catalog_path or default_catalog_path()) as cat:
         journal = None
         if ranks_path is not None:
+            model = None
+            if system == "model":  # the journal is only continued on the same GGUF
+                from .runtime import default_model
+
+                model = default_model()
             try:
-                journal = Journal.open(ranks_path, run_key(system, convs, skip, max_turn, seed, cat.fingerprint),
-                                       resume=resume)
+                journal = Journal.open(ranks_path, run_key(system, convs, skip, max_turn, seed, cat.fingerprint,
+                                                           model=model), resume=resume)
             except JournalError as e:
                 raise UserError(str(e)) from e
         pending = [(i, c) for i, c in enumerate(convs, skip) if journal is None or i not in journal.done]

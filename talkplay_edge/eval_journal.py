@@ -28,15 +28,23 @@ def journal_path(ranks_path) -> Path:
 
 
 def run_key(system: str, conversations: list[dict], first_index: int, max_turn: int | None, seed: int,
-            vocab_fingerprint: str) -> dict:
-    """What identifies a run: a journal is only resumed by a run with the same key."""
+            vocab_fingerprint: str, model: Path | None = None) -> dict:
+    """What identifies a run: a journal is only resumed by a run with the same key. ``model``: the GGUF file
+    a model system scores (its path, size and modification time are part of the key)."""
     digest = hashlib.sha256()
     for conv in conversations:
         digest.update(json.dumps(conv, sort_keys=True, ensure_ascii=False).encode("utf-8"))
         digest.update(b"\n")
     return {"format": JOURNAL_FORMAT, "system": system, "conversations": len(conversations),
             "first_index": first_index, "conversations_sha256": digest.hexdigest(), "max_turn": max_turn,
-            "seed": seed, "vocab_fingerprint": vocab_fingerprint}
+            "seed": seed, "vocab_fingerprint": vocab_fingerprint, "model": _file_identity(model)}
+
+
+def _file_identity(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    st = Path(path).stat()
+    return f"{Path(path).resolve()} ({st.st_size} bytes, modified {st.st_mtime_ns})"
 
 
 def _is_record(obj) -> bool:

@@ -78,3 +78,40 @@ def test_cli_eval_replies_on_the_tiny_model(runtime_gguf, tiny_catalog, tmp_path
     r = CliRunner().invoke(cli, ["eval", "--system", "hybrid", "--replies", "--conversations", str(tmp_path / "test.jsonl"),
                                  "--catalog", str(tiny_catalog)])
     assert r.exit_code == 1 and "--system model" in r.output
+
+
+def test_cli_eval_resume_is_refused_on_another_model(runtime_gguf, tiny_catalog, tmp_path, monkeypatch):
+    """The journal of a model run names its GGUF: a rebuilt or other model file does not continue it."""
+    import os
+    import shutil
+
+    from click.testing import CliRunner
+
+    from talkplay_edge.catalog import Catalog
+    from talkplay_edge.cli import cli
+    from talkplay_edge.conversations import build_conversations, read_conversations
+    from talkplay_edge.eval_journal import Journal, run_key
+
+    with Catalog.open(tiny_catalog) as cat:
+        build_conversations(cat, tmp_path, seed=3, sizes={"train": 1, "valid": 1, "test": 2, "test_unseen": 1},
+                            show_progress=False)
+        fingerprint = cat.fingerprint
+    path = tmp_path / "test.jsonl"
+    model = tmp_path / "m.gguf"
+    shutil.copy(runtime_gguf, model)
+    monkeypatch.setenv("TALKPLAY_MODEL", str(model))
+    ranks = tmp_path / "r.jsonl"
+    journal = Journal.open(ranks, run_key("model", read_conversations(path), 0, None, 0, fingerprint, model=model))
+    journal.add({"index": 0, "rows": [], "skipped_unknown_target": 0, "skipped_target_played": 0,
+                 "unknown_ids_returned": 0})
+    journal.close()
+    args = ["eval", "--system", "model", "--conversations", str(path), "--catalog", str(tiny_catalog), "--threads", "1",
+            "--ranks", str(ranks), "--resume", "--json"]
+    st = model.stat()
+    os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the model file was rebuilt
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 1 and "differs in model" in r.output, r.output
+    os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns))
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["extra"]["resumed_conversations"] == 1 and ranks.exists()

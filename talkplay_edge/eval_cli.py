@@ -49,7 +49,7 @@ def eval_command(system: str, conv_path: Path, limit: int | None, skip: int, max
     """
     from .catalog import Catalog
     from .conversations import ConversationFormatError, read_conversations
-    from .eval_journal import Journal, JournalError, run_key
+    from .eval_journal import Journal, JournalError, journal_path, run_key
     from .evaluate import UnknownSystemError, format_table, result_from_records, write_ranks
 
     if replies and system != "model":
@@ -76,8 +76,10 @@ def eval_command(system: str, conv_path: Path, limit: int | None, skip: int, max
             except JournalError as e:
                 raise UserError(str(e)) from e
         pending = [(i, c) for i, c in enumerate(convs, skip) if journal is None or i not in journal.done]
-        if journal is not None and journal.done and not as_json:
+        if journal is not None and journal.done:
             click.echo(f"resuming: {len(journal.done)} of {len(convs)} conversations are in {journal.path}", err=True)
+        elif resume:
+            click.echo(f"nothing to resume in {journal_path(ranks_path)}: scoring every conversation", err=True)
         try:
             result, chat, setup_s = _score(system, cat, [c for _, c in pending], [i for i, _ in pending], jobs,
                                            threads=threads, seed=seed, max_turn=max_turn, replies=replies,

@@ -466,6 +466,8 @@ def test_cli_eval_resume_errors(tiny_catalog, tmp_path):
     base = ["eval", "--system", "bm25", "--conversations", str(path), "--catalog", str(tiny_catalog)]
     r = CliRunner().invoke(cli, base + ["--resume"])
     assert r.exit_code == 1 and "--resume needs --ranks" in r.output
+    r = CliRunner().invoke(cli, base + ["--ranks", str(tmp_path / "fresh.jsonl"), "--resume"])
+    assert r.exit_code == 0 and "nothing to resume" in r.output and (tmp_path / "fresh.jsonl").exists()
     (tmp_path / "r.jsonl.partial").write_text('{"not": "a journal"}\n')
     r = CliRunner().invoke(cli, base + ["--ranks", str(tmp_path / "r.jsonl"), "--resume"])
     assert r.exit_code == 1 and "not a journal of `talkplay eval --ranks`" in r.output

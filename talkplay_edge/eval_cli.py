@@ -49,8 +49,8 @@ def eval_command(system: str, conv_path: Path, limit: int | None, skip: int, max
     """
     from .catalog import Catalog
     from .conversations import ConversationFormatError, read_conversations
-    from .eval_journal import Journal, JournalError, journal_path, run_key
-    from .evaluate import UnknownSystemError, format_table, result_from_records, write_ranks
+    from .eval_journal import Journal, JournalError, run_key
+    from .evaluate import UnknownSystemError, format_table, result_from_records, system_factory, write_ranks
 
     if replies and system != "model":
         raise UserError("--replies needs --system model (only the model writes replies)")
@@ -62,9 +62,17 @@ def eval_command(system: str, conv_path: Path, limit: int | None, skip: int, max
         convs = read_conversations(conv_path, limit=None if limit is None else skip + limit)[skip:]
     except ConversationFormatError as e:
         raise UserError(str(e)) from e
+    try:
+        system_factory(system)  # an unknown system is told before anything else
+    except UnknownSystemError as e:
+        raise UserError(str(e)) from e
+    # the journal (RANKS.partial): for a ranks file, not a pipe; not with --replies, whose figures it lacks
+    journalled = ranks_path is not None and not replies and (not ranks_path.exists() or ranks_path.is_file())
+    if resume and not journalled:
+        raise UserError(f"--resume needs --ranks to name a file ({ranks_path} is not one)")
     with Catalog.open(catalog_path or default_catalog_path()) as cat:
         journal = None
-        if ranks_path is not None:
+        if journalled:
             model = None
             if system == "model":  # the journal is only continued on the same GGUF
                 from .runtime import default_model
@@ -72,32 +80,32 @@ def eval_command(system: str, conv_path: Path, limit: int | None, skip: int, max
                 model = default_model()
             try:
                 journal = Journal.open(ranks_path, run_key(system, convs, skip, max_turn, seed, cat.fingerprint,
-                                                           model=model), resume=resume)
+                                                           catalog=cat.path, model=model), resume=resume)
             except JournalError as e:
                 raise UserError(str(e)) from e
         pending = [(i, c) for i, c in enumerate(convs, skip) if journal is None or i not in journal.done]
         if journal is not None and journal.done:
             click.echo(f"resuming: {len(journal.done)} of {len(convs)} conversations are in {journal.path}", err=True)
         elif resume:
-            click.echo(f"nothing to resume in {journal_path(ranks_path)}: scoring every conversation", err=True)
+            click.echo(f"nothing to resume in {journal.path}: scoring every conversation", err=True)
         try:
             result, chat, setup_s = _score(system, cat, [c for _, c in pending], [i for i, _ in pending], jobs,
                                            threads=threads, seed=seed, max_turn=max_turn, replies=replies,
                                            show_progress=True,
                                            on_conversation=journal.add if journal is not None else None)
-        except BaseException as e:
+        except BaseException:
             if journal is not None and len(journal):
                 journal.close()
                 click.echo(f"talkplay eval: {len(journal)} finished conversations are kept in {journal.path}; "
                            "run the same command with --resume to continue", err=True)
             elif journal is not None:
                 journal.finish()  # nothing in it worth keeping
-            if isinstance(e, UnknownSystemError):
-                raise UserError(str(e)) from e
             raise
         if journal is not None and journal.done:
-            result = result_from_records(result.system, list(journal.done.values()) + result.records,
-                                         runtime_s=result.runtime_s)
+            scored_now = result
+            result = result_from_records(scored_now.system, list(journal.done.values()) + scored_now.records,
+                                         runtime_s=scored_now.runtime_s)
+            result.timed_turns = scored_now.turns
         result.extra = {"conversations_file": str(conv_path), "catalog": str(cat.path), "setup_s": round(setup_s, 2),
                         "limit": limit, "skip": skip, "max_turn": max_turn, "jobs": min(jobs, max(len(pending), 1)),
                         "resumed_conversations": len(journal.done) if journal is not None else 0}
@@ -105,9 +113,12 @@ def eval_command(system: str, conv_path: Path, limit: int | None, skip: int, max
             try:
                 write_ranks(result.turn_ranks, ranks_path)
             except OSError as e:
-                raise UserError(f"--ranks {ranks_path}: cannot write ({e}); the scores are kept in "
-                                f"{journal.path}: --resume writes them") from e
-            journal.finish()
+                kept = f"; the scores are kept in {journal.path}: --resume writes them" if journal is not None else ""
+                if journal is not None:
+                    journal.close()
+                raise UserError(f"--ranks {ranks_path}: cannot write ({e}){kept}") from e
+            if journal is not None:
+                journal.finish()
     if as_json:
         click.echo(json.dumps({**result.to_dict(), **({"replies": chat.to_dict()} if chat else {})}, indent=2))
     else:

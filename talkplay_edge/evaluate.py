@@ -52,10 +52,11 @@ def register_recommender(name: str, factory: Callable | str) -> None:
 
 def get_recommender(name: str, catalog, threads: int = 2, **kw) -> Recommender:
     """A Recommender for a registered system name (see ``SYSTEMS``)."""
-    return _make_recommender(name, _factory(name), catalog, threads=threads, **kw)
+    return _make_recommender(name, system_factory(name), catalog, threads=threads, **kw)
 
 
-def _factory(name: str) -> Callable | str:
+def system_factory(name: str) -> Callable | str:
+    """The registered factory of a system name (``SYSTEMS``); ``UnknownSystemError`` for any other name."""
     factory = SYSTEMS.get(name)
     if factory is None:
         raise UnknownSystemError(f"unknown system {name!r} (known: {', '.join(sorted(SYSTEMS))})")
@@ -138,17 +139,21 @@ class EvalResult:
     skipped_target_played: int = 0  # turns whose targets were all played earlier (cannot be recommended)
     unknown_ids_returned: int = 0  # ids a system returned that the catalog does not hold (dropped)
     runtime_s: float = 0.0
+    timed_turns: int | None = None  # the turns scored in runtime_s, when fewer than turns (a resumed run)
     extra: dict = field(default_factory=dict)
     turn_ranks: list[dict] = field(default_factory=list)  # one row per scored turn (``write_ranks``)
     records: list[dict] = field(default_factory=list)  # one per conversation (``score_conversation``)
 
+    @property
+    def turns_per_s(self) -> float | None:
+        timed = self.turns if self.timed_turns is None else self.timed_turns
+        return timed / self.runtime_s if self.runtime_s and timed else None
+
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("turn_ranks")
-        d.pop("records")
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("turn_ranks", "records")}
         d["per_turn"] = {str(k): v for k, v in sorted(self.per_turn.items())}
         d["per_intent"] = dict(sorted(self.per_intent.items(), key=lambda kv: -kv[1]["turns"]))
-        d["turns_per_s"] = self.turns / self.runtime_s if self.runtime_s else None
+        d["turns_per_s"] = self.turns_per_s
         return d
 
 
@@ -176,9 +181,11 @@ def evaluate(recommender: Recommender, conversations: list[dict], catalog_ids: s
     t0 = time.perf_counter()
     if indices is None:
         indices = list(range(first_index, first_index + len(conversations)))
+    if len(indices) != len(conversations):
+        raise ValueError(f"{len(indices)} indices for {len(conversations)} conversations")
     records: list[dict] = []
     bar = progress(conversations, desc=f"eval {recommender.name}", unit="conv") if show_progress else conversations
-    for index, conv in zip(indices, bar):
+    for conv, index in zip(bar, indices):
         records.append(score_conversation(recommender, conv, index, catalog_ids, n=n, max_turn=max_turn))
         if on_conversation is not None:
             on_conversation(records[-1])
@@ -246,12 +253,20 @@ def result_from_rows(system: str, conversations: int, rows: list[dict], **counts
                       per_intent={k: summarise(v) for k, v in by_intent.items()}, turn_ranks=rows, **counts)
 
 
+def _timing(result: EvalResult) -> str:
+    if not result.turns_per_s:
+        return ""
+    if result.timed_turns is not None and result.timed_turns != result.turns:
+        return f" ({result.timed_turns} scored now, in {result.runtime_s:.1f} s: {result.turns_per_s:.1f} turns/s)"
+    return f" in {result.runtime_s:.1f} s ({result.turns_per_s:.1f} turns/s)"
+
+
 def format_table(result: EvalResult, per_intent: bool = False, title: str | None = None) -> str:
     """The human-readable report: one row per turn index, the overall row; optionally one row per intent.
     ``title``: what the first line calls the run (default "system NAME")."""
     o = result.overall
     lines = [f"{title or 'system ' + result.system}: {result.conversations} conversations, {result.turns} scored turns"
-             + (f" in {result.runtime_s:.1f} s ({result.turns / result.runtime_s:.1f} turns/s)" if result.runtime_s else "")]
+             + _timing(result)]
     if result.skipped_unknown_target or result.skipped_target_played:
         lines.append(f"skipped turns: {result.skipped_unknown_target} with targets not in the catalog, "
                      f"{result.skipped_target_played} with targets already played")
@@ -585,7 +600,7 @@ def evaluate_in_processes(system: str, catalog_path, conversations: list[dict], 
     import pickle
     import queue as queue_mod
 
-    factory = _factory(system)
+    factory = system_factory(system)
     try:
         pickle.dumps(factory)
     except Exception as e:  # noqa: BLE001
@@ -618,13 +633,16 @@ def evaluate_in_processes(system: str, catalog_path, conversations: list[dict], 
                         p.get()  # raises the job's EvalJobError
             outs = [p.get() for p in pending]
     finally:
-        while True:  # records still on their way (e.g. when a job failed): to the journal too
+        while on_conversation is not None:  # records still on their way (e.g. when a job failed): to the journal
             try:
                 msg = ticks.get(timeout=0.05)
             except (queue_mod.Empty, OSError, ValueError):
                 break
-            if isinstance(msg, dict) and on_conversation is not None:
-                on_conversation(msg)
+            if isinstance(msg, dict):
+                try:
+                    on_conversation(msg)
+                except Exception:  # noqa: BLE001 — e.g. a full disk: the error on its way matters more
+                    break
         if bar is not None:
             bar.close()
     parts = [o["result"] for o in outs]

@@ -101,7 +101,8 @@ def test_cli_eval_resume_is_refused_on_another_model(runtime_gguf, tiny_catalog,
     shutil.copy(runtime_gguf, model)
     monkeypatch.setenv("TALKPLAY_MODEL", str(model))
     ranks = tmp_path / "r.jsonl"
-    journal = Journal.open(ranks, run_key("model", read_conversations(path), 0, None, 0, fingerprint, model=model))
+    key = run_key("model", read_conversations(path), 0, None, 0, fingerprint, catalog=tiny_catalog, model=model)
+    journal = Journal.open(ranks, key)
     journal.add({"index": 0, "rows": [], "skipped_unknown_target": 0, "skipped_target_played": 0,
                  "unknown_ids_returned": 0})
     journal.close()

@@ -413,6 +413,11 @@ def test_cli_eval_resume_continues_a_stopped_run(tiny_catalog, tmp_path, monkeyp
         build_conversations(cat, tmp_path, seed=5, sizes={"train": 1, "valid": 1, "test": 8, "test_unseen": 1},
                             show_progress=False)
     convs = tmp_path / "test.jsonl"
+    lines = convs.read_text().splitlines()
+    odd = json.loads(lines[3])
+    odd["id"] = "line\u2028separator"  # a character str.splitlines() breaks on: a journal line must not
+    lines[3] = json.dumps(odd, ensure_ascii=False)
+    convs.write_text("\n".join(lines) + "\n", encoding="utf-8")
     (tmp_path / "flakyrec.py").write_text(FLAKY)
     monkeypatch.syspath_prepend(str(tmp_path))
     register_recommender("flaky", "flakyrec:Flaky")
@@ -449,6 +454,7 @@ def test_cli_eval_resume_continues_a_stopped_run(tiny_catalog, tmp_path, monkeyp
         assert r.exit_code == 0, r.output
         resumed = json.loads(r.stdout)
         assert resumed["extra"]["resumed_conversations"] == len(done)
+        assert resumed["timed_turns"] == whole["turns"] - sum(len(rec["rows"]) for rec in done.values())
         for key in ("conversations", "turns", "overall", "per_turn", "per_intent", "skipped_unknown_target",
                     "skipped_target_played"):
             assert resumed[key] == whole[key], key
@@ -468,9 +474,42 @@ def test_cli_eval_resume_errors(tiny_catalog, tmp_path):
     assert r.exit_code == 1 and "--resume needs --ranks" in r.output
     r = CliRunner().invoke(cli, base + ["--ranks", str(tmp_path / "fresh.jsonl"), "--resume"])
     assert r.exit_code == 0 and "nothing to resume" in r.output and (tmp_path / "fresh.jsonl").exists()
+    r = CliRunner().invoke(cli, base + ["--ranks", "/dev/null", "--resume"])  # not a file: no journal there
+    assert r.exit_code == 1 and "needs --ranks to name a file" in r.output
+    r = CliRunner().invoke(cli, ["eval", "--system", "nope", "--conversations", str(path), "--catalog",
+                                 str(tiny_catalog), "--skip", "5"])  # nothing to score, still a wrong name
+    assert r.exit_code == 1 and "unknown system 'nope'" in r.output
     (tmp_path / "r.jsonl.partial").write_text('{"not": "a journal"}\n')
     r = CliRunner().invoke(cli, base + ["--ranks", str(tmp_path / "r.jsonl"), "--resume"])
     assert r.exit_code == 1 and "not a journal of `talkplay eval --ranks`" in r.output
     r = CliRunner().invoke(cli, ["eval", "--system", "nope", "--conversations", str(path), "--catalog",
                                  str(tiny_catalog), "--ranks", str(tmp_path / "n.jsonl")])
     assert r.exit_code == 1 and not (tmp_path / "n.jsonl.partial").exists()  # nothing scored: no journal left
+
+
+def test_journal_is_one_run_s_at_a_time_and_keeps_what_is_intact(tmp_path):
+    import sys
+
+    from talkplay_edge.eval_journal import Journal, JournalError, journal_path, read_journal, run_key
+
+    key = run_key("bm25", [{"id": "a", "turns": []}, {"id": "b", "turns": []}], 0, None, 0, "fp")
+    rec = {"index": 0, "rows": [{"conversation": "a", "turn": 1, "intent": None, "rank": 3}],
+           "skipped_unknown_target": 0, "skipped_target_played": 0, "unknown_ids_returned": 0}
+    j = Journal.open(tmp_path / "r.jsonl", key)
+    j.add(rec)
+    if sys.platform != "win32":
+        with pytest.raises(JournalError, match="another `talkplay eval` is writing"):
+            Journal.open(tmp_path / "r.jsonl", key, resume=True)
+    j.close()
+    path = journal_path(tmp_path / "r.jsonl")
+    with path.open("ab") as f:
+        f.write(b'{"index": 1, "rows": [')  # killed mid-line
+    j = Journal.open(tmp_path / "r.jsonl", key, resume=True)
+    assert list(j.done) == [0]
+    j.add({**rec, "index": 1, "rows": []})
+    j.close()
+    assert sorted(read_journal(path)[1]) == [0, 1]  # the cut line is gone, the next record on a line of its own
+    with path.open("ab") as f:
+        f.write(b'{"index": 1}\n')
+    with pytest.raises(JournalError, match="line 4: not a conversation record"):
+        read_journal(path)

@@ -291,10 +291,15 @@ def format_table(result: EvalResult, per_intent: bool = False, title: str | None
 
 # -- per-turn ranks: paired comparison of two runs ---------------------------------------------------------
 def write_ranks(rows: list[dict], path) -> None:
-    """One JSON line per scored turn: conversation id, turn index, intent, first-hit rank (null: not in top 100)."""
-    with Path(path).open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    """One JSON line per scored turn: conversation id, turn index, intent, first-hit rank (null: not in top 100).
+    A path ending in .gz is gzip-compressed (reproducibly: no timestamp)."""
+    text = "".join(json.dumps(row) + "\n" for row in rows).encode("utf-8")
+    if str(path).endswith(".gz"):
+        import gzip
+
+        text = gzip.compress(text, mtime=0)
+    with Path(path).open("wb") as f:
+        f.write(text)
 
 
 class RanksFormatError(ValueError):
@@ -302,11 +307,17 @@ class RanksFormatError(ValueError):
 
 
 def read_ranks(path) -> list[dict]:
-    """The rows ``write_ranks`` wrote (``talkplay eval --ranks``); a clear error for anything else."""
+    """The rows ``write_ranks`` wrote (``talkplay eval --ranks``, .gz too); a clear error for anything else."""
+    import gzip
+    import zlib
+
     rows = []
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
+        data = Path(path).read_bytes()
+        if data[:2] == b"\x1f\x8b":
+            data = gzip.decompress(data)
+        lines = data.decode("utf-8").splitlines()
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:
         raise RanksFormatError(f"{path}: cannot read ({e})") from e
     for n, line in enumerate(lines, 1):
         if not line.strip():

@@ -204,6 +204,14 @@ def test_ranks_file_round_trip_and_errors(tmp_path):
     rows = _rows([3, None], ["genre", "mood"])
     write_ranks(rows, tmp_path / "r.jsonl")
     assert read_ranks(tmp_path / "r.jsonl") == rows
+    write_ranks(rows, tmp_path / "r.jsonl.gz")  # compressed, byte for byte the same each time
+    assert read_ranks(tmp_path / "r.jsonl.gz") == rows and (tmp_path / "r.jsonl.gz").read_bytes()[:2] == b"\x1f\x8b"
+    first = (tmp_path / "r.jsonl.gz").read_bytes()
+    write_ranks(rows, tmp_path / "r.jsonl.gz")
+    assert (tmp_path / "r.jsonl.gz").read_bytes() == first
+    (tmp_path / "cut.jsonl.gz").write_bytes(first[:-12])
+    with pytest.raises(RanksFormatError, match="cut.jsonl.gz: cannot read"):
+        read_ranks(tmp_path / "cut.jsonl.gz")
     (tmp_path / "bad.jsonl").write_text('{"conversation": "c", "turn": 1, "rank": 0}\n')
     with pytest.raises(RanksFormatError, match="line 1"):
         read_ranks(tmp_path / "bad.jsonl")

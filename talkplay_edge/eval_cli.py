@@ -70,14 +70,14 @@ def eval_command(system: str, conv_path: Path, limit: int | None, skip: int, max
     journalled = ranks_path is not None and not replies and (not ranks_path.exists() or ranks_path.is_file())
     if resume and not journalled:
         raise UserError(f"--resume needs --ranks to name a file ({ranks_path} is not one)")
+    model = None
+    if system == "model" and (journalled or jobs > 1):  # built once, here: the journal names it, jobs share it
+        from .runtime import default_model
+
+        model = default_model()
     with Catalog.open(catalog_path or default_catalog_path()) as cat:
         journal = None
         if journalled:
-            model = None
-            if system == "model":  # the journal is only continued on the same GGUF
-                from .runtime import default_model
-
-                model = default_model()
             try:
                 journal = Journal.open(ranks_path, run_key(system, convs, skip, max_turn, seed, cat.fingerprint,
                                                            catalog=cat.path, model=model), resume=resume)
@@ -137,11 +137,7 @@ def _score(system: str, cat, convs: list[dict], indices: list[int], jobs: int, t
 
     if not convs:  # e.g. a resumed run whose journal already holds every conversation
         return result_from_records(system, []), None, 0.0
-    if jobs > 1 and len(convs) > 1:
-        if system == "model":  # build the default model once, here, not in every process
-            from .runtime import default_model
-
-            default_model()
+    if jobs > 1 and len(convs) > 1:  # (a model system: built by the caller)
         return evaluate_in_processes(system, cat.path, convs, jobs, threads=threads, max_turn=max_turn,
                                      replies=replies, indices=indices, show_progress=show_progress, seed=seed,
                                      on_conversation=on_conversation)

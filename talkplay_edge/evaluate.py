@@ -171,16 +171,16 @@ def iter_turns(conversation: dict):
 
 
 def evaluate(recommender: Recommender, conversations: list[dict], catalog_ids: set[str], n: int = N_RANKED,
-             show_progress: bool = False, max_turn: int | None = None, first_index: int = 0,
+             show_progress: bool = False, max_turn: int | None = None,
              on_conversation: Callable[[dict], None] | None = None, indices: list[int] | None = None) -> EvalResult:
     """Score ``recommender`` on every assistant turn of ``conversations`` (see the module docstring), or on
     those up to ``max_turn`` (1: the first turns only). ``indices``: each conversation's index in its file
-    (default ``first_index``, ``first_index`` + 1, …); it names a conversation without an ``id``.
+    (default 0, 1, …); it names a conversation without an ``id``.
     ``on_conversation(record)`` is called after each one with its ``score_conversation`` record (progress,
     the journal of `talkplay eval --ranks`)."""
     t0 = time.perf_counter()
     if indices is None:
-        indices = list(range(first_index, first_index + len(conversations)))
+        indices = list(range(len(conversations)))
     if len(indices) != len(conversations):
         raise ValueError(f"{len(indices)} indices for {len(conversations)} conversations")
     records: list[dict] = []
@@ -553,16 +553,10 @@ def _end_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _send_record(record: dict) -> None:
-    _ticks.put(record)
-
-
-def _tick() -> None:
-    _ticks.put(1)
-
-
 def _job(job: dict) -> dict:
     """One process's share: its own catalog connection and recommender, one run of contiguous conversations."""
+    import functools
+
     from .catalog import Catalog
 
     try:
@@ -570,10 +564,11 @@ def _job(job: dict) -> dict:
         with Catalog.open(job["catalog"]) as cat:
             rec = _make_recommender(job["system"], job["factory"], cat, threads=job["threads"], **job["kw"])
             setup_s = time.perf_counter() - t0
-            send = _ticks is not None
+            put = _ticks.put if _ticks is not None else None  # to the parent: each record, a 1 per chat
             result = evaluate(rec, job["conversations"], set(cat.track_ids()), max_turn=job["max_turn"],
-                              indices=job["indices"], on_conversation=_send_record if send else None)
-            chat = (evaluate_replies(rec.tp, job["conversations"], on_conversation=_tick if send else None)
+                              indices=job["indices"], on_conversation=put)
+            chat = (evaluate_replies(rec.tp, job["conversations"],
+                                     on_conversation=functools.partial(put, 1) if put else None)
                     if job["replies"] else None)
     except Exception as e:  # noqa: BLE001 — sent back to the parent as one picklable, readable error
         why = str(e) if type(e).__module__.startswith("talkplay_edge.") else f"{type(e).__name__}: {e}"
@@ -595,7 +590,7 @@ def split_evenly(items: list, parts: int) -> list[tuple[int, list]]:
 
 
 def evaluate_in_processes(system: str, catalog_path, conversations: list[dict], jobs: int, threads: int = 1,
-                          max_turn: int | None = None, replies: bool = False, first_index: int = 0,
+                          max_turn: int | None = None, replies: bool = False,
                           show_progress: bool = False, indices: list[int] | None = None,
                           on_conversation: Callable[[dict], None] | None = None,
                           **kw) -> tuple[EvalResult, ReplyResult | None, float]:
@@ -618,7 +613,7 @@ def evaluate_in_processes(system: str, catalog_path, conversations: list[dict], 
         raise EvalJobError(f"system {system!r} was registered as an object other processes cannot load ({e}); "
                            "register it as a 'module:attribute' string, or run with one job") from None
     if indices is None:
-        indices = list(range(first_index, first_index + len(conversations)))
+        indices = list(range(len(conversations)))
     runs = split_evenly(list(zip(indices, conversations)), jobs)
     todo = [{"job": i + 1, "jobs": len(runs), "system": system, "factory": factory, "catalog": str(catalog_path),
              "threads": threads, "kw": kw, "conversations": [c for _, c in run], "indices": [i for i, _ in run],

@@ -1,23 +1,28 @@
 """Train the ask head (``talkplay_edge/asks.py``): which step a user message asks of the next track.
 
     python -m export.asks --write [--conversations conversations/train.jsonl] [--limit 20000]
-                          [--held_out FILE ...] [--l2 0.0003] [--word_weight 0.5]
+                          [--held_out FILE ...] [--l2 0.0001] [--word_weight 1] [--cue_weight 2] [--cv 5]
                           [--out talkplay_edge/models/ask_head.npz] [--json]
 
 Every user turn of the training conversations is a (message, intent) pair (``meta.intents``, one per user
 turn); intents that ask for a step map to the head's kinds (``asks.KINDS``: "Too slow for me" asks
 "faster", "nah, not feeling that" another artist), the rest to "none". The distinct messages are embedded
-once with the packaged MiniLM (~30 s on 2 cores for ~11k) and a softmax regression on the embedding and
-the message's words (those of at least 2 distinct messages, at ``--word_weight``) is fitted by L-BFGS,
-each distinct message counting once, with an L2 penalty: strong enough that the head stays unsure (and silent) on phrasings far from the ones it
-saw, rather than confidently wrong. Held-out files (default: valid and, where present, test_unseen, whose
-phrasings the training never uses) report accuracy and, for the turns where the head speaks, how often it
-is right.
+once with the packaged MiniLM (~30 s on 2 cores for ~11k) and a softmax regression on the embedding, the
+message's words (those of at least 2 distinct messages, at ``--word_weight``) and its cues (``asks.CUES``,
+at ``--cue_weight``) is fitted by L-BFGS, each distinct message counting once, with an L2 penalty.
+Held-out files (default: valid and, where present, test_unseen, whose phrasings the training never uses)
+report accuracy and, for the turns where the head speaks, how often it is right.
+
+The settings are chosen by ``--cv K``: leave-phrasings-out cross-validation on the training conversations
+(``cross_validate``), which asks the question test_unseen asks (does the head read phrasings it never saw?)
+without reading test_unseen. ``--changed_from OLD_HEAD --changed_in FILE...`` lists the turns whose reading
+the new head changes: only their ranks can change, so `talkplay eval --only-turns` re-scores just those.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -25,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from talkplay_edge.asks import ASKS, HEAD_FILE, KINDS, NONE, OTHER_ARTIST, SAME_ARTIST, AskHead, words_of
+from talkplay_edge.asks import (ASKS, HEAD_FILE, KINDS, NONE, OTHER_ARTIST, SAME_ARTIST, AskHead, cues_of,
+                                words_of)
 
 # the conversations' intents (``conversations.py``) that ask for a step, by the kind they ask
 INTENT_KIND = {**{k: k for k in ASKS}, "neg_too_slow": "faster", "neg_too_fast": "slower",
@@ -33,34 +39,100 @@ INTENT_KIND = {**{k: k for k in ASKS}, "neg_too_slow": "faster", "neg_too_fast":
                "other_artist": OTHER_ARTIST, "negative": OTHER_ARTIST, "same_artist": SAME_ARTIST}
 
 
-def labelled_messages(conversations) -> list[tuple[str, str]]:
-    """(user message, kind) of every user turn whose conversation lists its intents."""
+def labelled_turns(conversations) -> list[tuple[str, str, str]]:
+    """(user message, kind, pattern id or "") of every user turn whose conversation lists its intents."""
     out = []
     for c in conversations:
-        intents = (c.get("meta") or {}).get("intents")
+        meta = c.get("meta") or {}
+        intents = meta.get("intents")
         if not isinstance(intents, list):
             continue
+        patterns = meta.get("patterns") if isinstance(meta.get("patterns"), list) else [""] * len(intents)
         users = [t["content"] for t in c["turns"] if t["role"] == "user"]
-        out += [(u, INTENT_KIND.get(i, NONE)) for u, i in zip(users, intents)]
+        out += [(u, INTENT_KIND.get(i, NONE), str(p)) for u, i, p in zip(users, intents, patterns)]
+    return out
+
+
+def labelled_messages(conversations) -> list[tuple[str, str]]:
+    """(user message, kind) of every user turn whose conversation lists its intents."""
+    return [(u, k) for u, k, _ in labelled_turns(conversations)]
+
+
+def pattern_folds(patterns, k: int) -> dict[str, int]:
+    """Pattern id -> fold in 0..k-1, about 1/k of each intent's patterns per fold; an intent with a single
+    pattern is never held out (-1). Deterministic from the ids."""
+    by_intent: dict[str, set[str]] = {}
+    for p in patterns:
+        by_intent.setdefault(p.split(":")[0], set()).add(p)
+    folds = {}
+    for intent, ps in by_intent.items():
+        ranked = sorted(ps, key=lambda p: hashlib.sha256(f"cv:{p}".encode()).hexdigest())
+        offset = int(hashlib.sha256(intent.encode()).hexdigest(), 16) % k
+        for r, p in enumerate(ranked):
+            folds[p] = (r + offset) % k if len(ranked) >= 2 else -1
+    return folds
+
+
+def cross_validate(turns: list[tuple[str, str, str]], embed, k: int = 5, threshold: float = 0.5,
+                   **fit_args) -> dict:
+    """Leave-phrasings-out cross-validation on training turns (message, kind, pattern id): each fold's
+    head is fitted without that fold's patterns and scored on the turns only they produce, as
+    ``test_unseen`` scores phrasings the training never saw; but choosing settings this way never reads
+    ``test_unseen``. ``embed(messages)`` gives their embeddings. Pooled over the folds: the asking turns, how
+    many the head reads right (``coverage``: their share), how often it speaks on a turn that asks nothing,
+    and ``precision`` (right of all the turns it speaks on)."""
+    if not turns or not all(p for _, _, p in turns):
+        raise ValueError("cross-validation needs every turn's pattern id (meta.patterns)")
+    distinct = sorted({(m, kind) for m, kind, _ in turns})
+    row = {pair: i for i, pair in enumerate(distinct)}
+    X = embed([m for m, _ in distinct])
+    folds = pattern_folds([p for _, _, p in turns], k)
+    out = {"folds": k, "asking_turns": 0, "right": 0, "speaks_on_asking": 0, "none_turns": 0,
+           "speaks_on_none": 0}
+    for f in range(k):
+        train = sorted({row[(m, kind)] for m, kind, p in turns if folds[p] != f})
+        kept = set(train)
+        held = [(m, kind) for m, kind, p in turns if folds[p] == f and row[(m, kind)] not in kept]
+        if not held:
+            continue
+        head = fit_head(X[train], [distinct[i][1] for i in train], messages=[distinct[i][0] for i in train],
+                        **fit_args)
+        P = head.probabilities(X[[row[h] for h in held]], [m for m, _ in held])
+        pred = np.array(head.kinds)[P.argmax(1)]
+        speaks = (pred != NONE) & (P.max(1) >= threshold)
+        truth = np.array([kind for _, kind in held])
+        asking = truth != NONE
+        out["asking_turns"] += int(asking.sum())
+        out["right"] += int((speaks & (pred == truth)).sum())
+        out["speaks_on_asking"] += int((speaks & asking).sum())
+        out["none_turns"] += int((~asking).sum())
+        out["speaks_on_none"] += int((speaks & ~asking).sum())
+    out["coverage"] = round(out["right"] / max(out["asking_turns"], 1), 4)
+    out["precision"] = round(out["right"] / max(out["speaks_on_asking"] + out["speaks_on_none"], 1), 4)
     return out
 
 
 def fit_head(embeddings: np.ndarray, kinds: list[str], l2: float = 3e-4, scale: float = 10.0,
              weights: np.ndarray | None = None, encoder: str = "", encoder_version: str = "",
-             messages: list[str] | None = None, word_weight: float = 0.5, min_messages: int = 2) -> AskHead:
+             messages: list[str] | None = None, word_weight: float = 0.5, min_messages: int = 2,
+             cue_weight: float = 0.0) -> AskHead:
     """Softmax regression of ``kinds`` on ``embeddings`` (rows weighted by ``weights``, e.g. counts); with
-    ``messages``, on their words too (those in at least ``min_messages`` of them, at ``word_weight``)."""
+    ``messages``, on their words too (those in at least ``min_messages`` of them, at ``word_weight``) and
+    their cues (``asks.cues_of``, likewise, at ``cue_weight``)."""
     import torch
 
-    words: tuple[str, ...] = ()
-    if messages is not None and word_weight:
+    def seen(read, weight) -> tuple[str, ...]:
+        if messages is None or not weight:
+            return ()
         df: dict[str, int] = {}
         for m in messages:
-            for w in words_of(m):
+            for w in read(m):
                 df[w] = df.get(w, 0) + 1
-        words = tuple(sorted(w for w, c in df.items() if c >= min_messages))
-    shell = AskHead(np.zeros((np.shape(embeddings)[1] + len(words), len(KINDS))), np.zeros(len(KINDS)), KINDS,
-                    scale, words=words, word_weight=word_weight)
+        return tuple(sorted(w for w, c in df.items() if c >= min_messages))
+
+    words, cues = seen(words_of, word_weight), seen(cues_of, cue_weight)
+    shell = AskHead(np.zeros((np.shape(embeddings)[1] + len(words) + len(cues), len(KINDS))), np.zeros(len(KINDS)),
+                    KINDS, scale, words=words, word_weight=word_weight, cues=cues, cue_weight=cue_weight)
     X = torch.tensor(shell.features(embeddings, messages))
     y = torch.tensor([KINDS.index(k) for k in kinds])
     w = torch.tensor(np.ones(len(kinds)) if weights is None else np.asarray(weights, dtype=np.float64),
@@ -79,7 +151,31 @@ def fit_head(embeddings: np.ndarray, kinds: list[str], l2: float = 3e-4, scale: 
 
     opt.step(closure)
     return AskHead(W.detach().numpy(), b.detach().numpy(), KINDS, scale, encoder, encoder_version, words,
-                   word_weight)
+                   word_weight, cues, cue_weight)
+
+
+def changed_turns(old: AskHead, new: AskHead, conversations, embed, threshold: float = 0.5) -> list[dict]:
+    """The turns whose step ``new`` reads otherwise than ``old``: {"conversation", "turn", "intent", "was",
+    "now"} for each user message after the first (a first turn has no track to step from, so its reading
+    is not used). Only these turns' ranks can change when a head replaces another: list them for
+    `talkplay eval --only-turns`."""
+    rows = []
+    for index, conv in enumerate(conversations):
+        intents = (conv.get("meta") or {}).get("intents") or []
+        users = [t["content"] for t in conv["turns"] if t["role"] == "user"]
+        rows += [{"conversation": str(conv.get("id", index)), "turn": n, "message": m,
+                  "intent": intents[n - 1] if n <= len(intents) else None} for n, m in enumerate(users, 1) if n > 1]
+    if not rows:
+        return []
+    X = embed([r["message"] for r in rows])
+
+    def read(head: AskHead) -> np.ndarray:
+        P = head.probabilities(X, [r["message"] for r in rows])
+        return np.where(P.max(1) >= threshold, np.array(head.kinds)[P.argmax(1)], NONE)
+
+    was, now = read(old), read(new)
+    return [{**{k: r[k] for k in ("conversation", "turn", "intent")}, "was": str(a), "now": str(b)}
+            for r, a, b in zip(rows, was, now) if a != b]
 
 
 def score(head: AskHead, embeddings: np.ndarray, kinds: list[str], threshold: float = 0.5,
@@ -102,10 +198,20 @@ def main(argv=None) -> int:
                    help="the file's first N conversations (the default build's size; 0: all)")
     p.add_argument("--held_out", nargs="*", default=None,
                    help="files to report on (default: valid.jsonl and test_unseen.jsonl beside --conversations)")
-    p.add_argument("--l2", type=float, default=3e-4)
-    p.add_argument("--word_weight", type=float, default=0.5,
+    p.add_argument("--l2", type=float, default=1e-4)
+    p.add_argument("--word_weight", type=float, default=1.0,
                    help="weight of the word features beside the embedding (0: embedding only)")
+    p.add_argument("--cue_weight", type=float, default=2.0,
+                   help="weight of the cue features (asks.CUES; 0: none)")
+    p.add_argument("--cv", type=int, default=0, metavar="K",
+                   help="also report K-fold leave-phrasings-out cross-validation on --conversations (how "
+                        "settings are chosen: it never reads test_unseen)")
     p.add_argument("--threshold", type=float, default=0.5, help="the runtime's (asks.Asks) for the report")
+    p.add_argument("--changed_from", metavar="OLD_HEAD", default=None,
+                   help="list the turns of --changed_in whose step this head reads otherwise than OLD_HEAD")
+    p.add_argument("--changed_in", nargs="*", default=[], metavar="FILE", help="conversations files for --changed_from")
+    p.add_argument("--changed_out", default="changed_turns.jsonl",
+                   help="where --changed_from writes them (JSON lines: `talkplay eval --only-turns` reads it)")
     p.add_argument("--out", default=str(HEAD_FILE))
     p.add_argument("--write", action="store_true", help="write the head to --out (else only report)")
     p.add_argument("--json", action="store_true")
@@ -115,7 +221,8 @@ def main(argv=None) -> int:
     from talkplay_edge.text_encoder import TextEncoder
 
     t = time.time()
-    pairs = labelled_messages(read_conversations(args.conversations, args.limit or None))
+    turns = labelled_turns(read_conversations(args.conversations, args.limit or None))
+    pairs = [(m, k) for m, k, _ in turns]
     if not pairs:
         raise SystemExit(f"{args.conversations}: no user turns with intents (meta.intents) to learn from")
     counts: dict[tuple[str, str], int] = {}
@@ -126,11 +233,16 @@ def main(argv=None) -> int:
     # each distinct phrasing counts once: weighting by how often a template recurs makes the head sure of
     # itself on phrasings it never saw (held-out: right in 54% of the turns it speaks on, against 72%)
     messages = [m for m, _ in counts]
-    head = fit_head(X, [k for _, k in counts], args.l2, encoder=encoder.name, encoder_version=encoder.version,
-                    messages=messages, word_weight=args.word_weight)
-    report = {"conversations": args.conversations, "limit": args.limit, "turns": len(pairs), "distinct": len(counts), "l2": args.l2,
-              "word_weight": args.word_weight, "words": len(head.words), "threshold": args.threshold,
-              "train": score(head, X, [k for _, k in counts], args.threshold, messages)}
+    fit_args = {"l2": args.l2, "word_weight": args.word_weight, "cue_weight": args.cue_weight}
+    head = fit_head(X, [k for _, k in counts], encoder=encoder.name, encoder_version=encoder.version,
+                    messages=messages, **fit_args)
+    report = {"conversations": args.conversations, "limit": args.limit, "turns": len(pairs),
+              "distinct": len(counts), **fit_args, "words": len(head.words), "cues": len(head.cues),
+              "threshold": args.threshold, "train": score(head, X, [k for _, k in counts], args.threshold, messages)}
+    if args.cv:
+        row = {m: i for i, m in enumerate(messages)}
+        report["cv"] = cross_validate(turns, lambda ms: X[[row[m] for m in ms]], args.cv, args.threshold,
+                                      **fit_args)
     held = args.held_out
     if held is None:
         d = Path(args.conversations).parent
@@ -140,6 +252,16 @@ def main(argv=None) -> int:
         if pairs_f:
             ms = [m for m, _ in pairs_f]
             report[Path(f).stem] = score(head, encoder.encode(ms), [k for _, k in pairs_f], args.threshold, ms)
+    if args.changed_from:
+        old = AskHead.load(args.changed_from)
+        changed = []
+        for f in args.changed_in:
+            rows = changed_turns(old, head, read_conversations(f), encoder.encode, args.threshold)
+            report[f"changed in {Path(f).stem}"] = len(rows)
+            changed += rows
+        with open(args.changed_out, "w", encoding="utf-8") as out:
+            out.writelines(json.dumps(r) + "\n" for r in changed)
+        report["changed_out"] = args.changed_out
     if args.write:
         head.save(args.out)
         report["written"] = args.out

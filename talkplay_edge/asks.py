@@ -13,11 +13,14 @@ model trained on few conversations still moves the way the listener asked.
     moods_of(msg)    the moods a message names ("mellow", "upbeat", "danceable"...: ``conversations.MOODS``,
                      each a threshold on one audio feature: "mellow" is energy <= 0.45)
     genres_in(msg, names)  the catalog genres a message names, longest first ("latin hip hop", not "latin")
-    AskHead          a linear classifier over the MiniLM sentence embedding of the user's latest message
-                     and its words -> the kind of step it asks for (or "none"); trained by ``python -m
-                     export.asks`` on the training conversations' intents, shipped as ``models/ask_head.npz``
-                     (~50 KB). The words matter: MiniLM puts "something older" and "something newer" close
-                     together, a word ("older") tells them apart.
+    cues_of(msg)     the cue features of a message (``CUES``: everyday words for each direction, so
+                     "quicker", "speed it up" and "pick up the pace" read alike; "too quick" is its own cue)
+    AskHead          a linear classifier over the MiniLM sentence embedding of the user's latest message,
+                     its words and its cues -> the kind of step it asks for (or "none"); trained by ``python
+                     -m export.asks`` on the training conversations' intents, shipped as
+                     ``models/ask_head.npz`` (~110 KB). The words matter: MiniLM puts "something older" and
+                     "something newer" close together, a word ("older") tells them apart; the cues carry a
+                     step to phrasings whose words the training never used.
     Asks             the catalog's attributes + the head: ``asked_tracks(history)`` -> track indices, or None
 
 A genre the latest message names is its own mark (``calibration.GENRE``, ``Asks.genre_tracks``): the
@@ -32,6 +35,8 @@ the tracks the listener wanted, a missed one only leaves the model on its own.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import sys
 from pathlib import Path
@@ -137,45 +142,125 @@ def words_of(message: str) -> set[str]:
     return set(_WORD.findall((message or "").lower()))
 
 
+# Cue words: everyday words and phrases for each direction a step can take, written from plain English (their
+# author had read training phrasings, never test_unseen's). The head's words only know the words of the phrasings it was trained on; a
+# cue maps "quicker", "speed it up" and "pick up the pace" to one feature (``cue:fast``), so a phrasing it
+# never saw still reads as a step when it says it in other words. A cue after "too" ("too quick for me")
+# or after "less" / "not as" ("less intense") is its own feature (``cue:too_fast``, ``cue:less_energetic``):
+# the head learns from its training phrasings which way those point.
+CUES: dict[str, str] = {
+    "fast": "fast faster quick quicker speedy speedier rapid brisk uptempo fast-paced pacey | speed up | "
+            "speed it up | speed things up | pick up the pace | pick it up | up the tempo | higher tempo | "
+            "faster tempo | more bpm | higher bpm",
+    "slow": "slow slower sluggish leisurely unhurried downtempo draggy slow-paced | slow down | slow it down | "
+            "slow things down | lower tempo | lower the tempo | slower tempo | less bpm | lower bpm | "
+            "bring the tempo down | take it slow | ease off",
+    "energetic": "energetic energy intense intensity hype hyped pumped louder harder heavier powerful punchy "
+                 "lively livelier wilder rowdy amped fierce aggressive banger bangers | turn it up | kick it up",
+    "calm": "mellow mellower calm calmer chill chiller relaxed relaxing gentle gentler soft softer quiet quieter "
+            "low-key lowkey sleepy laid-back laidback soothing peaceful tranquil subdued | laid back | "
+            "tone it down | wind down | take it easy",
+    "happy": "happy happier cheerful cheery sunny sunnier upbeat joyful joyous bright brighter uplifting "
+             "positive feel-good optimistic | feel good",
+    "sad": "sad sadder melancholic melancholy gloomy gloomier dark darker somber sombre emotional depressing "
+           "heartbroken bleak mournful downbeat moody moodier",
+    "acoustic": "acoustic unplugged organic stripped stripped-down raw | stripped down | stripped back",
+    "produced": "electronic synth synthy synths produced polished slick slicker studio electric processed | "
+                "more production | big production",
+    "dance": "danceable dancey dancing dancefloor groovy groovier groove funky funkier bouncy bouncier "
+             "rhythmic | dance floor | to dance to | move to",
+    "old": "older oldie oldies earlier retro vintage throwback dated | back in time | further back | go back | "
+           "older stuff | old school",
+    "new": "newer recent latest modern fresher current contemporary later nowadays | more recent | these days | "
+           "fast forward | closer to now | closer to today",
+    "other_artist": "| different artist | another artist | other artist | someone else | somebody else | "
+                    "change the artist | new artist | switch artists | not them | not him | not her | "
+                    "not this artist | different singer | different band",
+    "same_artist": "| same artist | same band | same singer | more from | more by | another one by | "
+                   "another song by | another track by | this artist | that artist | by them | from them",
+}
+_CUE_PHRASES = sorted(((" " + " ".join(p.replace("-", " ").split()) + " ", cue) for cue, spec in CUES.items()
+                       for part in (spec.split("|")[0].split(), spec.split("|")[1:]) for p in part if p.strip()),
+                      key=lambda pc: (-len(pc[0]), pc[0]))
+_CUE_RULES = 2  # the version of how cues_of reads them: part of CUE_TABLE
+CUE_TABLE = hashlib.sha256(json.dumps([CUES, _CUE_RULES], sort_keys=True).encode()).hexdigest()[:16]  # heads record it
+_INTENSIFIERS = {"way", "much", "far", "really", "very", "so", "a", "bit", "little", "lot", "damn", "darn", "kind",
+                 "of", "kinda", "just", "slightly", "somewhat", "even"}
+
+
+def cues_of(message: str) -> set[str]:
+    """The cue features of a message (``CUES``), e.g. {"cue:fast", "cue:too_slow"} for "Way too sluggish,
+    speed it up"; longer phrases first, each word counted once. The word before a cue (past intensifiers:
+    "way", "a bit", ...) makes it ``too_``: "too", or ``less_``: "less", "fewer", "not", "not as"."""
+    text = _phrase_text(message).replace("'", " ")
+    found = set()
+    for phrase, cue in _CUE_PHRASES:
+        while (i := text.find(phrase)) >= 0:
+            before = text[:i].split()
+            j = len(before) - 1
+            while j >= 0 and before[j] in _INTENSIFIERS:
+                j -= 1
+            word = before[j] if j >= 0 else ""
+            if word == "as" and j >= 1 and before[j - 1] == "not":
+                word = "not"
+            prefix = "too_" if word == "too" else "less_" if word in ("less", "fewer", "not") else ""
+            found.add("cue:" + prefix + cue)
+            text = text[:i] + " " * (len(phrase) - 1) + text[i + len(phrase) - 1:]
+    return found
+
+
 class AskHead:
-    """Softmax regression ``p = softmax(scale · [x, word_weight · w] @ W + b)`` over ``KINDS``: ``x`` the
-    message's L2-normalised sentence embedding, ``w`` which of the head's ``words`` it has (scaled to unit
-    length). It keeps the encoder's name and version it was trained against."""
+    """Softmax regression ``p = softmax(scale · [x, word_weight · w, cue_weight · c] @ W + b)`` over
+    ``KINDS``: ``x`` the message's L2-normalised sentence embedding, ``w`` which of the head's ``words`` it
+    has and ``c`` which of its ``cues`` (``cues_of``), each scaled to unit length. It keeps the encoder's
+    name and version it was trained against, and the cue table's (``CUE_TABLE``)."""
 
     def __init__(self, W: np.ndarray, b: np.ndarray, kinds: tuple[str, ...] = KINDS, scale: float = 10.0,
                  encoder: str = "", encoder_version: str = "", words: tuple[str, ...] = (),
-                 word_weight: float = 0.0):
+                 word_weight: float = 0.0, cues: tuple[str, ...] = (), cue_weight: float = 0.0,
+                 cue_table: str = CUE_TABLE):
         W, b = np.asarray(W, dtype=np.float32), np.asarray(b, dtype=np.float32)
-        if W.ndim != 2 or W.shape[1] != len(kinds) or b.shape != (len(kinds),) or W.shape[0] <= len(words):
-            raise AskHeadError(f"ask head: W {W.shape}, b {b.shape} and {len(words)} words do not fit "
-                               f"{len(kinds)} kinds")
+        if (W.ndim != 2 or W.shape[1] != len(kinds) or b.shape != (len(kinds),)
+                or W.shape[0] <= len(words) + len(cues)):
+            raise AskHeadError(f"ask head: W {W.shape}, b {b.shape}, {len(words)} words and {len(cues)} cues do "
+                               f"not fit {len(kinds)} kinds")
         unknown = [k for k in kinds if k not in KINDS]
         if unknown:
             raise AskHeadError(f"ask head: unknown kinds {unknown}")
         self.W, self.b, self.kinds, self.scale = W, b, tuple(kinds), float(scale)
         self.encoder, self.encoder_version = encoder, encoder_version
         self.words, self.word_weight = tuple(words), float(word_weight)
+        self.cues, self.cue_weight = tuple(cues), float(cue_weight)
+        if self.cues and cue_table != CUE_TABLE:
+            raise AskHeadError(f"ask head: trained with another cue table ({cue_table}, this code has "
+                               f"{CUE_TABLE}); retrain it with `{TRAIN_COMMAND}`")
         self._word_index = {w: i for i, w in enumerate(self.words)}
+        self._cue_index = {c: i for i, c in enumerate(self.cues)}
 
     @property
     def dim(self) -> int:
         """The sentence embedding's width."""
-        return self.W.shape[0] - len(self.words)
+        return self.W.shape[0] - len(self.words) - len(self.cues)
 
     def features(self, embeddings: np.ndarray, messages: list[str] | None = None) -> np.ndarray:
-        """[n, dim + words] inputs: the embeddings, then the messages' word indicators (unit length, times
-        ``word_weight``); without messages, embeddings alone (a head with no words)."""
+        """[n, dim + words + cues] inputs: the embeddings, then the messages' word indicators and cue
+        indicators (each block unit length, times ``word_weight`` / ``cue_weight``); without messages,
+        embeddings alone (a head with no words or cues)."""
         x = np.asarray(embeddings, dtype=np.float32)
-        if not self.words:
+        if not self.words and not self.cues:
             return x
         if messages is None or len(messages) != len(x):
             raise AskHeadError("ask head: this head reads the messages' words too; pass them")
-        w = np.zeros((len(x), len(self.words)), dtype=np.float32)
-        for r, m in enumerate(messages):
-            cols = [self._word_index[t] for t in words_of(m) if t in self._word_index]
-            if cols:
-                w[r, cols] = self.word_weight / np.sqrt(len(cols))
-        return np.concatenate([x, w], 1)
+        blocks = [x]
+        for index, weight, read in ((self._word_index, self.word_weight, words_of),
+                                    (self._cue_index, self.cue_weight, cues_of)):
+            f = np.zeros((len(x), len(index)), dtype=np.float32)
+            for r, m in enumerate(messages):
+                cols = [index[t] for t in read(m) if t in index]
+                if cols:
+                    f[r, cols] = weight / np.sqrt(len(cols))
+            blocks.append(f)
+        return np.concatenate(blocks, 1)
 
     def probabilities(self, embeddings: np.ndarray, messages: list[str] | None = None) -> np.ndarray:
         """[n, kinds] class probabilities of [n, dim] embeddings (and their ``messages``, for the words)."""
@@ -187,7 +272,9 @@ class AskHead:
     def save(self, path) -> None:
         np.savez_compressed(path, W=self.W, b=self.b, kinds=np.array(self.kinds), scale=np.float32(self.scale),
                  encoder=np.array(self.encoder), encoder_version=np.array(self.encoder_version),
-                 words=np.array(self.words, dtype=str), word_weight=np.float32(self.word_weight))
+                 words=np.array(self.words, dtype=str), word_weight=np.float32(self.word_weight),
+                 cues=np.array(self.cues, dtype=str), cue_weight=np.float32(self.cue_weight),
+                 cue_table=np.array(CUE_TABLE))
 
     @classmethod
     def load(cls, path=None) -> "AskHead":
@@ -196,9 +283,11 @@ class AskHead:
             raise AskHeadError(f"ask head not found: {path}; train it with `{TRAIN_COMMAND}`")
         try:
             with np.load(path) as z:
+                cues = tuple(str(c) for c in z["cues"]) if "cues" in z else ()  # heads before the cues
                 return cls(z["W"], z["b"], tuple(str(k) for k in z["kinds"]), float(z["scale"]),
                            str(z["encoder"]), str(z["encoder_version"]), tuple(str(w) for w in z["words"]),
-                           float(z["word_weight"]))
+                           float(z["word_weight"]), cues, float(z["cue_weight"]) if cues else 0.0,
+                           str(z["cue_table"]) if cues else CUE_TABLE)
         except (OSError, ValueError, KeyError) as e:
             raise AskHeadError(f"{path}: not an ask head ({e}); train it with `{TRAIN_COMMAND}`") from e
 

@@ -159,10 +159,12 @@ def search(query: str, limit: int, catalog_path: Path | None, as_json: bool) -> 
 
 
 # --- commands defined in other modules (one add_command line each) ---
-from .eval_cli import conversations_group, eval_command, eval_compare_command, eval_summary_command  # noqa: E402
+from .eval_cli import (conversations_group, eval_command, eval_compare_command,  # noqa: E402
+                       eval_splice_command, eval_summary_command)
 cli.add_command(eval_command)
 cli.add_command(eval_compare_command)
 cli.add_command(eval_summary_command)
+cli.add_command(eval_splice_command)
 cli.add_command(conversations_group)
 from .chat_cli import ask, bench, chat  # noqa: E402
 cli.add_command(chat)

@@ -21,6 +21,9 @@ from .paths import DEFAULT_DATA_DIR, default_catalog_path
               help="Leave out the first N conversations (e.g. those a calibration was fitted on).")
 @click.option("--max-turn", type=click.IntRange(min=1), default=None,
               help="Only score assistant turns up to this index (1: first turns only).")
+@click.option("--only-turns", "only_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Score only the turns this file lists (JSON lines with conversation and turn, e.g. a ranks "
+              "file): re-score the turns a change touches, then `talkplay eval-splice` them into a whole run.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random system.")
 @click.option("--per-intent", is_flag=True, help="Also print one row per intent (generated data's meta.intents).")
 @click.option("--ranks", "ranks_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -37,7 +40,8 @@ from .paths import DEFAULT_DATA_DIR, default_catalog_path
 @threads_option
 @json_option
 @_fail_cleanly
-def eval_command(system: str, conv_path: Path, limit: int | None, skip: int, max_turn: int | None, seed: int,
+def eval_command(system: str, conv_path: Path, limit: int | None, skip: int, max_turn: int | None,
+                 only_path: Path | None, seed: int,
                  per_intent: bool, ranks_path: Path | None, resume: bool, replies: bool, jobs: int,
                  catalog_path: Path | None, threads: int, as_json: bool) -> None:
     """Score a recommender on conversations: MRR, Hit@1/10/100 overall and per turn.
@@ -50,7 +54,8 @@ def eval_command(system: str, conv_path: Path, limit: int | None, skip: int, max
     from .catalog import Catalog
     from .conversations import ConversationFormatError, read_conversations
     from .eval_journal import Journal, JournalError, run_key
-    from .evaluate import UnknownSystemError, format_table, result_from_records, system_factory, write_ranks
+    from .evaluate import (RanksFormatError, UnknownSystemError, format_table, read_ranks, result_from_records,
+                           system_factory, write_ranks)
 
     if replies and system != "model":
         raise UserError("--replies needs --system model (only the model writes replies)")
@@ -62,6 +67,19 @@ def eval_command(system: str, conv_path: Path, limit: int | None, skip: int, max
         convs = read_conversations(conv_path, limit=None if limit is None else skip + limit)[skip:]
     except ConversationFormatError as e:
         raise UserError(str(e)) from e
+    only = None
+    if only_path is not None:
+        if replies:
+            raise UserError("--only-turns does not work with --replies (the chat runs whole conversations)")
+        try:
+            only = {(r["conversation"], r["turn"]) for r in read_ranks(only_path, need_rank=False)}
+        except RanksFormatError as e:
+            raise UserError(str(e)) from e
+        listed = {c for c, _ in only}
+        convs_by_index = [(i, c) for i, c in enumerate(convs, skip) if str(c.get("id", i)) in listed]
+        if not convs_by_index:
+            raise UserError(f"--only-turns {only_path}: none of its conversations is in {conv_path} "
+                            f"(after --skip/--limit)")
     try:
         system_factory(system)  # an unknown system is told before anything else
     except UnknownSystemError as e:
@@ -80,18 +98,22 @@ def eval_command(system: str, conv_path: Path, limit: int | None, skip: int, max
         if journalled:
             try:
                 journal = Journal.open(ranks_path, run_key(system, convs, skip, max_turn, seed, cat.fingerprint,
-                                                           catalog=cat.path, model=model), resume=resume)
+                                                           catalog=cat.path, model=model, only=only,
+                                                           ask_head=_ask_head_file(system)),
+                                       resume=resume)
             except JournalError as e:
                 raise UserError(str(e)) from e
-        pending = [(i, c) for i, c in enumerate(convs, skip) if journal is None or i not in journal.done]
+        scored = convs_by_index if only is not None else list(enumerate(convs, skip))
+        pending = [(i, c) for i, c in scored if journal is None or i not in journal.done]
         if journal is not None and journal.done:
-            click.echo(f"resuming: {len(journal.done)} of {len(convs)} conversations are in {journal.path}", err=True)
+            click.echo(f"resuming: {len(journal.done)} of {len(scored)} conversations are in {journal.path}",
+                       err=True)
         elif resume:
             click.echo(f"nothing to resume in {journal.path}: scoring every conversation", err=True)
         try:
             result, chat, setup_s = _score(system, cat, [c for _, c in pending], [i for i, _ in pending], jobs,
                                            threads=threads, seed=seed, max_turn=max_turn, replies=replies,
-                                           show_progress=True,
+                                           show_progress=True, only=only,
                                            on_conversation=journal.add if journal is not None else None)
         except BaseException:
             if journal is not None and len(journal):
@@ -107,7 +129,9 @@ def eval_command(system: str, conv_path: Path, limit: int | None, skip: int, max
                                          runtime_s=scored_now.runtime_s)
             result.timed_turns = scored_now.turns
         result.extra = {"conversations_file": str(conv_path), "catalog": str(cat.path), "setup_s": round(setup_s, 2),
-                        "limit": limit, "skip": skip, "max_turn": max_turn, "jobs": min(jobs, max(len(pending), 1)),
+                        "limit": limit, "skip": skip, "max_turn": max_turn,
+                        "only_turns": str(only_path) if only_path is not None else None,
+                        "jobs": min(jobs, max(len(pending), 1)),
                         "resumed_conversations": len(journal.done) if journal is not None else 0}
         if ranks_path is not None:
             try:
@@ -128,8 +152,17 @@ def eval_command(system: str, conv_path: Path, limit: int | None, skip: int, max
         click.echo(f"(setup {setup_s:.1f} s)")
 
 
+def _ask_head_file(system: str) -> Path | None:
+    """The ask head file the model system reads (part of its journal's key), None for other systems."""
+    if system != "model":
+        return None
+    from .asks import HEAD_FILE
+
+    return HEAD_FILE if HEAD_FILE.is_file() else None
+
+
 def _score(system: str, cat, convs: list[dict], indices: list[int], jobs: int, threads: int, seed: int,
-           max_turn: int | None, replies: bool, show_progress: bool, on_conversation):
+           max_turn: int | None, replies: bool, show_progress: bool, on_conversation, only=None):
     """(result, replies or None, setup seconds) of ``system`` on ``convs``, in one process or ``jobs``."""
     import time
 
@@ -140,12 +173,12 @@ def _score(system: str, cat, convs: list[dict], indices: list[int], jobs: int, t
     if jobs > 1 and len(convs) > 1:  # (a model system: built by the caller)
         return evaluate_in_processes(system, cat.path, convs, jobs, threads=threads, max_turn=max_turn,
                                      replies=replies, indices=indices, show_progress=show_progress, seed=seed,
-                                     on_conversation=on_conversation)
+                                     on_conversation=on_conversation, only=only)
     t0 = time.perf_counter()
     rec = get_recommender(system, cat, threads=threads, seed=seed, show_progress=show_progress)
     setup_s = time.perf_counter() - t0
     result = evaluate(rec, convs, set(cat.track_ids()), show_progress=show_progress, max_turn=max_turn,
-                      indices=indices, on_conversation=on_conversation)
+                      indices=indices, on_conversation=on_conversation, only=only)
     chat = evaluate_replies(rec.tp, convs, show_progress=show_progress) if replies else None
     return result, chat, setup_s
 
@@ -219,6 +252,41 @@ def eval_summary_command(ranks: tuple[Path, ...], per_intent: bool, as_json: boo
     else:
         click.echo(format_table(result, per_intent=per_intent,
                                 title=f"{len(ranks)} ranks file{'s' * (len(ranks) > 1)}"))
+
+
+@click.command("eval-splice")
+@click.argument("base", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("patch", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the spliced ranks (.gz: compressed).")
+@json_option
+@_fail_cleanly
+def eval_splice_command(base: Path, patch: Path, out_path: Path, as_json: bool) -> None:
+    """BASE's ranks with PATCH's turns put in place of the same turns: a whole run's ranks after a change that
+    touched some turns, re-scored with `talkplay eval --only-turns`. A PATCH turn BASE lacks is refused.
+
+    \b
+      talkplay eval --system model --conversations conversations/test_unseen.jsonl --only-turns changed.jsonl --ranks patch.jsonl
+      talkplay eval-splice docs/ranks/model-test_unseen.jsonl.gz patch.jsonl --out new.jsonl
+      talkplay eval-compare docs/ranks/model-test_unseen.jsonl.gz new.jsonl
+    """
+    from .evaluate import RanksFormatError, read_ranks, splice_ranks, write_ranks
+
+    try:
+        patch_rows = read_ranks(patch)
+        rows, changed = splice_ranks(read_ranks(base), patch_rows)
+    except RanksFormatError as e:
+        raise UserError(str(e)) from e
+    except KeyError as e:
+        raise UserError(f"{patch}: conversation {e.args[0][0]} turn {e.args[0][1]} is not in {base}") from None
+    write_ranks(rows, out_path)
+    info = {"base": str(base), "patch": str(patch), "out": str(out_path), "turns": len(rows),
+            "replaced": len(patch_rows), "rank_changed": changed}
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+    else:
+        click.echo(f"{out_path}: {info['turns']} turns, {info['replaced']} from {patch} "
+                   f"({changed} with another rank than in {base})")
 
 
 @click.group("conversations")

@@ -27,18 +27,25 @@ def journal_path(ranks_path) -> Path:
 
 
 def run_key(system: str, conversations: list[dict], first_index: int, max_turn: int | None, seed: int,
-            vocab_fingerprint: str, catalog: Path | None = None, model: Path | None = None) -> dict:
+            vocab_fingerprint: str, catalog: Path | None = None, model: Path | None = None,
+            only: set[tuple[str, int]] | None = None, ask_head: Path | None = None) -> dict:
     """What identifies a run: a journal is only resumed by a run with the same key. ``catalog`` and ``model``:
     the files scored with (their path, size and modification time are part of the key; `talkplay index`
-    changes a user catalog, a rebuild changes a model). Threads and jobs are not: they may change."""
+    changes a user catalog, a rebuild changes a model; ``ask_head``, the model's ask head, likewise);
+    ``only``: the turns scored (`--only-turns`). Threads and jobs are not: they may change."""
     digest = hashlib.sha256()
     for conv in conversations:
         digest.update(json.dumps(conv, sort_keys=True).encode("utf-8"))
         digest.update(b"\n")
-    return {"format": JOURNAL_FORMAT, "system": system, "conversations": len(conversations),
-            "first_index": first_index, "conversations_sha256": digest.hexdigest(), "max_turn": max_turn,
-            "seed": seed, "vocab_fingerprint": vocab_fingerprint, "catalog": _file_identity(catalog),
-            "model": _file_identity(model)}
+    key = {"format": JOURNAL_FORMAT, "system": system, "conversations": len(conversations),
+           "first_index": first_index, "conversations_sha256": digest.hexdigest(), "max_turn": max_turn,
+           "seed": seed, "vocab_fingerprint": vocab_fingerprint, "catalog": _file_identity(catalog),
+           "model": _file_identity(model)}
+    if ask_head is not None:
+        key["ask_head"] = _file_identity(ask_head)
+    if only is not None:
+        key["only_turns_sha256"] = hashlib.sha256(json.dumps(sorted(only)).encode("utf-8")).hexdigest()
+    return key
 
 
 def _file_identity(path: Path | None) -> str | None:

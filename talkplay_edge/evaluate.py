@@ -172,10 +172,12 @@ def iter_turns(conversation: dict):
 
 def evaluate(recommender: Recommender, conversations: list[dict], catalog_ids: set[str], n: int = N_RANKED,
              show_progress: bool = False, max_turn: int | None = None,
-             on_conversation: Callable[[dict], None] | None = None, indices: list[int] | None = None) -> EvalResult:
+             on_conversation: Callable[[dict], None] | None = None, indices: list[int] | None = None,
+             only: set[tuple[str, int]] | None = None) -> EvalResult:
     """Score ``recommender`` on every assistant turn of ``conversations`` (see the module docstring), or on
-    those up to ``max_turn`` (1: the first turns only). ``indices``: each conversation's index in its file
-    (default 0, 1, …); it names a conversation without an ``id``.
+    those up to ``max_turn`` (1: the first turns only), or on the (conversation id, turn) pairs in ``only``.
+    ``indices``: each conversation's index in its file (default 0, 1, …); it names a conversation without an
+    ``id``.
     ``on_conversation(record)`` is called after each one with its ``score_conversation`` record (progress,
     the journal of `talkplay eval --ranks`)."""
     t0 = time.perf_counter()
@@ -186,7 +188,8 @@ def evaluate(recommender: Recommender, conversations: list[dict], catalog_ids: s
     records: list[dict] = []
     bar = progress(conversations, desc=f"eval {recommender.name}", unit="conv") if show_progress else conversations
     for conv, index in zip(bar, indices):
-        records.append(score_conversation(recommender, conv, index, catalog_ids, n=n, max_turn=max_turn))
+        records.append(score_conversation(recommender, conv, index, catalog_ids, n=n, max_turn=max_turn,
+                                          only=only))
         if on_conversation is not None:
             on_conversation(records[-1])
     return result_from_records(getattr(recommender, "name", type(recommender).__name__), records,
@@ -194,9 +197,11 @@ def evaluate(recommender: Recommender, conversations: list[dict], catalog_ids: s
 
 
 def score_conversation(recommender: Recommender, conv: dict, index: int, catalog_ids: set[str], n: int = N_RANKED,
-                       max_turn: int | None = None) -> dict:
+                       max_turn: int | None = None, only: set[tuple[str, int]] | None = None) -> dict:
     """One conversation's record: {"index", "rows": one rank row per scored turn, and the counts of turns
-    skipped (targets unknown / already played) and of returned ids the catalog does not hold}."""
+    skipped (targets unknown / already played) and of returned ids the catalog does not hold}. With
+    ``only``, the turns whose (conversation id, turn) it lacks are not scored (nor counted): a turn's rank
+    depends on its ground-truth history alone, so scoring some turns gives the ranks a whole run gives them."""
     meta = conv.get("meta") or {}
     conv_id = str(conv.get("id", index))
     intents = meta.get("intents") if isinstance(meta.get("intents"), list) else []
@@ -205,6 +210,8 @@ def score_conversation(recommender: Recommender, conv: dict, index: int, catalog
     for idx, history, targets, played in iter_turns(conv):
         if max_turn is not None and idx > max_turn:
             break
+        if only is not None and (conv_id, idx) not in only:
+            continue
         exclude = set(played)
         known = [t for t in targets if t in catalog_ids]
         if not known:
@@ -306,8 +313,9 @@ class RanksFormatError(ValueError):
     pass
 
 
-def read_ranks(path) -> list[dict]:
-    """The rows ``write_ranks`` wrote (``talkplay eval --ranks``, .gz too); a clear error for anything else."""
+def read_ranks(path, need_rank: bool = True) -> list[dict]:
+    """The rows ``write_ranks`` wrote (``talkplay eval --ranks``, .gz too); a clear error for anything else.
+    ``need_rank=False`` reads a list of turns (``--only-turns``): each row needs a conversation and a turn."""
     import gzip
     import zlib
 
@@ -325,15 +333,30 @@ def read_ranks(path) -> list[dict]:
         try:
             row = json.loads(line)
             key = (str(row["conversation"]), int(row["turn"]))
-            rank = row["rank"]
+            rank = row["rank"] if need_rank else row.get("rank")
             if rank is not None and (not isinstance(rank, int) or rank < 1):
                 raise ValueError(f"rank {rank!r}")
         except (ValueError, KeyError, TypeError) as e:
-            raise RanksFormatError(f"{path} line {n}: not a rank row written by `talkplay eval --ranks` ({e})") from e
+            what = "a rank row written by `talkplay eval --ranks`" if need_rank else "a turn (conversation, turn)"
+            raise RanksFormatError(f"{path} line {n}: not {what} ({e})") from e
         rows.append({"conversation": key[0], "turn": key[1], "intent": row.get("intent"), "rank": rank})
     if not rows:
-        raise RanksFormatError(f"{path}: no rank rows")
+        raise RanksFormatError(f"{path}: no {'rank rows' if need_rank else 'turns'}")
     return rows
+
+
+def splice_ranks(base: list[dict], patch: list[dict]) -> tuple[list[dict], int]:
+    """(``base`` with each ``patch`` row in place of its turn, how many of those ranks differ); raises
+    KeyError((conversation, turn)) for a patch turn ``base`` lacks."""
+    at = {(r["conversation"], r["turn"]): i for i, r in enumerate(base)}
+    out, changed = list(base), 0
+    for row in patch:
+        key = (row["conversation"], row["turn"])
+        if key not in at:
+            raise KeyError(key)
+        changed += out[at[key]]["rank"] != row["rank"]
+        out[at[key]] = row
+    return out, changed
 
 
 def _rr(rank: int | None) -> float:
@@ -566,7 +589,7 @@ def _job(job: dict) -> dict:
             setup_s = time.perf_counter() - t0
             put = _ticks.put if _ticks is not None else None  # to the parent: each record, a 1 per chat
             result = evaluate(rec, job["conversations"], set(cat.track_ids()), max_turn=job["max_turn"],
-                              indices=job["indices"], on_conversation=put)
+                              indices=job["indices"], on_conversation=put, only=job["only"])
             chat = (evaluate_replies(rec.tp, job["conversations"],
                                      on_conversation=functools.partial(put, 1) if put else None)
                     if job["replies"] else None)
@@ -593,10 +616,11 @@ def evaluate_in_processes(system: str, catalog_path, conversations: list[dict], 
                           max_turn: int | None = None, replies: bool = False,
                           show_progress: bool = False, indices: list[int] | None = None,
                           on_conversation: Callable[[dict], None] | None = None,
+                          only: set[tuple[str, int]] | None = None,
                           **kw) -> tuple[EvalResult, ReplyResult | None, float]:
     """``evaluate`` (and ``evaluate_replies`` with ``replies``) split over ``jobs`` processes of ``threads``
     threads each, every process with its own recommender on a contiguous run of the conversations.
-    ``indices`` and ``on_conversation`` (called here, in this process) are ``evaluate``'s.
+    ``indices``, ``only`` and ``on_conversation`` (called here, in this process) are ``evaluate``'s.
 
     Returns (result, replies or None, the slowest process's setup seconds). The rows and summaries are the
     ones a single run gives (systems are deterministic per conversation; ``random`` is seeded per process).
@@ -617,7 +641,7 @@ def evaluate_in_processes(system: str, catalog_path, conversations: list[dict], 
     runs = split_evenly(list(zip(indices, conversations)), jobs)
     todo = [{"job": i + 1, "jobs": len(runs), "system": system, "factory": factory, "catalog": str(catalog_path),
              "threads": threads, "kw": kw, "conversations": [c for _, c in run], "indices": [i for i, _ in run],
-             "max_turn": max_turn, "replies": replies} for i, (_, run) in enumerate(runs)]
+             "max_turn": max_turn, "replies": replies, "only": only} for i, (_, run) in enumerate(runs)]
     ctx = multiprocessing.get_context("spawn")  # llama.cpp and sqlite connections do not survive fork
     ticks = ctx.Queue()
     total = len(conversations) * (2 if replies else 1)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from talkplay_edge.asks import (ASKS, KINDS, NONE, OTHER_ARTIST, SAME_ARTIST, AskHead, AskHeadError, Asks, decade_of,
-                                genres_in, moods_of)
+from talkplay_edge.asks import (ASKS, CUES, KINDS, NONE, OTHER_ARTIST, SAME_ARTIST, AskHead, AskHeadError, Asks,
+                                cues_of, decade_of, genres_in, moods_of)
 from talkplay_edge.calibration import ASKED, GENRE, LAST, PLAYED, STYLE, ArtistIndex, SpanCalibration, played_marks
 
 
@@ -43,6 +43,19 @@ def test_genres_in(message, genres):
 ])
 def test_moods_of(message, moods):
     assert moods_of(message) == moods
+
+
+@pytest.mark.parametrize("message, cues", [
+    ("Way too sluggish, speed it up!", {"fast", "too_slow"}), ("That tempo is too quick for me.", {"too_fast"}),
+    ("Less intense, please.", {"less_energetic"}), ("not as gloomy", {"less_sad"}),
+    ("Something released earlier than that.", {"old"}), ("Same artist, different song.", {"same_artist"}),
+    ("Play another one by them", {"same_artist"}), ("someone else please", {"other_artist"}),
+    ("a groovier one", {"dance"}), ("slow it down, slow", {"slow"}), ("Play me some jazz.", set()), ("", set()),
+    ("Don't stop-the-music: laid-back", {"calm"}),
+])
+def test_cues_of(message, cues):
+    assert cues_of(message) == {"cue:" + c for c in cues}
+    assert all(c.split("_", 1)[-1] in CUES or c in CUES for c in cues)
 
 
 def _onehot_embed(texts):
@@ -86,12 +99,32 @@ def test_ask_head_round_trip_and_bad_files(tmp_path):
         AskHead.load(tmp_path / "old.npz")
 
 
+def test_ask_head_with_cues_round_trips_and_knows_its_cue_table(tmp_path, monkeypatch):
+    import talkplay_edge.asks as asks_mod
+
+    head = AskHead(np.arange(6 * len(KINDS), dtype=np.float32).reshape(6, -1) / 100, np.ones(len(KINDS)), KINDS,
+                   4.0, "enc", "1.0", ("faster",), 0.5, ("cue:fast", "cue:old"), 2.0)
+    assert head.dim == 3
+    x = np.random.default_rng(0).normal(size=(3, 3)).astype(np.float32)
+    msgs = ["Faster, quicker!", "something from back in time", "jazz"]
+    f = head.features(x, msgs)
+    assert np.allclose(f[:, 3:], [[0.5, 2.0, 0], [0, 0, 2.0], [0, 0, 0]])  # words, then cues, each unit × weight
+    head.save(tmp_path / "h.npz")
+    back = AskHead.load(tmp_path / "h.npz")
+    assert back.cues == ("cue:fast", "cue:old") and back.cue_weight == 2.0
+    assert np.allclose(back.probabilities(x, msgs), head.probabilities(x, msgs))
+    monkeypatch.setattr(asks_mod, "CUE_TABLE", "another table")  # the code's cue words changed since training
+    with pytest.raises(AskHeadError, match="another cue table.*export.asks"):
+        AskHead.load(tmp_path / "h.npz")
+
+
 def test_the_packaged_head_reads_steps_from_messages(text_encoder):
     head = AskHead.load()
     assert head.encoder_version == text_encoder.version  # trained on this encoder's embeddings
     msgs = ["Something older, please.", "slow it down a little", "Play me some jazz.", "not this artist again"]
     p = head.probabilities(text_encoder.encode(msgs), msgs)
     assert [head.kinds[i] for i in p.argmax(1)] == ["older", "slower", NONE, "other_artist"]
+    assert head.cues and head.cue_weight > 0  # the shipped head reads cue words
 
 
 @pytest.fixture()
@@ -293,6 +326,41 @@ def test_export_asks_labels_and_fits_a_head():
     head = fit_head(same, kinds, l2=1e-4, messages=messages, word_weight=1.0)
     assert set(head.words) >= {"older", "newer", "one"} and "0" not in head.words  # words of >= 2 messages
     assert score(head, same, kinds, messages=messages)["accuracy"] == 1.0
+
+
+def test_cues_carry_a_step_to_words_the_head_never_saw_and_cross_validation_shows_it():
+    from export.asks import changed_turns, cross_validate, fit_head, pattern_folds, score
+
+    # every message embeds alike: only its words and cues tell the kinds apart
+    phrasings = {"faster": ["quicker one {}", "faster tempo {}"], "slower": ["slower one {}", "slow it down {}"],
+                 NONE: ["jazz please {}", "something by band {}"]}
+    turns = [(p.format(i), kind, f"{kind}:{j}") for kind, ps in phrasings.items() for j, p in enumerate(ps)
+             for i in range(6)]
+    same = lambda ms: np.tile(np.eye(1, 8, dtype=np.float32), (len(ms), 1))  # noqa: E731
+    ms, ks = [m for m, _, _ in turns], [k for _, k, _ in turns]
+    unseen, truth = ["speedy please", "more leisurely"], ["faster", "slower"]
+    plain = fit_head(same(ms), ks, l2=1e-4, messages=ms, word_weight=1.0)
+    cued = fit_head(same(ms), ks, l2=1e-4, messages=ms, word_weight=1.0, cue_weight=2.0)
+    assert cued.cues == ("cue:fast", "cue:slow") and not plain.cues
+    assert score(plain, same(unseen), truth, messages=unseen)["speaks_right"] == 0
+    assert score(cued, same(unseen), truth, messages=unseen)["speaks_right"] == 2
+    # leave-phrasings-out: each fold holds out one of each kind's two patterns; only the cues carry over
+    folds = pattern_folds([p for _, _, p in turns], 2)
+    assert sorted(folds.values()).count(0) == sorted(folds.values()).count(1) == 3
+    cv_plain = cross_validate(turns, same, 2, l2=1e-4, word_weight=1.0)
+    cv_cued = cross_validate(turns, same, 2, l2=1e-4, word_weight=1.0, cue_weight=2.0)
+    assert cv_plain["asking_turns"] == cv_cued["asking_turns"] == 24 and cv_plain["right"] < 24
+    assert cv_cued["right"] == 24 and cv_cued["precision"] == 1.0
+    with pytest.raises(ValueError, match="pattern id"):
+        cross_validate([(m, k, "") for m, k, _ in turns], same, 2)
+    # the turns a new head reads otherwise than an old one (first turns are never listed)
+    conv = {"id": "c1", "turns": [{"role": "user", "content": "speedy please"}, {"role": "assistant", "content": "a"},
+                                  {"role": "user", "content": "speedy please"}, {"role": "assistant", "content": "b"},
+                                  {"role": "user", "content": "jazz please 1"}, {"role": "assistant", "content": "c"}],
+            "meta": {"intents": ["faster", "faster", "genre"]}}
+    assert changed_turns(plain, cued, [conv], same) == [{"conversation": "c1", "turn": 2, "intent": "faster",
+                                                         "was": NONE, "now": "faster"}]
+    assert changed_turns(cued, cued, [conv], same) == []
 
 
 def _first_track(gguf, catalog, calibration: dict, message: str, check=lambda tp: None) -> str:

@@ -101,7 +101,10 @@ def test_cli_eval_resume_is_refused_on_another_model(runtime_gguf, tiny_catalog,
     shutil.copy(runtime_gguf, model)
     monkeypatch.setenv("TALKPLAY_MODEL", str(model))
     ranks = tmp_path / "r.jsonl"
-    key = run_key("model", read_conversations(path), 0, None, 0, fingerprint, catalog=tiny_catalog, model=model)
+    from talkplay_edge.asks import HEAD_FILE
+
+    key = run_key("model", read_conversations(path), 0, None, 0, fingerprint, catalog=tiny_catalog, model=model,
+                  ask_head=HEAD_FILE)  # as `talkplay eval --system model` keys it
     journal = Journal.open(ranks, key)
     journal.add({"index": 0, "rows": [], "skipped_unknown_target": 0, "skipped_target_played": 0,
                  "unknown_ids_returned": 0})
@@ -116,3 +119,13 @@ def test_cli_eval_resume_is_refused_on_another_model(runtime_gguf, tiny_catalog,
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["extra"]["resumed_conversations"] == 1 and ranks.exists()
+    # a journal made with another ask head (it changes which tracks a request asks for) is not continued
+    other_head = tmp_path / "other_head.npz"
+    shutil.copy(HEAD_FILE, other_head)
+    journal = Journal.open(tmp_path / "r2.jsonl", run_key("model", read_conversations(path), 0, None, 0, fingerprint,
+                                                         catalog=tiny_catalog, model=model, ask_head=other_head))
+    journal.add({"index": 0, "rows": [], "skipped_unknown_target": 0, "skipped_target_played": 0,
+                 "unknown_ids_returned": 0})
+    journal.close()
+    r = CliRunner().invoke(cli, args[:-4] + ["--ranks", str(tmp_path / "r2.jsonl"), "--resume", "--json"])
+    assert r.exit_code == 1 and "differs in ask_head" in r.output, r.output

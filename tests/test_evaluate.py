@@ -521,3 +521,46 @@ def test_journal_is_one_run_s_at_a_time_and_keeps_what_is_intact(tmp_path):
         f.write(b'{"index": 1}\n')
     with pytest.raises(JournalError, match="line 4: not a conversation record"):
         read_journal(path)
+
+
+def test_cli_eval_only_turns_and_splice_give_a_whole_run_s_ranks(tiny_catalog, tmp_path):
+    from talkplay_edge.conversations import build_conversations
+
+    with Catalog.open(tiny_catalog) as cat:
+        build_conversations(cat, tmp_path, seed=7, sizes={"train": 1, "valid": 1, "test": 6, "test_unseen": 1},
+                            show_progress=False)
+    convs = str(tmp_path / "test.jsonl")
+    base = ["eval", "--conversations", convs, "--catalog", str(tiny_catalog), "--json"]
+    for system in ("bm25", "popularity"):
+        assert CliRunner().invoke(cli, base + ["--system", system, "--ranks", str(tmp_path / f"{system}.jsonl")]).exit_code == 0
+    bm25, popularity = read_ranks(tmp_path / "bm25.jsonl"), read_ranks(tmp_path / "popularity.jsonl")
+    listed = bm25[1::2]
+    assert len(listed) >= 4 and len({r["conversation"] for r in listed}) >= 3
+    turns = tmp_path / "turns.jsonl"
+    turns.write_text("".join(json.dumps({"conversation": r["conversation"], "turn": r["turn"]}) + "\n" for r in listed))
+    for jobs in ("1", "2"):
+        r = CliRunner().invoke(cli, base + ["--system", "popularity", "--only-turns", str(turns), "--jobs", jobs,
+                                            "--ranks", str(tmp_path / f"patch{jobs}.jsonl")])
+        assert r.exit_code == 0, r.output
+        d = json.loads(r.stdout)
+        assert d["turns"] == len(listed) and d["extra"]["only_turns"] == str(turns)
+        patch = read_ranks(tmp_path / f"patch{jobs}.jsonl")
+        want = {(x["conversation"], x["turn"]) for x in listed}
+        assert patch == [x for x in popularity if (x["conversation"], x["turn"]) in want]  # a whole run's ranks
+    r = CliRunner().invoke(cli, ["eval-splice", str(tmp_path / "bm25.jsonl"), str(tmp_path / "patch2.jsonl"),
+                                 "--out", str(tmp_path / "spliced.jsonl.gz"), "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    assert info["turns"] == len(bm25) and info["replaced"] == len(listed)
+    spliced = read_ranks(tmp_path / "spliced.jsonl.gz")
+    assert spliced[1::2] == popularity[1::2] and spliced[::2] == bm25[::2]
+    assert info["rank_changed"] == sum(a["rank"] != b["rank"] for a, b in zip(bm25[1::2], popularity[1::2])) > 0
+    # errors: a patch turn the base lacks, a turn list naming no conversation here, a file of something else
+    r = CliRunner().invoke(cli, ["eval-splice", str(tmp_path / "patch1.jsonl"), str(tmp_path / "bm25.jsonl"),
+                                 "--out", str(tmp_path / "x.jsonl")])
+    assert r.exit_code == 1 and "is not in" in r.output and not (tmp_path / "x.jsonl").exists()
+    (tmp_path / "elsewhere.jsonl").write_text(json.dumps({"conversation": "nowhere-1", "turn": 2}) + "\n")
+    r = CliRunner().invoke(cli, base + ["--system", "bm25", "--only-turns", str(tmp_path / "elsewhere.jsonl")])
+    assert r.exit_code == 1 and "none of its conversations" in r.output
+    r = CliRunner().invoke(cli, base + ["--system", "bm25", "--only-turns", convs])
+    assert r.exit_code == 1 and "not a turn (conversation, turn)" in r.output

@@ -11,7 +11,8 @@ once with the packaged MiniLM (~30 s on 2 cores for ~11k) and a softmax regressi
 message's words (those of at least 2 distinct messages, at ``--word_weight``) and its cues (``asks.CUES``,
 at ``--cue_weight``) is fitted by L-BFGS, each distinct message counting once, with an L2 penalty.
 Held-out files (default: valid and, where present, test_unseen, whose phrasings the training never uses)
-report accuracy and, for the turns where the head speaks, how often it is right.
+report, on their follow-up turns (a first turn has nothing played to step from), accuracy and, for the
+turns where the head speaks, how often it is right.
 
 The settings are chosen by ``--cv K``: leave-phrasings-out cross-validation on the training conversations
 (``cross_validate``), which asks the question test_unseen asks (does the head read phrasings it never saw?)
@@ -39,8 +40,9 @@ INTENT_KIND = {**{k: k for k in ASKS}, "neg_too_slow": "faster", "neg_too_fast":
                "other_artist": OTHER_ARTIST, "negative": OTHER_ARTIST, "same_artist": SAME_ARTIST}
 
 
-def labelled_turns(conversations) -> list[tuple[str, str, str]]:
-    """(user message, kind, pattern id or "") of every user turn whose conversation lists its intents."""
+def labelled_turns(conversations) -> list[tuple[str, str, str, int]]:
+    """(user message, kind, pattern id or "", turn number from 1) of every user turn whose conversation lists
+    its intents."""
     out = []
     for c in conversations:
         meta = c.get("meta") or {}
@@ -49,13 +51,13 @@ def labelled_turns(conversations) -> list[tuple[str, str, str]]:
             continue
         patterns = meta.get("patterns") if isinstance(meta.get("patterns"), list) else [""] * len(intents)
         users = [t["content"] for t in c["turns"] if t["role"] == "user"]
-        out += [(u, INTENT_KIND.get(i, NONE), str(p)) for u, i, p in zip(users, intents, patterns)]
+        out += [(u, INTENT_KIND.get(i, NONE), str(p), n) for n, (u, i, p) in enumerate(zip(users, intents, patterns), 1)]
     return out
 
 
 def labelled_messages(conversations) -> list[tuple[str, str]]:
     """(user message, kind) of every user turn whose conversation lists its intents."""
-    return [(u, k) for u, k, _ in labelled_turns(conversations)]
+    return [(u, k) for u, k, _, _ in labelled_turns(conversations)]
 
 
 def pattern_folds(patterns, k: int) -> dict[str, int]:
@@ -73,33 +75,33 @@ def pattern_folds(patterns, k: int) -> dict[str, int]:
     return folds
 
 
-def cross_validate(turns: list[tuple[str, str, str]], embed, k: int = 5, threshold: float = 0.5,
+def cross_validate(turns: list[tuple[str, str, str, int]], embed, k: int = 5, threshold: float = 0.5,
                    **fit_args) -> dict:
-    """Leave-phrasings-out cross-validation on training turns (message, kind, pattern id): each fold's
-    head is fitted without that fold's patterns and scored on the turns only they produce, as
-    ``test_unseen`` scores phrasings the training never saw; but choosing settings this way never reads
-    ``test_unseen``. ``embed(messages)`` gives their embeddings. Pooled over the folds: the asking turns, how
-    many the head reads right (``coverage``: their share), how often it speaks on a turn that asks nothing,
-    and ``precision`` (right of all the turns it speaks on)."""
-    if not turns or not all(p for _, _, p in turns):
+    """Leave-phrasings-out cross-validation on training turns (message, kind, pattern id, turn number):
+    each fold's head is fitted without that fold's patterns and scored on the follow-up turns (turn 2 on:
+    the runtime reads no step on a first turn) only they produce, as ``test_unseen`` scores phrasings the
+    training never saw; but choosing settings this way never reads ``test_unseen``. ``embed(messages)``
+    gives their embeddings. Pooled over the folds: the asking turns, how many the head reads right
+    (``coverage``: their share), how often it speaks on a turn that asks nothing, and ``precision`` (right
+    of all the turns it speaks on)."""
+    if not turns or not all(p for _, _, p, _ in turns):
         raise ValueError("cross-validation needs every turn's pattern id (meta.patterns)")
-    distinct = sorted({(m, kind) for m, kind, _ in turns})
+    distinct = sorted({(m, kind) for m, kind, _, _ in turns})
     row = {pair: i for i, pair in enumerate(distinct)}
     X = embed([m for m, _ in distinct])
-    folds = pattern_folds([p for _, _, p in turns], k)
+    folds = pattern_folds([p for _, _, p, _ in turns], k)
     out = {"folds": k, "asking_turns": 0, "right": 0, "speaks_on_asking": 0, "none_turns": 0,
            "speaks_on_none": 0}
     for f in range(k):
-        train = sorted({row[(m, kind)] for m, kind, p in turns if folds[p] != f})
+        train = sorted({row[(m, kind)] for m, kind, p, _ in turns if folds[p] != f})
         kept = set(train)
-        held = [(m, kind) for m, kind, p in turns if folds[p] == f and row[(m, kind)] not in kept]
+        held = [(m, kind) for m, kind, p, n in turns if folds[p] == f and row[(m, kind)] not in kept and n > 1]
         if not held:
             continue
         head = fit_head(X[train], [distinct[i][1] for i in train], messages=[distinct[i][0] for i in train],
                         **fit_args)
-        P = head.probabilities(X[[row[h] for h in held]], [m for m, _ in held])
-        pred = np.array(head.kinds)[P.argmax(1)]
-        speaks = (pred != NONE) & (P.max(1) >= threshold)
+        pred = np.array(head.read(X[[row[h] for h in held]], [m for m, _ in held], threshold))
+        speaks = pred != NONE
         truth = np.array([kind for _, kind in held])
         asking = truth != NONE
         out["asking_turns"] += int(asking.sum())
@@ -115,10 +117,11 @@ def cross_validate(turns: list[tuple[str, str, str]], embed, k: int = 5, thresho
 def fit_head(embeddings: np.ndarray, kinds: list[str], l2: float = 3e-4, scale: float = 10.0,
              weights: np.ndarray | None = None, encoder: str = "", encoder_version: str = "",
              messages: list[str] | None = None, word_weight: float = 0.5, min_messages: int = 2,
-             cue_weight: float = 0.0) -> AskHead:
+             cue_weight: float = 0.0, cue_fallback: bool = False) -> AskHead:
     """Softmax regression of ``kinds`` on ``embeddings`` (rows weighted by ``weights``, e.g. counts); with
     ``messages``, on their words too (those in at least ``min_messages`` of them, at ``word_weight``) and
-    their cues (``asks.cues_of``, likewise, at ``cue_weight``)."""
+    their cues (``asks.cues_of``, likewise, at ``cue_weight``). ``cue_fallback``: the head, where it reads no
+    step, takes the one its cues ask for (``AskHead.read``)."""
     import torch
 
     def seen(read, weight) -> tuple[str, ...]:
@@ -151,7 +154,7 @@ def fit_head(embeddings: np.ndarray, kinds: list[str], l2: float = 3e-4, scale: 
 
     opt.step(closure)
     return AskHead(W.detach().numpy(), b.detach().numpy(), KINDS, scale, encoder, encoder_version, words,
-                   word_weight, cues, cue_weight)
+                   word_weight, cues, cue_weight, cue_fallback=cue_fallback)
 
 
 def changed_turns(old: AskHead, new: AskHead, conversations, embed, threshold: float = 0.5) -> list[dict]:
@@ -169,11 +172,8 @@ def changed_turns(old: AskHead, new: AskHead, conversations, embed, threshold: f
         return []
     X = embed([r["message"] for r in rows])
 
-    def read(head: AskHead) -> np.ndarray:
-        P = head.probabilities(X, [r["message"] for r in rows])
-        return np.where(P.max(1) >= threshold, np.array(head.kinds)[P.argmax(1)], NONE)
-
-    was, now = read(old), read(new)
+    messages = [r["message"] for r in rows]
+    was, now = old.read(X, messages, threshold), new.read(X, messages, threshold)
     return [{**{k: r[k] for k in ("conversation", "turn", "intent")}, "was": str(a), "now": str(b)}
             for r, a, b in zip(rows, was, now) if a != b]
 
@@ -182,9 +182,8 @@ def score(head: AskHead, embeddings: np.ndarray, kinds: list[str], threshold: fl
           messages: list[str] | None = None) -> dict:
     """Accuracy, and for the turns where the head speaks (a kind other than none, at ``threshold``): how
     many, how many right, out of how many turns ask a step."""
-    p = head.probabilities(embeddings, messages)
-    pred = np.array(head.kinds)[p.argmax(1)]
-    speaks = (pred != NONE) & (p.max(1) >= threshold)
+    pred = np.array(head.read(embeddings, messages, threshold))
+    speaks = pred != NONE
     truth = np.array(kinds)
     return {"turns": len(kinds), "accuracy": round(float((pred == truth).mean()), 4),
             "asking_turns": int((truth != NONE).sum()), "speaks": int(speaks.sum()),
@@ -203,6 +202,8 @@ def main(argv=None) -> int:
                    help="weight of the word features beside the embedding (0: embedding only)")
     p.add_argument("--cue_weight", type=float, default=2.0,
                    help="weight of the cue features (asks.CUES; 0: none)")
+    p.add_argument("--no_cue_fallback", dest="cue_fallback", action="store_false",
+                   help="read no step where the head is unsure, whatever the cues ask (default: the cues' one)")
     p.add_argument("--cv", type=int, default=0, metavar="K",
                    help="also report K-fold leave-phrasings-out cross-validation on --conversations (how "
                         "settings are chosen: it never reads test_unseen)")
@@ -222,7 +223,7 @@ def main(argv=None) -> int:
 
     t = time.time()
     turns = labelled_turns(read_conversations(args.conversations, args.limit or None))
-    pairs = [(m, k) for m, k, _ in turns]
+    pairs = [(m, k) for m, k, _, _ in turns]
     if not pairs:
         raise SystemExit(f"{args.conversations}: no user turns with intents (meta.intents) to learn from")
     counts: dict[tuple[str, str], int] = {}
@@ -233,7 +234,8 @@ def main(argv=None) -> int:
     # each distinct phrasing counts once: weighting by how often a template recurs makes the head sure of
     # itself on phrasings it never saw (held-out: right in 54% of the turns it speaks on, against 72%)
     messages = [m for m, _ in counts]
-    fit_args = {"l2": args.l2, "word_weight": args.word_weight, "cue_weight": args.cue_weight}
+    fit_args = {"l2": args.l2, "word_weight": args.word_weight, "cue_weight": args.cue_weight,
+                "cue_fallback": args.cue_fallback}
     head = fit_head(X, [k for _, k in counts], encoder=encoder.name, encoder_version=encoder.version,
                     messages=messages, **fit_args)
     report = {"conversations": args.conversations, "limit": args.limit, "turns": len(pairs),
@@ -248,7 +250,8 @@ def main(argv=None) -> int:
         d = Path(args.conversations).parent
         held = [str(f) for f in (d / "valid.jsonl", d / "test_unseen.jsonl") if f.is_file()]
     for f in held:
-        pairs_f = labelled_messages(read_conversations(f))
+        # follow-up turns only: the runtime reads no step on a first turn (nothing played to step from)
+        pairs_f = [(m, k) for m, k, _, n in labelled_turns(read_conversations(f)) if n > 1]
         if pairs_f:
             ms = [m for m, _ in pairs_f]
             report[Path(f).stem] = score(head, encoder.encode(ms), [k for _, k in pairs_f], args.threshold, ms)

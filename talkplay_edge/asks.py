@@ -156,22 +156,22 @@ CUES: dict[str, str] = {
             "slow things down | lower tempo | lower the tempo | slower tempo | less bpm | lower bpm | "
             "bring the tempo down | take it slow | ease off",
     "energetic": "energetic energy intense intensity hype hyped pumped louder harder heavier powerful punchy "
-                 "lively livelier wilder rowdy amped fierce aggressive banger bangers | turn it up | kick it up",
+                 "lively livelier wilder rowdy amped fierce aggressive | turn it up | kick it up",
     "calm": "mellow mellower calm calmer chill chiller relaxed relaxing gentle gentler soft softer quiet quieter "
             "low-key lowkey sleepy laid-back laidback soothing peaceful tranquil subdued | laid back | "
-            "tone it down | wind down | take it easy",
+            "tone it down | turn it down | bring it down | energy down | bring the energy down | wind down | "
+            "take it easy",
     "happy": "happy happier cheerful cheery sunny sunnier upbeat joyful joyous bright brighter uplifting "
              "positive feel-good optimistic | feel good",
     "sad": "sad sadder melancholic melancholy gloomy gloomier dark darker somber sombre emotional depressing "
            "heartbroken bleak mournful downbeat moody moodier",
     "acoustic": "acoustic unplugged organic stripped stripped-down raw | stripped down | stripped back",
-    "produced": "electronic synth synthy synths produced polished slick slicker studio electric processed | "
-                "more production | big production",
+    "produced": "produced polished slick slicker studio processed | more production | big production",
     "dance": "danceable dancey dancing dancefloor groovy groovier groove funky funkier bouncy bouncier "
              "rhythmic | dance floor | to dance to | move to",
     "old": "older oldie oldies earlier retro vintage throwback dated | back in time | further back | go back | "
            "older stuff | old school",
-    "new": "newer recent latest modern fresher current contemporary later nowadays | more recent | these days | "
+    "new": "newer recent latest modern fresher current later nowadays | more recent | these days | "
            "fast forward | closer to now | closer to today",
     "other_artist": "| different artist | another artist | other artist | someone else | somebody else | "
                     "change the artist | new artist | switch artists | not them | not him | not her | "
@@ -179,6 +179,15 @@ CUES: dict[str, str] = {
     "same_artist": "| same artist | same band | same singer | more from | more by | another one by | "
                    "another song by | another track by | this artist | that artist | by them | from them",
 }
+# what a cue asks for when the head has nothing to say (``AskHead.read`` with ``cue_fallback``); a "too_" or
+# "less_" cue asks for the opposite step
+CUE_KINDS = {"fast": "faster", "slow": "slower", "energetic": "more_energy", "calm": "less_energy",
+             "happy": "happier", "sad": "sadder", "acoustic": "more_acoustic", "produced": "less_acoustic",
+             "dance": "more_danceable", "old": "older", "new": "newer", "other_artist": OTHER_ARTIST,
+             "same_artist": SAME_ARTIST}
+OPPOSITE = {"faster": "slower", "more_energy": "less_energy", "happier": "sadder", "more_acoustic": "less_acoustic",
+            "older": "newer"}
+OPPOSITE.update({b: a for a, b in OPPOSITE.items()})
 _CUE_PHRASES = sorted(((" " + " ".join(p.replace("-", " ").split()) + " ", cue) for cue, spec in CUES.items()
                        for part in (spec.split("|")[0].split(), spec.split("|")[1:]) for p in part if p.strip()),
                       key=lambda pc: (-len(pc[0]), pc[0]))
@@ -209,6 +218,22 @@ def cues_of(message: str) -> set[str]:
     return found
 
 
+def cue_kind(message: str) -> str:
+    """The one kind of step a message's cues ask for ("too quick" asks slower), or ``NONE`` when they ask
+    for none or for more than one."""
+    kinds = set()
+    for cue in cues_of(message):
+        name = cue.removeprefix("cue:")
+        prefix, _, base = name.partition("_")
+        if prefix in ("too", "less") and base in CUE_KINDS:
+            kind = OPPOSITE.get(CUE_KINDS[base])
+        else:
+            kind = CUE_KINDS.get(name)
+        if kind:
+            kinds.add(kind)
+    return kinds.pop() if len(kinds) == 1 else NONE
+
+
 class AskHead:
     """Softmax regression ``p = softmax(scale · [x, word_weight · w, cue_weight · c] @ W + b)`` over
     ``KINDS``: ``x`` the message's L2-normalised sentence embedding, ``w`` which of the head's ``words`` it
@@ -218,7 +243,7 @@ class AskHead:
     def __init__(self, W: np.ndarray, b: np.ndarray, kinds: tuple[str, ...] = KINDS, scale: float = 10.0,
                  encoder: str = "", encoder_version: str = "", words: tuple[str, ...] = (),
                  word_weight: float = 0.0, cues: tuple[str, ...] = (), cue_weight: float = 0.0,
-                 cue_table: str = CUE_TABLE):
+                 cue_table: str = CUE_TABLE, cue_fallback: bool = False):
         W, b = np.asarray(W, dtype=np.float32), np.asarray(b, dtype=np.float32)
         if (W.ndim != 2 or W.shape[1] != len(kinds) or b.shape != (len(kinds),)
                 or W.shape[0] <= len(words) + len(cues)):
@@ -230,8 +255,8 @@ class AskHead:
         self.W, self.b, self.kinds, self.scale = W, b, tuple(kinds), float(scale)
         self.encoder, self.encoder_version = encoder, encoder_version
         self.words, self.word_weight = tuple(words), float(word_weight)
-        self.cues, self.cue_weight = tuple(cues), float(cue_weight)
-        if self.cues and cue_table != CUE_TABLE:
+        self.cues, self.cue_weight, self.cue_fallback = tuple(cues), float(cue_weight), bool(cue_fallback)
+        if (self.cues or self.cue_fallback) and cue_table != CUE_TABLE:
             raise AskHeadError(f"ask head: trained with another cue table ({cue_table}, this code has "
                                f"{CUE_TABLE}); retrain it with `{TRAIN_COMMAND}`")
         self._word_index = {w: i for i, w in enumerate(self.words)}
@@ -269,12 +294,23 @@ class AskHead:
         e = np.exp(s)
         return e / e.sum(1, keepdims=True)
 
+    def read(self, embeddings: np.ndarray, messages: list[str] | None = None, threshold: float = 0.5) -> list[str]:
+        """The kind each message asks for: the most probable kind where its probability is at least
+        ``threshold``, else ``NONE``; with ``cue_fallback``, a message the head reads as ``NONE`` whose cues
+        ask for one kind (``cue_kind``) asks for that kind."""
+        p = self.probabilities(embeddings, messages)
+        best = p.argmax(1)
+        out = [self.kinds[k] if p[r, k] >= threshold else NONE for r, k in enumerate(best)]
+        if self.cue_fallback and messages is not None:
+            out = [k if k != NONE else cue_kind(m) for k, m in zip(out, messages)]
+        return out
+
     def save(self, path) -> None:
         np.savez_compressed(path, W=self.W, b=self.b, kinds=np.array(self.kinds), scale=np.float32(self.scale),
                  encoder=np.array(self.encoder), encoder_version=np.array(self.encoder_version),
                  words=np.array(self.words, dtype=str), word_weight=np.float32(self.word_weight),
                  cues=np.array(self.cues, dtype=str), cue_weight=np.float32(self.cue_weight),
-                 cue_table=np.array(CUE_TABLE))
+                 cue_table=np.array(CUE_TABLE), cue_fallback=np.bool_(self.cue_fallback))
 
     @classmethod
     def load(cls, path=None) -> "AskHead":
@@ -284,10 +320,11 @@ class AskHead:
         try:
             with np.load(path) as z:
                 cues = tuple(str(c) for c in z["cues"]) if "cues" in z else ()  # heads before the cues
+                fallback = bool(z["cue_fallback"]) if "cue_fallback" in z else False
                 return cls(z["W"], z["b"], tuple(str(k) for k in z["kinds"]), float(z["scale"]),
                            str(z["encoder"]), str(z["encoder_version"]), tuple(str(w) for w in z["words"]),
                            float(z["word_weight"]), cues, float(z["cue_weight"]) if cues else 0.0,
-                           str(z["cue_table"]) if cues else CUE_TABLE)
+                           str(z["cue_table"]) if cues or fallback else CUE_TABLE, fallback)
         except (OSError, ValueError, KeyError) as e:
             raise AskHeadError(f"{path}: not an ask head ({e}); train it with `{TRAIN_COMMAND}`") from e
 
@@ -330,9 +367,7 @@ class Asks:
         """The kind of step ``message`` asks for (``KINDS``), ``NONE`` unless the head is sure."""
         if not message or not message.strip():
             return NONE
-        p = self.head.probabilities(self.embed([message]), [message])[0]
-        k = int(p.argmax())
-        return self.head.kinds[k] if p[k] >= self.threshold else NONE
+        return self.head.read(self.embed([message]), [message], self.threshold)[0]
 
     def satisfying(self, kind: str, last: int | None) -> np.ndarray | None:
         """Bool per track: gives ``kind`` relative to track ``last``; None when it asks nothing here."""

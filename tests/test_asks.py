@@ -58,6 +58,18 @@ def test_cues_of(message, cues):
     assert all(c.split("_", 1)[-1] in CUES or c in CUES for c in cues)
 
 
+@pytest.mark.parametrize("message, kind", [
+    ("Something quicker.", "faster"), ("way too quick for me", "slower"), ("less intense please", "less_energy"),
+    ("Too gloomy.", "happier"), ("a throwback next", "older"), ("someone else please", OTHER_ARTIST),
+    ("more from them", SAME_ARTIST), ("quicker and older", NONE), ("Play me some jazz.", NONE), ("", NONE),
+    ("not as slow", "faster"),
+])
+def test_cue_kind(message, kind):
+    from talkplay_edge.asks import cue_kind
+
+    assert cue_kind(message) == kind
+
+
 def _onehot_embed(texts):
     """A stand-in encoder: a message that is a kind's name embeds as that kind's one-hot row, others as none's."""
     eye = np.eye(len(KINDS), dtype=np.float32)
@@ -111,7 +123,10 @@ def test_ask_head_with_cues_round_trips_and_knows_its_cue_table(tmp_path, monkey
     assert np.allclose(f[:, 3:], [[0.5, 2.0, 0], [0, 0, 2.0], [0, 0, 0]])  # words, then cues, each unit × weight
     head.save(tmp_path / "h.npz")
     back = AskHead.load(tmp_path / "h.npz")
-    assert back.cues == ("cue:fast", "cue:old") and back.cue_weight == 2.0
+    assert back.cues == ("cue:fast", "cue:old") and back.cue_weight == 2.0 and not back.cue_fallback
+    AskHead(head.W, head.b, KINDS, 4.0, words=("faster",), word_weight=0.5, cues=head.cues, cue_weight=2.0,
+            cue_fallback=True).save(tmp_path / "f.npz")
+    assert AskHead.load(tmp_path / "f.npz").cue_fallback
     assert np.allclose(back.probabilities(x, msgs), head.probabilities(x, msgs))
     monkeypatch.setattr(asks_mod, "CUE_TABLE", "another table")  # the code's cue words changed since training
     with pytest.raises(AskHeadError, match="another cue table.*export.asks"):
@@ -124,7 +139,7 @@ def test_the_packaged_head_reads_steps_from_messages(text_encoder):
     msgs = ["Something older, please.", "slow it down a little", "Play me some jazz.", "not this artist again"]
     p = head.probabilities(text_encoder.encode(msgs), msgs)
     assert [head.kinds[i] for i in p.argmax(1)] == ["older", "slower", NONE, "other_artist"]
-    assert head.cues and head.cue_weight > 0  # the shipped head reads cue words
+    assert head.cues and head.cue_weight > 0 and head.cue_fallback  # the shipped head reads cue words
 
 
 @pytest.fixture()
@@ -334,10 +349,10 @@ def test_cues_carry_a_step_to_words_the_head_never_saw_and_cross_validation_show
     # every message embeds alike: only its words and cues tell the kinds apart
     phrasings = {"faster": ["quicker one {}", "faster tempo {}"], "slower": ["slower one {}", "slow it down {}"],
                  NONE: ["jazz please {}", "something by band {}"]}
-    turns = [(p.format(i), kind, f"{kind}:{j}") for kind, ps in phrasings.items() for j, p in enumerate(ps)
+    turns = [(p.format(i), kind, f"{kind}:{j}", 2) for kind, ps in phrasings.items() for j, p in enumerate(ps)
              for i in range(6)]
     same = lambda ms: np.tile(np.eye(1, 8, dtype=np.float32), (len(ms), 1))  # noqa: E731
-    ms, ks = [m for m, _, _ in turns], [k for _, k, _ in turns]
+    ms, ks = [m for m, _, _, _ in turns], [k for _, k, _, _ in turns]
     unseen, truth = ["speedy please", "more leisurely"], ["faster", "slower"]
     plain = fit_head(same(ms), ks, l2=1e-4, messages=ms, word_weight=1.0)
     cued = fit_head(same(ms), ks, l2=1e-4, messages=ms, word_weight=1.0, cue_weight=2.0)
@@ -345,14 +360,21 @@ def test_cues_carry_a_step_to_words_the_head_never_saw_and_cross_validation_show
     assert score(plain, same(unseen), truth, messages=unseen)["speaks_right"] == 0
     assert score(cued, same(unseen), truth, messages=unseen)["speaks_right"] == 2
     # leave-phrasings-out: each fold holds out one of each kind's two patterns; only the cues carry over
-    folds = pattern_folds([p for _, _, p in turns], 2)
+    folds = pattern_folds([p for _, _, p, _ in turns], 2)
     assert sorted(folds.values()).count(0) == sorted(folds.values()).count(1) == 3
     cv_plain = cross_validate(turns, same, 2, l2=1e-4, word_weight=1.0)
     cv_cued = cross_validate(turns, same, 2, l2=1e-4, word_weight=1.0, cue_weight=2.0)
     assert cv_plain["asking_turns"] == cv_cued["asking_turns"] == 24 and cv_plain["right"] < 24
     assert cv_cued["right"] == 24 and cv_cued["precision"] == 1.0
+    first_turns = [(m, k, p, 1) for m, k, p, _ in turns]  # a first turn's reading is never used: not scored
+    assert cross_validate(first_turns, same, 2, l2=1e-4)["asking_turns"] == 0
     with pytest.raises(ValueError, match="pattern id"):
-        cross_validate([(m, k, "") for m, k, _ in turns], same, 2)
+        cross_validate([(m, k, "", 2) for m, k, _, _ in turns], same, 2)
+    # with cue_fallback a head that reads no step takes the one the cues ask for; "too" turns it around
+    fallback = fit_head(same(ms), ks, l2=1e-4, messages=ms, word_weight=1.0, cue_fallback=True)
+    msgs = ["speedy please", "that is way too quick", "jazz please 1", "quicker, no, slower"]
+    assert plain.read(same(msgs), msgs) == [NONE, NONE, NONE, "slower"]
+    assert fallback.read(same(msgs), msgs) == ["faster", "slower", NONE, "slower"]
     # the turns a new head reads otherwise than an old one (first turns are never listed)
     conv = {"id": "c1", "turns": [{"role": "user", "content": "speedy please"}, {"role": "assistant", "content": "a"},
                                   {"role": "user", "content": "speedy please"}, {"role": "assistant", "content": "b"},

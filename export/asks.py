@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from talkplay_edge.asks import (ASKS, HEAD_FILE, KINDS, NONE, OTHER_ARTIST, SAME_ARTIST, AskHead, cues_of,
-                                words_of)
+from talkplay_edge.asks import (ASKS, HEAD_FILE, KINDS, NONE, OTHER_ARTIST, SAME_ARTIST, AskHead, AskHeadError,
+                                cues_of, words_of)
 
 # the conversations' intents (``conversations.py``) that ask for a step, by the kind they ask
 INTENT_KIND = {**{k: k for k in ASKS}, "neg_too_slow": "faster", "neg_too_fast": "slower",
@@ -256,7 +256,10 @@ def main(argv=None) -> int:
             ms = [m for m, _ in pairs_f]
             report[Path(f).stem] = score(head, encoder.encode(ms), [k for _, k in pairs_f], args.threshold, ms)
     if args.changed_from:
-        old = AskHead.load(args.changed_from)
+        try:
+            old = AskHead.load(args.changed_from)
+        except AskHeadError as e:
+            raise SystemExit(f"--changed_from: {e}") from None
         changed = []
         for f in args.changed_in:
             rows = changed_turns(old, head, read_conversations(f), encoder.encode, args.threshold)

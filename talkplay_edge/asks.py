@@ -35,6 +35,7 @@ the tracks the listener wanted, a missed one only leaves the model on its own.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -197,7 +198,8 @@ _INTENSIFIERS = {"way", "much", "far", "really", "very", "so", "a", "bit", "litt
                  "of", "kinda", "just", "slightly", "somewhat", "even"}
 
 
-def cues_of(message: str) -> set[str]:
+@functools.lru_cache(maxsize=4096)  # the head's features and its fallback read the same message's cues
+def cues_of(message: str) -> frozenset[str]:
     """The cue features of a message (``CUES``), e.g. {"cue:fast", "cue:too_slow"} for "Way too sluggish,
     speed it up"; longer phrases first, each word counted once. The word before a cue (past intensifiers:
     "way", "a bit", ...) makes it ``too_``: "too", or ``less_``: "less", "fewer", "not", "not as"."""
@@ -215,7 +217,7 @@ def cues_of(message: str) -> set[str]:
             prefix = "too_" if word == "too" else "less_" if word in ("less", "fewer", "not") else ""
             found.add("cue:" + prefix + cue)
             text = text[:i] + " " * (len(phrase) - 1) + text[i + len(phrase) - 1:]
-    return found
+    return frozenset(found)
 
 
 def cue_kind(message: str) -> str:

@@ -2,12 +2,12 @@
 
 The tool copies this checkout's working tree to the machine (at most 64 MiB per call, tracked files included),
 keeps /root while the machine stays warm (30 s after a call) and brings back at most 8 files of 16 MiB from
-``$OUT``. The tracked tree alone is ~61 MB (``catalog.db`` and the ONNX encoders), and training needs the
-98 MB base GGUF, the catalog and the conversations. So::
+``$OUT``. The tracked tree alone is ~84 MB (``catalog.db``, its track vectors and the ONNX encoders), and
+training needs the 98 MB base GGUF, the catalog and the conversations. So::
 
     talkplay conversations build --train 100000            # here, once
     python -m export.device pack                          # here: .devpack/part-K, each fits one call
-    python -m export.device aside                         # here: move catalog.db + talkplay_edge/models aside
+    python -m export.device aside                         # here: move catalog.db(+ vectors), talkplay_edge/models aside
     # device tool, one call per part, back to back (the machine stays warm only 30 s):
     #   run(command="python3 -m export.device step", carry=[".devpack/part-1"], timeout_s=120)
     #   run(command="python3 -m export.device step", carry=[".devpack/part-2"], timeout_s=600)
@@ -42,7 +42,8 @@ from talkplay_edge.model_build import sha256_file
 
 CALL_LIMIT = 64 * 2**20  # working tree + carried paths, per call
 PACK_DIR = ".devpack"
-ASIDE = ("catalog.db", "talkplay_edge/models")  # tracked, large, not needed to train
+ASIDE = ("catalog.db", "catalog.vectors.npz", "talkplay_edge/models")  # tracked, large, not needed to train
+FIRST_CALL_S, LAST_CALL_S = 120, 600  # device timeouts: a call that only stashes its part; the training call
 STASH = Path(os.environ.get("TALKPLAY_DEVICE_STASH", "/root/talkplay-devpack"))
 GGUF_WHEEL = "gguf==0.19.0"  # transformers' gguf_file= loader; the device image lacks it
 
@@ -112,9 +113,16 @@ def pack(root: Path, base_gguf: Path, catalog: Path, train: Path, valid: Path, w
             manifest["parts"].append({"name": part.name, "size": len(block),
                                       "sha256": hashlib.sha256(block).hexdigest()})
     tar_path.unlink()
+    manifest["calls"] = device_calls(len(manifest["parts"]))
     for k in range(1, len(manifest["parts"]) + 1):
         (out / f"part-{k}" / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
+
+
+def device_calls(parts: int) -> list[dict]:
+    """The device tool calls that send ``parts`` parts, in order, back to back: only the last one trains."""
+    return [{"command": "python3 -m export.device step", "carry": [f"{PACK_DIR}/part-{k}"],
+             "timeout_s": LAST_CALL_S if k == parts else FIRST_CALL_S} for k in range(1, parts + 1)]
 
 
 def _move(root: Path, away: bool, clash: str) -> list[str]:
@@ -288,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default="text,mean", help="init= values to train side by side")
     p.add_argument("--max-minutes", type=float, default=7.0)
     p.add_argument("--config", default="export/configs/smollm2-gpu.json")
-    sub.add_parser("aside", help="here: move catalog.db and talkplay_edge/models into .devpack/aside")
+    sub.add_parser("aside", help="here: move catalog.db, its vectors and talkplay_edge/models into .devpack/aside")
     sub.add_parser("restore", help="here: move them back")
     s = sub.add_parser("step", help="on the device: stash this call's part; with all parts, train")
     s.add_argument("extra", nargs="*", help="extra export.train arguments (tests: --base=tiny --device=cpu ...)")
@@ -310,8 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         m = pack(root, a.base or find_base_gguf(), a.catalog, a.train, a.valid, wheel, a.conversations,
                  a.variants.split(","), a.max_minutes, a.config)
         print(json.dumps({"parts": len(m["parts"]), "payload_mb": round(m["size"] / 1e6, 1),
-                          "tree_mb": round(m["tree_bytes"] / 1e6, 1),
-                          "carry": [f"{PACK_DIR}/part-{k}" for k in range(1, len(m["parts"]) + 1)]}))
+                          "tree_mb": round(m["tree_bytes"] / 1e6, 1), "calls": m["calls"]}, indent=1))
     elif a.cmd == "aside":
         print(json.dumps({"moved": aside(root), "tree_mb": round(travelling_bytes(root, ()) / 1e6, 1)}))
     elif a.cmd == "restore":

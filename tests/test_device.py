@@ -45,10 +45,26 @@ def test_pack_splits_into_parts_that_fit_a_call(packed):
     for d in parts:
         assert tree + sum(f.stat().st_size for f in d.iterdir()) <= 80_000
         assert json.loads((d / "manifest.json").read_text())["sha256"] == manifest["sha256"]
+    calls = manifest["calls"]  # one call per part, in order; only the last trains (the long timeout)
+    assert [c["carry"] for c in calls] == [[f".devpack/{d.name}"] for d in parts]
+    assert [c["timeout_s"] for c in calls] == [device.FIRST_CALL_S] * (len(parts) - 1) + [device.LAST_CALL_S]
+
+
+def test_this_checkout_sends_the_real_payload_in_two_calls():
+    """The README's plan is two device calls. The real payload is ~118.5 MB (98.4 MB base GGUF, 8.6 MB
+    catalog.db.xz, 11.3 MB of 100k training conversations as xz, the gguf wheel): with what ``aside`` moves
+    out, this checkout's tree must leave room for it in two calls (catalog.vectors.npz, 16.8 MB, once made
+    it three)."""
+    payload = 125 * 10**6  # the real one plus headroom
+    tree = device.travelling_bytes(REPO)
+    assert 2 * (device.CALL_LIMIT - tree - 2**20) >= payload, f"tree after aside: {tree / 2**20:.1f} MiB"
 
 
 def test_step_waits_for_all_parts_then_trains_every_variant(packed, tmp_path, monkeypatch):
-    root, manifest = packed
+    from tinymodel import smollm2_tokenizer_dir
+
+    smollm2_tokenizer_dir()  # the tiny base's tokenizer comes from the real base: cache it before the step
+    root, manifest = packed  # points TALKPLAY_BASE_GGUF at the stand-in (alone, this test once failed on that)
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     held = tmp_path / "held"
     held.mkdir()
@@ -95,13 +111,14 @@ def test_aside_and_restore_round_trip(tmp_path):
     (tmp_path / "talkplay_edge" / "models" / "m").mkdir(parents=True)
     (tmp_path / "talkplay_edge" / "models" / "m" / "w.bin").write_bytes(b"w")
     (tmp_path / "catalog.db").write_bytes(b"db")
-    assert device.aside(tmp_path) == ["catalog.db", "talkplay_edge/models"]
+    (tmp_path / "catalog.vectors.npz").write_bytes(b"vec")
+    assert device.aside(tmp_path) == ["catalog.db", "catalog.vectors.npz", "talkplay_edge/models"]
     assert not (tmp_path / "catalog.db").exists() and not (tmp_path / "talkplay_edge" / "models").exists()
     with pytest.raises(SystemExit):
         (tmp_path / "catalog.db").write_bytes(b"new")
         device.aside(tmp_path)
     (tmp_path / "catalog.db").unlink()
-    assert device.restore(tmp_path) == ["catalog.db", "talkplay_edge/models"]
+    assert device.restore(tmp_path) == ["catalog.db", "catalog.vectors.npz", "talkplay_edge/models"]
     assert (tmp_path / "catalog.db").read_bytes() == b"db"
     assert (tmp_path / "talkplay_edge" / "models" / "m" / "w.bin").read_bytes() == b"w"
 

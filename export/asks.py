@@ -18,6 +18,8 @@ The settings are chosen by ``--cv K``: leave-phrasings-out cross-validation on t
 (``cross_validate``), which asks the question test_unseen asks (does the head read phrasings it never saw?)
 without reading test_unseen. ``--changed_from OLD_HEAD --changed_in FILE...`` lists the turns whose reading
 the new head changes: only their ranks can change, so `talkplay eval --only-turns` re-scores just those.
+A head trained under another cue table loads only with the code it was trained with: there, ``--readings_out
+FILE --changed_in FILE...`` writes each follow-up turn's reading, and ``--changed_from FILE`` takes those.
 """
 
 from __future__ import annotations
@@ -31,13 +33,14 @@ from pathlib import Path
 
 import numpy as np
 
-from talkplay_edge.asks import (ASKS, HEAD_FILE, KINDS, NONE, OTHER_ARTIST, SAME_ARTIST, AskHead, AskHeadError,
-                                cues_of, words_of)
+from talkplay_edge.asks import (ASKS, HEAD_FILE, KINDS, NONE, OTHER_ARTIST, SAME_ARTIST, SIMILAR, AskHead,
+                                AskHeadError, cues_of, words_of)
 
 # the conversations' intents (``conversations.py``) that ask for a step, by the kind they ask
 INTENT_KIND = {**{k: k for k in ASKS}, "neg_too_slow": "faster", "neg_too_fast": "slower",
                "neg_too_mellow": "more_energy", "neg_too_sad": "happier", "neg_too_old": "newer",
-               "other_artist": OTHER_ARTIST, "negative": OTHER_ARTIST, "same_artist": SAME_ARTIST}
+               "other_artist": OTHER_ARTIST, "negative": OTHER_ARTIST, "same_artist": SAME_ARTIST,
+               "more_like_this": SIMILAR, "positive_more": SIMILAR}
 
 
 def labelled_turns(conversations) -> list[tuple[str, str, str, int]]:
@@ -83,7 +86,8 @@ def cross_validate(turns: list[tuple[str, str, str, int]], embed, k: int = 5, th
     training never saw; but choosing settings this way never reads ``test_unseen``. ``embed(messages)``
     gives their embeddings. Pooled over the folds: the asking turns, how many the head reads right
     (``coverage``: their share), how often it speaks on a turn that asks nothing, and ``precision`` (right
-    of all the turns it speaks on)."""
+    of all the turns it speaks on); ``by_kind``: per true kind, its turns, how many are read right and how
+    many turns the head reads as that kind wrongly, and what it reads its turns as when not that kind."""
     if not turns or not all(p for _, _, p, _ in turns):
         raise ValueError("cross-validation needs every turn's pattern id (meta.patterns)")
     distinct = sorted({(m, kind) for m, kind, _, _ in turns})
@@ -92,6 +96,7 @@ def cross_validate(turns: list[tuple[str, str, str, int]], embed, k: int = 5, th
     folds = pattern_folds([p for _, _, p, _ in turns], k)
     out = {"folds": k, "asking_turns": 0, "right": 0, "speaks_on_asking": 0, "none_turns": 0,
            "speaks_on_none": 0}
+    by_kind = {kind: {"turns": 0, "right": 0, "read_wrongly_as": 0, "read_as": {}} for kind in KINDS}
     for f in range(k):
         train = sorted({row[(m, kind)] for m, kind, p, _ in turns if folds[p] != f})
         kept = set(train)
@@ -109,8 +114,16 @@ def cross_validate(turns: list[tuple[str, str, str, int]], embed, k: int = 5, th
         out["speaks_on_asking"] += int((speaks & asking).sum())
         out["none_turns"] += int((~asking).sum())
         out["speaks_on_none"] += int((speaks & ~asking).sum())
+        for t, p_ in zip(truth, pred):
+            by_kind[t]["turns"] += 1
+            by_kind[t]["right"] += int(p_ == t and t != NONE)
+            if p_ != t and p_ != NONE:
+                by_kind[p_]["read_wrongly_as"] += 1
+            if p_ != t:
+                by_kind[t]["read_as"][str(p_)] = by_kind[t]["read_as"].get(str(p_), 0) + 1
     out["coverage"] = round(out["right"] / max(out["asking_turns"], 1), 4)
     out["precision"] = round(out["right"] / max(out["speaks_on_asking"] + out["speaks_on_none"], 1), 4)
+    out["by_kind"] = {kind: v for kind, v in by_kind.items() if v["turns"] or v["read_wrongly_as"]}
     return out
 
 
@@ -157,11 +170,9 @@ def fit_head(embeddings: np.ndarray, kinds: list[str], l2: float = 3e-4, scale: 
                    word_weight, cues, cue_weight, cue_fallback=cue_fallback)
 
 
-def changed_turns(old: AskHead, new: AskHead, conversations, embed, threshold: float = 0.5) -> list[dict]:
-    """The turns whose step ``new`` reads otherwise than ``old``: {"conversation", "turn", "intent", "was",
-    "now"} for each user message after the first (a first turn has no track to step from, so its reading
-    is not used). Only these turns' ranks can change when a head replaces another: list them for
-    `talkplay eval --only-turns`."""
+def readings(head: AskHead, conversations, embed, threshold: float = 0.5) -> list[dict]:
+    """{"conversation", "turn", "intent", "kind"} for each user message after the first (a first turn has no
+    track to step from, so its reading is not used): the step ``head`` reads there."""
     rows = []
     for index, conv in enumerate(conversations):
         intents = (conv.get("meta") or {}).get("intents") or []
@@ -170,11 +181,27 @@ def changed_turns(old: AskHead, new: AskHead, conversations, embed, threshold: f
                   "intent": intents[n - 1] if n <= len(intents) else None} for n, m in enumerate(users, 1) if n > 1]
     if not rows:
         return []
-    messages = [r["message"] for r in rows]
-    X = embed(messages)
-    was, now = old.read(X, messages, threshold), new.read(X, messages, threshold)
-    return [{**{k: r[k] for k in ("conversation", "turn", "intent")}, "was": str(a), "now": str(b)}
-            for r, a, b in zip(rows, was, now) if a != b]
+    messages = [r.pop("message") for r in rows]
+    for r, kind in zip(rows, head.read(embed(messages), messages, threshold)):
+        r["kind"] = str(kind)
+    return rows
+
+
+def changed_turns(old, new: AskHead, conversations, embed, threshold: float = 0.5) -> list[dict]:
+    """The turns whose step ``new`` reads otherwise than ``old`` (a head, or the ``readings`` of the old one:
+    a head trained under another cue table loads only with the code it was trained with): {"conversation",
+    "turn", "intent", "was", "now"}. Only these turns' ranks can change when a head replaces another: list
+    them for `talkplay eval --only-turns`."""
+    now = readings(new, conversations, embed, threshold)
+    if isinstance(old, AskHead):
+        was = {(r["conversation"], r["turn"]): r["kind"] for r in readings(old, conversations, embed, threshold)}
+    else:
+        was = {(str(r["conversation"]), int(r["turn"])): str(r["kind"]) for r in old}
+    missing = [(r["conversation"], r["turn"]) for r in now if (r["conversation"], r["turn"]) not in was]
+    if missing:
+        raise ValueError(f"the old readings lack {len(missing)} turns, e.g. {missing[0]}: read the same files")
+    return [{**{k: r[k] for k in ("conversation", "turn", "intent")}, "was": was[(r["conversation"], r["turn"])],
+             "now": r["kind"]} for r in now if r["kind"] != was[(r["conversation"], r["turn"])]]
 
 
 def remembering(encode):
@@ -221,11 +248,14 @@ def main(argv=None) -> int:
                    help="also report K-fold leave-phrasings-out cross-validation on --conversations (how "
                         "settings are chosen: it never reads test_unseen)")
     p.add_argument("--threshold", type=float, default=0.5, help="the runtime's (asks.Asks) for the report")
-    p.add_argument("--changed_from", metavar="OLD_HEAD", default=None,
-                   help="list the turns of --changed_in whose step this head reads otherwise than OLD_HEAD")
+    p.add_argument("--changed_from", metavar="OLD", default=None,
+                   help="list the turns of --changed_in whose step this head reads otherwise than OLD: a head "
+                        "(.npz), or the JSON lines --readings_out wrote for it (needed when the cue table changed)")
     p.add_argument("--changed_in", nargs="*", default=[], metavar="FILE", help="conversations files for --changed_from")
     p.add_argument("--changed_out", default="changed_turns.jsonl",
                    help="where --changed_from writes them (JSON lines: `talkplay eval --only-turns` reads it)")
+    p.add_argument("--readings_out", metavar="FILE", default=None,
+                   help="write the step this head reads on each follow-up turn of --changed_in (JSON lines)")
     p.add_argument("--out", default=str(HEAD_FILE))
     p.add_argument("--write", action="store_true", help="write the head to --out (else only report)")
     p.add_argument("--json", action="store_true")
@@ -269,14 +299,28 @@ def main(argv=None) -> int:
         if pairs_f:
             ms = [m for m, _ in pairs_f]
             report[Path(f).stem] = score(head, embed(ms), [k for _, k in pairs_f], args.threshold, ms)
+    if args.readings_out:
+        with open(args.readings_out, "w", encoding="utf-8") as out:
+            for f in args.changed_in:
+                out.writelines(json.dumps(r) + "\n" for r in readings(head, read_conversations(f), embed,
+                                                                      args.threshold))
+        report["readings_out"] = args.readings_out
     if args.changed_from:
-        try:
-            old = AskHead.load(args.changed_from)
-        except AskHeadError as e:
-            raise SystemExit(f"--changed_from: {e}") from None
+        if args.changed_from.endswith((".jsonl", ".json")):
+            with open(args.changed_from, encoding="utf-8") as f:
+                old = [json.loads(line) for line in f if line.strip()]
+        else:
+            try:
+                old = AskHead.load(args.changed_from)
+            except AskHeadError as e:
+                raise SystemExit(f"--changed_from: {e}; or pass the readings that head's code wrote "
+                                 "(--readings_out)") from None
         changed = []
         for f in args.changed_in:
-            rows = changed_turns(old, head, read_conversations(f), embed, args.threshold)
+            try:
+                rows = changed_turns(old, head, read_conversations(f), embed, args.threshold)
+            except ValueError as e:
+                raise SystemExit(f"--changed_from {args.changed_from}: {e}") from None
             report[f"changed in {Path(f).stem}"] = len(rows)
             changed += rows
         with open(args.changed_out, "w", encoding="utf-8") as out:

@@ -9,6 +9,9 @@ model trained on few conversations still moves the way the listener asked.
                      happier, sadder, more/less acoustic, more danceable, older, newer
     OTHER_ARTIST     another artist than the last track's
     SAME_ARTIST      the last track's artist again ("more from them", "same artist, different song")
+    SIMILAR          more like the last track ("more like this", "love it, another one like that"): the
+                     ``NEAR_COUNT`` tracks nearest to it in sound (energy, danceability, valence,
+                     acousticness, tempo / 100) among those that share a subgenre with it
     decade_of(msg)   the decade a message names ("80s", "1980s", "eighties", "noughties", "2010s"), or None
     moods_of(msg)    the moods a message names ("mellow", "upbeat", "danceable"...: ``conversations.MOODS``,
                      each a threshold on one audio feature: "mellow" is energy <= 0.45)
@@ -57,8 +60,11 @@ ASKS: dict[str, tuple[str, int, float]] = {
 }
 OTHER_ARTIST = "other_artist"
 SAME_ARTIST = "same_artist"
+SIMILAR = "similar"
 NONE = "none"
-KINDS = (NONE, *sorted(ASKS), OTHER_ARTIST, SAME_ARTIST)  # the head's classes, in this order
+KINDS = (NONE, *sorted(ASKS), OTHER_ARTIST, SAME_ARTIST, SIMILAR)  # the head's classes, in this order
+NEAR_FEATURES = (("energy", 1.0), ("danceability", 1.0), ("valence", 1.0), ("acousticness", 1.0), ("tempo", 0.01))
+NEAR_COUNT = 100  # how many tracks "more like this" asks for
 ATTRIBUTES = sorted({a for a, _, _ in ASKS.values()} | {f for f, _, _ in MOODS.values()})
 HEAD_FILE = Path(__file__).parent / "models" / "ask_head.npz"
 TRAIN_COMMAND = "python -m export.asks --write"
@@ -179,20 +185,25 @@ CUES: dict[str, str] = {
                     "not this artist | different singer | different band",
     "same_artist": "| same artist | same band | same singer | more from | more by | another one by | "
                    "another song by | another track by | this artist | that artist | by them | from them",
+    "similar": "similar alike | same vibe | same feel | same style | same sound | same kind | same mood | "
+               "same energy | like this | like that | like this one | like that one | more of this | "
+               "more of that | more of the same | more like | along those lines | along the same lines | "
+               "in that vein | same vein | this vibe | "
+               "that vibe | that sound | this sound | another one like",
 }
 # what a cue asks for when the head has nothing to say (``AskHead.read`` with ``cue_fallback``); a "too_" or
 # "less_" cue asks for the opposite step
 CUE_KINDS = {"fast": "faster", "slow": "slower", "energetic": "more_energy", "calm": "less_energy",
              "happy": "happier", "sad": "sadder", "acoustic": "more_acoustic", "produced": "less_acoustic",
              "dance": "more_danceable", "old": "older", "new": "newer", "other_artist": OTHER_ARTIST,
-             "same_artist": SAME_ARTIST}
+             "same_artist": SAME_ARTIST, "similar": SIMILAR}
 OPPOSITE = {"faster": "slower", "more_energy": "less_energy", "happier": "sadder", "more_acoustic": "less_acoustic",
             "older": "newer"}
 OPPOSITE.update({b: a for a, b in OPPOSITE.items()})
 _CUE_PHRASES = sorted(((" " + " ".join(p.replace("-", " ").split()) + " ", cue) for cue, spec in CUES.items()
                        for part in (spec.split("|")[0].split(), spec.split("|")[1:]) for p in part if p.strip()),
                       key=lambda pc: (-len(pc[0]), pc[0]))
-_CUE_RULES = 2  # the version of how cues_of reads them: part of CUE_TABLE
+_CUE_RULES = 3  # the version of how cues_of reads them: part of CUE_TABLE
 CUE_TABLE = hashlib.sha256(json.dumps([CUES, _CUE_RULES], sort_keys=True).encode()).hexdigest()[:16]  # heads record it
 _INTENSIFIERS = {"way", "much", "far", "really", "very", "so", "a", "bit", "little", "lot", "damn", "darn", "kind",
                  "of", "kinda", "just", "slightly", "somewhat", "even"}
@@ -214,7 +225,7 @@ def cues_of(message: str) -> frozenset[str]:
             word = before[j] if j >= 0 else ""
             if word == "as" and j >= 1 and before[j - 1] == "not":
                 word = "not"
-            prefix = "too_" if word == "too" else "less_" if word in ("less", "fewer", "not") else ""
+            prefix = "too_" if word == "too" else "less_" if word in ("less", "fewer", "not", "t", "never") else ""
             found.add("cue:" + prefix + cue)
             text = text[:i] + " " * (len(phrase) - 1) + text[i + len(phrase) - 1:]
     return frozenset(found)
@@ -222,7 +233,7 @@ def cues_of(message: str) -> frozenset[str]:
 
 def cue_kind(message: str) -> str:
     """The one kind of step a message's cues ask for ("too quick" asks slower), or ``NONE`` when they ask
-    for none or for more than one."""
+    for none or for more than one; "more like this" (``SIMILAR``) beside one step asks for that step."""
     kinds = set()
     for cue in cues_of(message):
         name = cue.removeprefix("cue:")
@@ -233,6 +244,8 @@ def cue_kind(message: str) -> str:
             kind = CUE_KINDS.get(name)
         if kind:
             kinds.add(kind)
+    if len(kinds) == 2 and SIMILAR in kinds:  # "like this, but faster": the step says more than the likeness
+        kinds.discard(SIMILAR)
     return kinds.pop() if len(kinds) == 1 else NONE
 
 
@@ -389,6 +402,25 @@ class Asks:
             return ok
         return None
 
+    def near(self, last: int | None, count: int | None = None) -> np.ndarray | None:
+        """Bool per track: one of the ``count`` (default ``NEAR_COUNT``) tracks nearest to ``last`` in sound
+        (``NEAR_FEATURES``, squared distance over the features both have) among those sharing a subgenre
+        with it, ``last`` itself left out; None when it has no subgenre or no energy value."""
+        count = NEAR_COUNT if count is None else count
+        styles = self.styles_of.get(last, ()) if last is not None else ()
+        if not styles or np.isnan(self.values["energy"][last]):
+            return None
+        pool = np.unique(np.concatenate([self.styles[g] for g in styles]))
+        pool = pool[pool != last]
+        d = np.zeros(len(pool))
+        for feature, scale in NEAR_FEATURES:
+            v = self.values[feature]
+            diff = (v[pool].astype(np.float64) - float(v[last])) * scale
+            d += np.where(np.isnan(diff), 0.0, diff * diff)
+        ok = np.zeros(len(self.values["energy"]), dtype=bool)
+        ok[pool[np.argsort(d, kind="stable")[:count]]] = True
+        return ok
+
     def asked_tracks(self, history: list[dict]) -> np.ndarray | None:
         """Indices of the tracks that give what the latest user message asks (a decade it names, and the
         step its kind asks from the last played track); None when it asks nothing this can check."""
@@ -403,7 +435,7 @@ class Asks:
             with np.errstate(invalid="ignore"):
                 ok = (year >= decade) & (year < decade + 10)
         kind = self.kind(message) if last is not None else NONE  # a first turn has no track to step from
-        step = self.satisfying(kind, last)
+        step = self.near(last) if kind == SIMILAR else self.satisfying(kind, last)
         if step is not None:
             ok = step if ok is None else ok & step
         if kind == NONE:  # a mood is what the track is, not a step from the last one

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from talkplay_edge.asks import (ASKS, CUES, KINDS, NONE, OTHER_ARTIST, SAME_ARTIST, AskHead, AskHeadError, Asks,
-                                cues_of, decade_of, genres_in, moods_of)
+from talkplay_edge.asks import (ASKS, CUES, KINDS, NEAR_COUNT, NONE, OTHER_ARTIST, SAME_ARTIST, SIMILAR, AskHead,
+                                AskHeadError, Asks, cues_of, decade_of, genres_in, moods_of)
 from talkplay_edge.calibration import ASKED, GENRE, LAST, PLAYED, STYLE, ArtistIndex, SpanCalibration, played_marks
 
 
@@ -51,7 +51,8 @@ def test_moods_of(message, moods):
     ("Something released earlier than that.", {"old"}), ("Same artist, different song.", {"same_artist"}),
     ("Play another one by them", {"same_artist"}), ("someone else please", {"other_artist"}),
     ("a groovier one", {"dance"}), ("slow it down, slow", {"slow"}), ("Play me some jazz.", set()), ("", set()),
-    ("Don't stop-the-music: laid-back", {"calm"}),
+    ("Don't stop-the-music: laid-back", {"calm"}), ("More like this, please!", {"similar"}),
+    ("I don't like this one", {"less_similar"}), ("same vibe but quicker", {"similar", "fast"}),
 ])
 def test_cues_of(message, cues):
     assert cues_of(message) == {"cue:" + c for c in cues}
@@ -62,7 +63,8 @@ def test_cues_of(message, cues):
     ("Something quicker.", "faster"), ("way too quick for me", "slower"), ("less intense please", "less_energy"),
     ("Too gloomy.", "happier"), ("a throwback next", "older"), ("someone else please", OTHER_ARTIST),
     ("more from them", SAME_ARTIST), ("quicker and older", NONE), ("Play me some jazz.", NONE), ("", NONE),
-    ("not as slow", "faster"),
+    ("not as slow", "faster"), ("Same vibe, please.", SIMILAR), ("like this but quicker", "faster"),
+    ("I don't like this one", NONE), ("like this, by them, but older", NONE),
 ])
 def test_cue_kind(message, kind):
     from talkplay_edge.asks import cue_kind
@@ -136,9 +138,10 @@ def test_ask_head_with_cues_round_trips_and_knows_its_cue_table(tmp_path, monkey
 def test_the_packaged_head_reads_steps_from_messages(text_encoder):
     head = AskHead.load()
     assert head.encoder_version == text_encoder.version  # trained on this encoder's embeddings
-    msgs = ["Something older, please.", "slow it down a little", "Play me some jazz.", "not this artist again"]
+    msgs = ["Something older, please.", "slow it down a little", "Play me some jazz.", "not this artist again",
+            "More like this one, please."]
     p = head.probabilities(text_encoder.encode(msgs), msgs)
-    assert [head.kinds[i] for i in p.argmax(1)] == ["older", "slower", NONE, "other_artist"]
+    assert [head.kinds[i] for i in p.argmax(1)] == ["older", "slower", NONE, "other_artist", SIMILAR]
     assert head.cues and head.cue_weight > 0 and head.cue_fallback  # the shipped head reads cue words
 
 
@@ -182,6 +185,32 @@ def test_asks_finds_the_tracks_a_step_asks_for(asks_on_tiny):
     assert set(asks.asked_tracks([{"role": "user", "content": f"anything from the {decade}s?"}]).tolist()) == in_decade
     older = {index[t] for t in ids if rows[t]["year"] and rows[t]["year"] <= rows[last]["year"] - 2}
     assert older  # the fake years spread over decades
+
+
+def test_asks_finds_the_tracks_that_sound_like_the_last_one(asks_on_tiny, tiny_catalog):
+    """"More like this": the nearest tracks in sound among those sharing a subgenre with the last one."""
+    from talkplay_edge.asks import NEAR_FEATURES
+    from talkplay_edge.catalog import Catalog, json_strings
+
+    asks, index, _, _ = asks_on_tiny
+    with Catalog.open(tiny_catalog) as cat:
+        rows = {index[r["id"]]: r for r in cat.rows("id, subgenres, " + ", ".join(f for f, _ in NEAR_FEATURES))}
+    styles = {i: set(json_strings(r["subgenres"])) for i, r in rows.items()}
+    last = max((i for i in rows if rows[i]["energy"] is not None and styles[i]),
+               key=lambda i: sum(len(styles[i] & styles[j]) > 0 for j in rows))
+    pool = [j for j in rows if j != last and styles[j] & styles[last]]
+
+    def dist(j):
+        return sum(((rows[j][f] - rows[last][f]) * w) ** 2 for f, w in NEAR_FEATURES
+                   if rows[j][f] is not None and rows[last][f] is not None)
+    assert len(pool) > 3
+    want = sorted(pool, key=lambda j: (dist(j), j))
+    assert set(np.flatnonzero(asks.near(last, count=3)).tolist()) == set(want[:3])
+    assert dist(want[3]) > dist(want[2])  # no tie at the cut
+    track = next(t for t, i in index.items() if i == last)
+    got = set(asks.asked_tracks(_after(track, SIMILAR)).tolist())
+    assert got == set(want[:NEAR_COUNT]) and last not in got
+    assert asks.near(None) is None and asks.asked_tracks([{"role": "user", "content": SIMILAR}]) is None
 
 
 def test_played_marks_mark_the_asked_tracks():
@@ -344,7 +373,7 @@ def test_export_asks_labels_and_fits_a_head():
 
 
 def test_cues_carry_a_step_to_words_the_head_never_saw_and_cross_validation_shows_it():
-    from export.asks import changed_turns, cross_validate, fit_head, pattern_folds, score
+    from export.asks import changed_turns, cross_validate, fit_head, pattern_folds, readings, score
 
     # every message embeds alike: only its words and cues tell the kinds apart
     phrasings = {"faster": ["quicker one {}", "faster tempo {}"], "slower": ["slower one {}", "slow it down {}"],
@@ -366,6 +395,9 @@ def test_cues_carry_a_step_to_words_the_head_never_saw_and_cross_validation_show
     cv_cued = cross_validate(turns, same, 2, l2=1e-4, word_weight=1.0, cue_weight=2.0)
     assert cv_plain["asking_turns"] == cv_cued["asking_turns"] == 24 and cv_plain["right"] < 24
     assert cv_cued["right"] == 24 and cv_cued["precision"] == 1.0
+    assert cv_cued["by_kind"]["faster"] == {"turns": 12, "right": 12, "read_wrongly_as": 0, "read_as": {}}
+    missed = cv_plain["by_kind"]["faster"]  # what the plain head reads held-out "faster" turns as instead
+    assert missed["turns"] == 12 and sum(missed["read_as"].values()) == 12 - missed["right"] > 0
     first_turns = [(m, k, p, 1) for m, k, p, _ in turns]  # a first turn's reading is never used: not scored
     assert cross_validate(first_turns, same, 2, l2=1e-4)["asking_turns"] == 0
     with pytest.raises(ValueError, match="pattern id"):
@@ -383,6 +415,13 @@ def test_cues_carry_a_step_to_words_the_head_never_saw_and_cross_validation_show
     assert changed_turns(plain, cued, [conv], same) == [{"conversation": "c1", "turn": 2, "intent": "faster",
                                                          "was": NONE, "now": "faster"}]
     assert changed_turns(cued, cued, [conv], same) == []
+    # or against the old head's readings (a head of another cue table loads only under its own code)
+    old = readings(plain, [conv], same)
+    assert old == [{"conversation": "c1", "turn": 2, "intent": "faster", "kind": NONE},
+                   {"conversation": "c1", "turn": 3, "intent": "genre", "kind": NONE}]
+    assert changed_turns(old, cued, [conv], same) == changed_turns(plain, cued, [conv], same)
+    with pytest.raises(ValueError, match="lack 1 turns"):
+        changed_turns(old[:1], cued, [conv], same)
 
 
 def _first_track(gguf, catalog, calibration: dict, message: str, check=lambda tp: None) -> str:

@@ -117,12 +117,14 @@ def cross_validate(turns: list[tuple[str, str, str, int]], embed, k: int = 5, th
         for t, p_ in zip(truth, pred):
             by_kind[t]["turns"] += 1
             by_kind[t]["right"] += int(p_ == t and t != NONE)
-            if p_ != t and p_ != NONE:
-                by_kind[p_]["read_wrongly_as"] += 1
             if p_ != t:
                 by_kind[t]["read_as"][str(p_)] = by_kind[t]["read_as"].get(str(p_), 0) + 1
     out["coverage"] = round(out["right"] / max(out["asking_turns"], 1), 4)
     out["precision"] = round(out["right"] / max(out["speaks_on_asking"] + out["speaks_on_none"], 1), 4)
+    for v in by_kind.values():  # the turns of every other kind read as this one
+        for read_as, n in v["read_as"].items():
+            if read_as != NONE:
+                by_kind[read_as]["read_wrongly_as"] += n
     out["by_kind"] = {kind: v for kind, v in by_kind.items() if v["turns"] or v["read_wrongly_as"]}
     return out
 

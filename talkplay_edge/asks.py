@@ -386,6 +386,8 @@ class Asks:
 
     def satisfying(self, kind: str, last: int | None) -> np.ndarray | None:
         """Bool per track: gives ``kind`` relative to track ``last``; None when it asks nothing here."""
+        if kind == SIMILAR:
+            return self.near(last)
         if kind in ASKS and last is not None:
             attribute, sign, step = ASKS[kind]
             v = self.values[attribute]
@@ -407,10 +409,9 @@ class Asks:
         (``NEAR_FEATURES``, squared distance over the features both have) among those sharing a subgenre
         with it, ``last`` itself left out; None when it has no subgenre or no energy value."""
         count = NEAR_COUNT if count is None else count
-        styles = self.styles_of.get(last, ()) if last is not None else ()
-        if not styles or np.isnan(self.values["energy"][last]):
+        pool = self._in_style(last)
+        if pool is None or np.isnan(self.values["energy"][last]):
             return None
-        pool = np.unique(np.concatenate([self.styles[g] for g in styles]))
         pool = pool[pool != last]
         d = np.zeros(len(pool))
         for feature, scale in NEAR_FEATURES:
@@ -435,7 +436,7 @@ class Asks:
             with np.errstate(invalid="ignore"):
                 ok = (year >= decade) & (year < decade + 10)
         kind = self.kind(message) if last is not None else NONE  # a first turn has no track to step from
-        step = self.near(last) if kind == SIMILAR else self.satisfying(kind, last)
+        step = self.satisfying(kind, last)
         if step is not None:
             ok = step if ok is None else ok & step
         if kind == NONE:  # a mood is what the track is, not a step from the last one
@@ -452,7 +453,11 @@ class Asks:
     def style_tracks(self, history: list[dict]) -> np.ndarray | None:
         """Indices of the tracks that share a subgenre with the last played track (the style a session is
         in); None on a first turn or when that track has no subgenre."""
-        last = self._last(history)
+        return self._in_style(self._last(history))
+
+    def _in_style(self, last: int | None) -> np.ndarray | None:
+        """Indices of the tracks that share a subgenre with track ``last`` (itself included); None when it
+        has none."""
         styles = self.styles_of.get(last, ()) if last is not None else ()
         if not styles:
             return None

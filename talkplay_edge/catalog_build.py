@@ -81,10 +81,43 @@ def resolve_collisions(keys: list[tuple], popularity: list[int | None], ids: lis
     return dup, stats
 
 
+def training_playlist_names(tracks: list[dict], playlists: list[dict]) -> list[dict]:
+    """Copies of ``tracks`` whose ``playlists`` keep only the names of the training playlists that hold them.
+
+    A track's playlist names go into its tag text (the tag token, BM25, the dense retriever). The name of a
+    valid or test playlist there would tell every system which tracks an eval conversation's playlist holds
+    (its targets): "help me fill my Dance Room playlist" would find exactly them."""
+    names: dict[str, set[str]] = defaultdict(set)
+    for p in playlists:
+        if p["split"] == "train":
+            for tid in p["track_ids"]:
+                names[tid].add(p["name"])
+    return [{**t, "playlists": [n for n in t.get("playlists") or [] if n in names[t["id"]]]} for t in tracks]
+
+
+def reused_codebooks(path: str | Path, encoder, cf_version: str) -> dict[str, Codebook]:
+    """The codebooks of the catalog at ``path``, to tokenise with instead of fitting new ones (so the
+    vocabulary fingerprint, and a model trained on it, stay valid); refused when they were made with
+    another text encoder or another item2vec."""
+    from .catalog import Catalog
+
+    with Catalog.open(path) as old:
+        books = {m: old.codebook(m) for m in MODALITIES}
+    for m, cb in books.items():
+        want = ((encoder.name, encoder.version) if m in ("tags", "metadata", "lyrics")
+                else ("item2vec-sgns", cf_version) if m == "cf" else ("spotify-audio-features", "schema=1"))
+        if (cb.encoder, cb.encoder_version) != want:
+            raise ValueError(f"{path}: the {m} codebook was made with {cb.encoder} {cb.encoder_version}, "
+                             f"this build embeds with {want[0]} {want[1]}; build without --codebooks")
+    return books
+
+
 def build_catalog(source: SourceData, out_path: str | Path, encoder, seed: int = 0, k: int = DEFAULT_K,
                   k_lyrics: int | None = None, item2vec_epochs: int = 5, kmeans_iters: int = 25,
-                  cf_holdout: float = CF_HOLDOUT, quiet: bool = False) -> dict:
-    """Build a catalog file from ``source``; returns its summary (fingerprint, timings, collisions)."""
+                  cf_holdout: float = CF_HOLDOUT, quiet: bool = False, codebooks_from: str | Path | None = None
+                  ) -> dict:
+    """Build a catalog file from ``source``; returns its summary (fingerprint, timings, collisions).
+    ``codebooks_from``: tokenise with that catalog's codebooks instead of fitting new ones."""
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     out_path = Path(out_path)
@@ -102,11 +135,14 @@ def build_catalog(source: SourceData, out_path: str | Path, encoder, seed: int =
     train_ids = [p["id"] for p in source.playlists if p["split"] == "train"]
     fed = cf_playlist_ids(train_ids, seed, cf_holdout)
     train_lists = [p["track_ids"] for p in source.playlists if p["id"] in fed]
+    tracks = training_playlist_names(tracks, source.playlists)
     t = time.perf_counter()
     _log(f"item2vec over {len(train_lists)} training playlists ({len(train_ids) - len(train_lists)} held out)", quiet)
     cf_ids, cf_vecs = train_item2vec(train_lists, epochs=item2vec_epochs, seed=seed)
     cf = dict(zip(cf_ids, np.round(cf_vecs * CF_SCALE).astype(np.int8).astype(np.float32) / CF_SCALE))  # as stored
     timings["item2vec_s"] = time.perf_counter() - t
+    cf_version = f"dim={cf_vecs.shape[1] if len(cf_vecs) else 0},epochs={item2vec_epochs},seed={seed}"
+    reused = None if codebooks_from is None else reused_codebooks(codebooks_from, encoder, cf_version)
 
     # 2. embeddings
     t = time.perf_counter()
@@ -116,8 +152,10 @@ def build_catalog(source: SourceData, out_path: str | Path, encoder, seed: int =
 
     # 3. codebooks
     t = time.perf_counter()
-    codebooks: dict[str, Codebook] = {}
-    for m in progress(MODALITIES, desc="codebooks"):
+    codebooks: dict[str, Codebook] = dict(reused or {})
+    if reused:
+        _log(f"codebooks from {codebooks_from}", quiet)
+    for m in progress(MODALITIES if reused is None else (), desc="codebooks"):
         mv = embedded[m]
         spec: dict = {"input": {"cf": "item2vec", "tags": "tags_text", "metadata": "metadata_text",
                                 "lyrics": "lyrics_text (chunked, mean-pooled)", "audio": "audio_vector"}[m]}
@@ -130,7 +168,7 @@ def build_catalog(source: SourceData, out_path: str | Path, encoder, seed: int =
         want = (k_lyrics or lyrics_k(len(vecs), k)) if m == "lyrics" else k
         cents = fit_kmeans(vecs, want, seed=seed, iters=kmeans_iters, desc=m) if len(vecs) else np.zeros((0, vecs.shape[1] if vecs.ndim == 2 else 0), np.float32)
         enc_name, enc_version = (encoder.name, encoder.version) if m in ("tags", "metadata", "lyrics") else (
-            ("item2vec-sgns", f"dim={cf_vecs.shape[1] if len(cf_vecs) else 0},epochs={item2vec_epochs},seed={seed}") if m == "cf"
+            ("item2vec-sgns", cf_version) if m == "cf"
             else ("spotify-audio-features", "schema=1"))
         # stored as float16 (halves the catalog's codebooks); codes are assigned with exactly the stored values
         codebooks[m] = Codebook(m, cents.astype(np.float16).astype(np.float32), "euclidean", enc_name, enc_version, spec)
@@ -153,7 +191,8 @@ def build_catalog(source: SourceData, out_path: str | Path, encoder, seed: int =
     tmp = out_path.with_name(out_path.name + f".tmp-{os.getpid()}")
     tmp.unlink(missing_ok=True)
     try:
-        _write(tmp, source, tracks, clusters, dup, codes, codebooks, vocab, fp, cf, coll, seed, k, timings, cf_holdout)
+        _write(tmp, source, tracks, clusters, dup, codes, codebooks, vocab, fp, cf, coll, seed, k, timings, cf_holdout,
+               None if codebooks_from is None else Path(codebooks_from).name)
         os.replace(tmp, out_path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -254,7 +293,7 @@ def create_schema(conn) -> None:
 
 def _write(path: Path, source: SourceData, tracks: list[dict], clusters: dict, dup: list[int], codes: list[str],
            codebooks: dict[str, Codebook], vocab: list[str], fp: str, cf: dict, coll: dict, seed: int, k: int,
-           timings: dict, cf_holdout: float) -> None:
+           timings: dict, cf_holdout: float, codebooks_from: str | None = None) -> None:
     db = sqlite_utils.Database(path)
     db.conn.execute("pragma journal_mode = delete")
     create_schema(db.conn)
@@ -303,7 +342,8 @@ def _write(path: Path, source: SourceData, tracks: list[dict], clusters: dict, d
 
     build = {"seed": seed, "k": k, "k_per_modality": {m: int(cb.centroids.shape[0]) for m, cb in codebooks.items()},
              "modality_order": list(MODALITIES), "token_prefixes": PREFIX, "none_cluster": NONE,
-             "splits": {name: cut for name, cut in SPLITS}, "cf_holdout": cf_holdout, "timings": {k_: round(v, 2) for k_, v in timings.items()}}
+             "splits": {name: cut for name, cut in SPLITS}, "cf_holdout": cf_holdout,
+             "playlist_names": "training playlists only", "codebooks_from": codebooks_from, "timings": {k_: round(v, 2) for k_, v in timings.items()}}
     meta = {"schema_version": str(SCHEMA_VERSION), "vocab_fingerprint": fp, "vocab_size": str(len(vocab)),
             "collisions": json.dumps(coll), "build": json.dumps(build), "sources": json.dumps(source.stats)}
     db["meta"].create({"key": str, "value": str}, pk="key")

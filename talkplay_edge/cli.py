@@ -74,11 +74,14 @@ def catalog() -> None:
 # = catalog_build.CF_HOLDOUT, written out so that `talkplay` does not import the builder (sqlite-utils, ~90 ms)
 @click.option("--cf-holdout", type=float, default=0.3, show_default=True,
               help="Share of training playlists item2vec does not learn from, so training sees CF-cold tracks.")
+@click.option("--codebooks", "codebooks_from", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="Tokenise with this catalog's codebooks instead of fitting new ones (keeps its "
+                                 "vocabulary fingerprint, so a model trained on it still fits).")
 @threads_option
 @json_option
 @_fail_cleanly
-def catalog_build(data_dir: Path, out: Path | None, seed: int, k: int, cf_holdout: float, threads: int,
-                  as_json: bool) -> None:
+def catalog_build(data_dir: Path, out: Path | None, seed: int, k: int, cf_holdout: float,
+                  codebooks_from: Path | None, threads: int, as_json: bool) -> None:
     """Build a catalog from the source data: embeddings, codebooks, codes, FTS index."""
     from .catalog_build import build_catalog
     from .sources import load_sources
@@ -87,7 +90,7 @@ def catalog_build(data_dir: Path, out: Path | None, seed: int, k: int, cf_holdou
     out = out or embedded_catalog_path()
     source = load_sources(data_dir)
     encoder = TextEncoder(threads=threads)
-    summary = build_catalog(source, out, encoder, seed=seed, k=k, cf_holdout=cf_holdout)
+    summary = build_catalog(source, out, encoder, seed=seed, k=k, cf_holdout=cf_holdout, codebooks_from=codebooks_from)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:

@@ -267,8 +267,8 @@ def eval_splice_command(base: Path, patch: Path, out_path: Path, as_json: bool) 
 
     \b
       talkplay eval --system model --conversations conversations/test_unseen.jsonl --only-turns changed.jsonl --ranks patch.jsonl
-      talkplay eval-splice docs/ranks/model-test_unseen.jsonl.gz patch.jsonl --out new.jsonl
-      talkplay eval-compare docs/ranks/model-test_unseen.jsonl.gz new.jsonl
+      talkplay eval-splice old-test_unseen.jsonl.gz patch.jsonl --out new.jsonl
+      talkplay eval-compare old-test_unseen.jsonl.gz new.jsonl
     """
     from .evaluate import RanksFormatError, read_ranks, splice_ranks, write_ranks
 

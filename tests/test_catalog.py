@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from talkplay_edge.catalog import Catalog, CatalogError
+from talkplay_edge.catalog import Catalog, CatalogError, json_strings
 from talkplay_edge.catalog_build import CF_HOLDOUT, build_catalog, cf_playlist_ids, resolve_collisions
 from talkplay_edge.cli import cli
 from talkplay_edge.music_tokenizer import assign_clusters, embed_modalities
@@ -100,8 +100,55 @@ def test_catalog_contents(tiny_catalog):
         assert {tid for tid, code in codes.items() if code[0] != "<|cf_none|>"} == train
         assert json.loads(cat.meta["build"])["cf_holdout"] == CF_HOLDOUT
         assert {p["split"] for p in cat.playlists()} <= {"train", "valid", "test"}
-        assert cat.search("Rainy Day Rock", 5), "FTS finds playlist-name tags"
+        assert cat.search("Throwback Jams", 5), "FTS finds playlist-name tags"
         assert info["modalities"]["metadata"]["coverage"] == 1.0
+
+
+def test_held_out_playlist_names_stay_out_of_track_text(tiny_catalog):
+    """A valid or test playlist's name in its tracks' text would point every system (tag token, BM25, the
+    dense retriever) at the tracks an eval conversation over that playlist is after."""
+    with Catalog.open(tiny_catalog) as cat:
+        assert {p["name"] for p in cat.playlists() if p["split"] != "train"} == {"Rainy Day Rock", "Gym Bangers"}
+        in_train: dict[str, set] = {}
+        for p in cat.playlists("train"):
+            for t in p["track_ids"]:
+                in_train.setdefault(t, set()).add(p["name"])
+        rows = list(cat.rows("id, playlists, tags"))
+        assert sum(bool(json_strings(r["playlists"])) for r in rows) > 30
+        for r in rows:
+            assert set(json_strings(r["playlists"])) == in_train.get(r["id"], set()), r["id"]
+            assert "Rainy Day" not in (r["tags"] or "") and "Bangers" not in (r["tags"] or "")
+        assert cat.search("Rainy", 5) == [] and cat.search("Bangers", 5) == []
+        assert json.loads(cat.meta["build"])["playlist_names"] == "training playlists only"
+
+
+def test_build_with_reused_codebooks_keeps_the_fingerprint(fake_data_dir, text_encoder, tiny_catalog, tmp_path):
+    """``--codebooks``: the same codebooks and fingerprint, codes assigned anew; another encoder is refused."""
+    src = load_sources(fake_data_dir)
+    for t in src.tracks:  # what the tags say changes, the codebooks do not
+        t["artist_genres"] = ["polka"]
+    out = tmp_path / "reused.db"
+    build_catalog(src, out, text_encoder, k=8, quiet=True, codebooks_from=tiny_catalog)
+    with Catalog.open(tiny_catalog) as a, Catalog.open(out) as b:
+        assert a.fingerprint == b.fingerprint
+        for m in MODALITIES:
+            assert np.array_equal(a.codebook(m).centroids, b.codebook(m).centroids)
+        changed = {t for t, code in b.codes().items() if code[1] != a.codes()[t][1]}
+        assert changed and {t for t, code in b.codes().items() if code[2] != a.codes()[t][2]} == set()
+        assert json.loads(b.meta["build"])["codebooks_from"] == tiny_catalog.name
+
+    class Other:
+        name, version, dim = "another-encoder", "1", text_encoder.dim
+
+        def encode(self, texts, **kw):
+            return text_encoder.encode(texts, **kw)
+
+        def encode_long(self, text):
+            return text_encoder.encode_long(text)
+
+    with pytest.raises(ValueError, match="tags codebook was made with .* build without --codebooks"):
+        build_catalog(load_sources(fake_data_dir), tmp_path / "x.db", Other(), k=8, quiet=True,
+                      codebooks_from=tiny_catalog)
 
 
 def test_build_is_deterministic(fake_data_dir, text_encoder, tiny_catalog, tmp_path):

@@ -4,6 +4,7 @@ vectors that spare a fresh install the dense retriever's embedding pass."""
 from __future__ import annotations
 
 import shutil
+import sqlite3
 
 import numpy as np
 import pytest
@@ -149,3 +150,12 @@ def test_shipped_track_vectors(tiny_catalog, text_encoder, tmp_path, monkeypatch
         assert read_track_vectors(cat, text_encoder, ids[:-1]) is None  # other tracks: stale
         track_vectors_file(db).write_bytes(b"not a zip")
         assert read_track_vectors(cat, text_encoder, ids) is None
+        write_track_vectors(cat, text_encoder, show_progress=False)
+        assert read_track_vectors(cat, text_encoder, ids) is not None
+    # the same tracks and fingerprint, another text (a rebuild with --codebooks): the vectors are stale
+    con = sqlite3.connect(db)
+    con.execute("""update tracks set playlists = '["Another Name"]' where id = ?""", [ids[0]])
+    con.commit()
+    con.close()
+    with Catalog.open(db) as cat:
+        assert cat.track_ids() == ids and read_track_vectors(cat, text_encoder, ids) is None

@@ -317,7 +317,7 @@ def test_the_runtime_plays_the_artist_a_request_names(runtime_gguf, tiny_catalog
 
     with Catalog.open(tiny_catalog) as cat:
         by = {t.id: t.artist for t in cat.tracks()}
-    default = picks(0.0, "Got anything?")[0]
-    artist = next(a for a in sorted(set(by.values())) if a != by[default])
-    assert {by[t] for t in picks(0.0, f"Got any {artist}?")} == {by[default]}  # the weight, not the words, does it
+    default = {by[t] for t in picks(0.0, "Got anything?")}  # eval's beam and chat's greedy may break ties apart
+    artist = next(a for a in sorted(set(by.values())) if a not in default)
+    assert {by[t] for t in picks(0.0, f"Got any {artist}?")} == default  # the weight, not the words, does it
     assert [by[t] for t in picks(20.0, f"Got any {artist}?")] == [artist, artist]

@@ -95,6 +95,13 @@ def training_playlist_names(tracks: list[dict], playlists: list[dict]) -> list[d
     return [{**t, "playlists": [n for n in t.get("playlists") or [] if n in names[t["id"]]]} for t in tracks]
 
 
+def codebook_encoder(modality: str, encoder, cf_version: str) -> tuple[str, str]:
+    """(encoder name, version) a ``modality``'s codebook is made with, as stored in its row."""
+    if modality in ("tags", "metadata", "lyrics"):
+        return encoder.name, encoder.version
+    return ("item2vec-sgns", cf_version) if modality == "cf" else ("spotify-audio-features", "schema=1")
+
+
 def reused_codebooks(path: str | Path, encoder, cf_version: str) -> dict[str, Codebook]:
     """The codebooks of the catalog at ``path``, to tokenise with instead of fitting new ones (so the
     vocabulary fingerprint, and a model trained on it, stay valid); refused when they were made with
@@ -104,8 +111,7 @@ def reused_codebooks(path: str | Path, encoder, cf_version: str) -> dict[str, Co
     with Catalog.open(path) as old:
         books = {m: old.codebook(m) for m in MODALITIES}
     for m, cb in books.items():
-        want = ((encoder.name, encoder.version) if m in ("tags", "metadata", "lyrics")
-                else ("item2vec-sgns", cf_version) if m == "cf" else ("spotify-audio-features", "schema=1"))
+        want = codebook_encoder(m, encoder, cf_version)
         if (cb.encoder, cb.encoder_version) != want:
             raise ValueError(f"{path}: the {m} codebook was made with {cb.encoder} {cb.encoder_version}, "
                              f"this build embeds with {want[0]} {want[1]}; build without --codebooks")
@@ -167,9 +173,7 @@ def build_catalog(source: SourceData, out_path: str | Path, encoder, seed: int =
             vecs = ((vecs - mean) / std).astype(np.float32)
         want = (k_lyrics or lyrics_k(len(vecs), k)) if m == "lyrics" else k
         cents = fit_kmeans(vecs, want, seed=seed, iters=kmeans_iters, desc=m) if len(vecs) else np.zeros((0, vecs.shape[1] if vecs.ndim == 2 else 0), np.float32)
-        enc_name, enc_version = (encoder.name, encoder.version) if m in ("tags", "metadata", "lyrics") else (
-            ("item2vec-sgns", cf_version) if m == "cf"
-            else ("spotify-audio-features", "schema=1"))
+        enc_name, enc_version = codebook_encoder(m, encoder, cf_version)
         # stored as float16 (halves the catalog's codebooks); codes are assigned with exactly the stored values
         codebooks[m] = Codebook(m, cents.astype(np.float16).astype(np.float32), "euclidean", enc_name, enc_version, spec)
     timings["kmeans_s"] = time.perf_counter() - t

@@ -33,8 +33,10 @@ It may also weigh more facts about a child, per depth (``export/calibrate.py``, 
 
 Playlists stay near what they have played: given the cf token, the true tag token is the one a played
 track also has far more often than the model alone predicts; and they stay in a style: the next track
-shares a subgenre with the last one (every follow-up of the first 300 valid conversations does, where a
-track chosen at random would 4% of the time). The style is a default, not a request: it marks only the
+shares a subgenre with the last one. The catalog knows a track's subgenres only from training playlists
+(``catalog_build.training_playlist_view``), so of the 998 follow-ups of the first 300 valid conversations
+just 93 have a subgenre on both tracks; 43 of those (46%) share one, where a track chosen at random
+would ~4% of the time. The style is a default, not a request: it marks only the
 tracks that also give what the message asks, so "switch to rock" after a rap track is not outweighed by
 the rap tracks. And a request that names an artist ("got
 any Billy Joel?") or asks to stay with one ("more from them") is about that artist's tracks, which the

@@ -81,18 +81,38 @@ def resolve_collisions(keys: list[tuple], popularity: list[int | None], ids: lis
     return dup, stats
 
 
-def training_playlist_names(tracks: list[dict], playlists: list[dict]) -> list[dict]:
-    """Copies of ``tracks`` whose ``playlists`` keep only the names of the training playlists that hold them.
+def training_playlist_view(tracks: list[dict], playlists: list[dict]) -> list[dict]:
+    """Copies of ``tracks`` that keep only what the training playlists say about them: the names of the
+    training playlists holding them (``playlists``) and the genres and subgenres those playlists give them.
 
-    A track's playlist names go into its tag text (the tag token, BM25, the dense retriever). The name of a
-    valid or test playlist there would tell every system which tracks an eval conversation's playlist holds
-    (its targets): "help me fill my Dance Room playlist" would find exactly them."""
+    Everything else comes from a valid or test playlist, and would tell every system (tag token, BM25, the
+    dense retriever, the runtime's genre and style marks) which tracks an eval conversation over that playlist
+    is after: its name ("help me fill my Dance Room playlist" found exactly them), and its genre for the 78%
+    of test targets that no training playlist holds (each had exactly its test playlist's subgenre, so "the
+    style the session is in" held for every follow-up). A track's ``playlist_genres`` rows ([playlist id,
+    genre, subgenre], from the source) say which playlist gave which genre; without them a training
+    playlist's own genre and subgenre count."""
+    train = {p["id"]: p for p in playlists if p["split"] == "train"}
     names: dict[str, set[str]] = defaultdict(set)
-    for p in playlists:
-        if p["split"] == "train":
-            for tid in p["track_ids"]:
-                names[tid].add(p["name"])
-    return [{**t, "playlists": [n for n in t.get("playlists") or [] if n in names[t["id"]]]} for t in tracks]
+    genres: dict[str, set[str]] = defaultdict(set)
+    subgenres: dict[str, set[str]] = defaultdict(set)
+    for p in train.values():
+        for tid in p["track_ids"]:
+            names[tid].add(p["name"])
+    out = []
+    for t in tracks:
+        tid = t["id"]
+        rows = t.get("playlist_genres")
+        if rows is None:
+            rows = [[p["id"], p.get("genre"), p.get("subgenre")] for p in train.values() if tid in p["track_ids"]]
+        for pid, g, s in rows:
+            if pid in train:
+                genres[tid].add(g)
+                subgenres[tid].add(s)
+        out.append({**t, "playlists": [n for n in t.get("playlists") or [] if n in names[tid]],
+                    "genres": [g for g in t.get("genres") or [] if g in genres[tid]],
+                    "subgenres": [s for s in t.get("subgenres") or [] if s in subgenres[tid]]})
+    return out
 
 
 def codebook_encoder(modality: str, encoder, cf_version: str) -> tuple[str, str]:
@@ -141,7 +161,7 @@ def build_catalog(source: SourceData, out_path: str | Path, encoder, seed: int =
     train_ids = [p["id"] for p in source.playlists if p["split"] == "train"]
     fed = cf_playlist_ids(train_ids, seed, cf_holdout)
     train_lists = [p["track_ids"] for p in source.playlists if p["id"] in fed]
-    tracks = training_playlist_names(tracks, source.playlists)
+    tracks = training_playlist_view(tracks, source.playlists)
     t = time.perf_counter()
     _log(f"item2vec over {len(train_lists)} training playlists ({len(train_ids) - len(train_lists)} held out)", quiet)
     cf_ids, cf_vecs = train_item2vec(train_lists, epochs=item2vec_epochs, seed=seed)
@@ -347,7 +367,7 @@ def _write(path: Path, source: SourceData, tracks: list[dict], clusters: dict, d
     build = {"seed": seed, "k": k, "k_per_modality": {m: int(cb.centroids.shape[0]) for m, cb in codebooks.items()},
              "modality_order": list(MODALITIES), "token_prefixes": PREFIX, "none_cluster": NONE,
              "splits": {name: cut for name, cut in SPLITS}, "cf_holdout": cf_holdout,
-             "playlist_names": "training playlists only", "codebooks_from": codebooks_from, "timings": {k_: round(v, 2) for k_, v in timings.items()}}
+             "playlist_names": "training playlists only", "playlist_genres": "training playlists only", "codebooks_from": codebooks_from, "timings": {k_: round(v, 2) for k_, v in timings.items()}}
     meta = {"schema_version": str(SCHEMA_VERSION), "vocab_fingerprint": fp, "vocab_size": str(len(vocab)),
             "collisions": json.dumps(coll), "build": json.dumps(build), "sources": json.dumps(source.stats)}
     db["meta"].create({"key": str, "value": str}, pk="key")

@@ -28,7 +28,7 @@ import random
 import re
 import time
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .progress import progress
@@ -1056,15 +1056,27 @@ TURN_COUNTS = (2, 3, 4, 5, 6, 7, 8)
 TURN_WEIGHTS = (3, 4, 4, 3, 2, 1.5, 1)
 
 
+def with_playlist_genre(t: T, playlist: dict) -> T:
+    """``t`` with ``playlist``'s genre and subgenre added to its own (after them) where it lacks them."""
+    g, s = playlist.get("genre"), playlist.get("subgenre")
+    if (not g or g in t.genres) and (not s or s in t.subgenres):
+        return t
+    return replace(t, genres=t.genres + ((g,) if g and g not in t.genres else ()),
+                               subgenres=t.subgenres + ((s,) if s and s not in t.subgenres else ()))
+
+
 def make_conversation(conv_id: str, playlist: dict, tracks: dict[str, T], patterns: dict[str, list[str]],
                       rng: random.Random, split: str = "") -> dict | None:
-    """One conversation over ``playlist`` using ``patterns`` (intent → templates); None if under 2 tracks."""
+    """One conversation over ``playlist`` using ``patterns`` (intent → templates); None if under 2 tracks.
+
+    The user knows their playlist: its tracks carry its genre and subgenre here even where the catalog,
+    which keeps only what training playlists say (``catalog_build.training_playlist_view``), has none."""
     seen: set[str] = set()
     pool = []
     for tid in playlist["track_ids"]:
         if tid in tracks and tid not in seen:
             seen.add(tid)
-            pool.append(tracks[tid])
+            pool.append(with_playlist_genre(tracks[tid], playlist))
     if len(pool) < 2:
         return None
     n_turns = min(rng.choices(TURN_COUNTS, TURN_WEIGHTS)[0], len(pool))

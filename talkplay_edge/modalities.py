@@ -1,8 +1,8 @@
 """What each of the five modalities embeds for one track (the inputs to the codebooks).
 
 - metadata: the text ``"title — artist · album · year"`` (missing parts left out) → MiniLM.
-- tags:     genres, subgenres, artist genres and the names of the training playlists holding the track
-            (``catalog_build.training_playlist_names``), comma-joined → MiniLM.
+- tags:     the genres, subgenres and names of the training playlists holding the track
+            (``catalog_build.training_playlist_view``) and its artist's genres, comma-joined → MiniLM.
 - lyrics:   the lyrics text, chunked and mean-pooled → MiniLM (``TextEncoder.encode_long``).
 - audio:    the audio-descriptor vector below, standardised with the catalog's stored mean/std.
 - cf:       the item2vec vector of a track that is in at least one training playlist.

@@ -136,7 +136,7 @@ def load_spotify_songs(path: Path) -> tuple[dict[str, dict], list[dict]]:
                 "album": r["track_album_name"].strip() or None, "album_id": r["track_album_id"] or None,
                 "release_date": r["track_album_release_date"] or None,
                 "year": _year(r["track_album_release_date"]),
-                "genres": [], "subgenres": [], "artist_genres": [], "playlists": [],
+                "genres": [], "subgenres": [], "artist_genres": [], "playlists": [], "playlist_genres": [],
                 "popularity": _int(r["track_popularity"]), "duration_ms": _int(r["duration_ms"]),
                 "explicit": None, **_features(r), "source": "spotify_songs",
             }
@@ -144,6 +144,9 @@ def load_spotify_songs(path: Path) -> tuple[dict[str, dict], list[dict]]:
                            ("playlists", r["playlist_name"].strip())):
             if value and value not in t[key]:
                 t[key].append(value)
+        row_genres = [r["playlist_id"], r["playlist_genre"], r["playlist_subgenre"]]
+        if row_genres not in t["playlist_genres"]:  # which playlist each genre came from (the split filters them)
+            t["playlist_genres"].append(row_genres)
     return tracks, list(playlists.values())
 
 

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from talkplay_edge.catalog import Catalog, CatalogError, json_strings
-from talkplay_edge.catalog_build import CF_HOLDOUT, build_catalog, cf_playlist_ids, resolve_collisions
+from talkplay_edge.catalog_build import CF_HOLDOUT, build_catalog, cf_playlist_ids, resolve_collisions, training_playlist_view
 from talkplay_edge.cli import cli
 from talkplay_edge.music_tokenizer import assign_clusters, embed_modalities
 from talkplay_edge.sources import SourceError, load_sources
@@ -104,22 +104,53 @@ def test_catalog_contents(tiny_catalog):
         assert info["modalities"]["metadata"]["coverage"] == 1.0
 
 
-def test_held_out_playlist_names_stay_out_of_track_text(tiny_catalog):
-    """A valid or test playlist's name in its tracks' text would point every system (tag token, BM25, the
-    dense retriever) at the tracks an eval conversation over that playlist is after."""
+def test_held_out_playlists_stay_out_of_track_text(tiny_catalog, fake_data_dir):
+    """A valid or test playlist's name or genre on its tracks would point every system (tag token, BM25, the
+    dense retriever, the genre and style marks) at the tracks an eval conversation over that playlist is after."""
+    src = {t["id"]: t for t in load_sources(fake_data_dir).tracks}
     with Catalog.open(tiny_catalog) as cat:
         assert {p["name"] for p in cat.playlists() if p["split"] != "train"} == {"Rainy Day Rock", "Gym Bangers"}
         in_train: dict[str, set] = {}
+        genres: dict[str, set] = {}
         for p in cat.playlists("train"):
             for t in p["track_ids"]:
                 in_train.setdefault(t, set()).add(p["name"])
-        rows = list(cat.rows("id, playlists, tags"))
+                genres.setdefault(t, set()).update(x for pid, g, sub in src[t]["playlist_genres"] if pid == p["id"]
+                                                   for x in (g, sub))
+        rows = list(cat.rows("id, playlists, genres, subgenres, genre, subgenre, tags"))
         assert sum(bool(json_strings(r["playlists"])) for r in rows) > 30
+        assert sum(bool(json_strings(r["genres"])) for r in rows) > 30
         for r in rows:
             assert set(json_strings(r["playlists"])) == in_train.get(r["id"], set()), r["id"]
             assert "Rainy Day" not in (r["tags"] or "") and "Bangers" not in (r["tags"] or "")
+            both = set(json_strings(r["genres"])) | set(json_strings(r["subgenres"]))
+            assert both <= genres.get(r["id"], set()), r["id"]
+            assert r["genre"] == (json_strings(r["genres"]) or [None])[0]
         assert cat.search("Rainy", 5) == [] and cat.search("Bangers", 5) == []
-        assert json.loads(cat.meta["build"])["playlist_names"] == "training playlists only"
+        build = json.loads(cat.meta["build"])
+        assert build["playlist_names"] == build["playlist_genres"] == "training playlists only"
+
+
+def test_training_playlist_view_drops_what_held_out_playlists_say():
+    """Per source row: a genre a held-out playlist gives is dropped even where a training playlist holds the
+    track under another one; a track only held-out playlists hold keeps no genre, subgenre or name."""
+    playlists = [{"id": "tr", "name": "Train Mix", "genre": "pop", "subgenre": "dance pop", "split": "train",
+                  "track_ids": ["a"]},
+                 {"id": "te", "name": "Dance Room", "genre": "rock", "subgenre": "hard rock", "split": "test",
+                  "track_ids": ["a", "b"]}]
+    tracks = [{"id": "a", "genres": ["rock", "pop"], "subgenres": ["hard rock", "dance pop"],
+               "playlists": ["Dance Room", "Train Mix"],
+               "playlist_genres": [["te", "rock", "hard rock"], ["tr", "pop", "dance pop"]]},
+              {"id": "b", "genres": ["rock"], "subgenres": ["hard rock"], "playlists": ["Dance Room"],
+               "playlist_genres": [["te", "rock", "hard rock"]]},
+              {"id": "c", "genres": ["pop"], "subgenres": [], "playlists": []}]  # no source rows
+    a, b, c = training_playlist_view(tracks, playlists)
+    assert (a["genres"], a["subgenres"], a["playlists"]) == (["pop"], ["dance pop"], ["Train Mix"])
+    assert (b["genres"], b["subgenres"], b["playlists"]) == ([], [], [])
+    assert c["genres"] == []  # no training playlist holds it
+    playlists[0]["track_ids"].append("c")  # without rows, the training playlist's own genre counts
+    assert training_playlist_view(tracks, playlists)[2]["genres"] == ["pop"]
+    assert tracks[1]["genres"] == ["rock"]  # copies: the source is left as it was
 
 
 def test_build_with_reused_codebooks_keeps_the_fingerprint(fake_data_dir, text_encoder, tiny_catalog, tmp_path):

@@ -11,7 +11,7 @@ from talkplay_edge.catalog import Catalog
 from talkplay_edge.cli import cli
 from talkplay_edge.conversations import (
     PATTERNS, ConversationFormatError, build_conversations, count_patterns, descriptors, load_tracks,
-    lyrics_theme, pattern_id, pattern_regex, pattern_split, read_conversations, slot_values,
+    lyrics_theme, pattern_id, pattern_regex, pattern_split, read_conversations, slot_values, with_playlist_genre,
 )
 from talkplay_edge.sources import load_sources
 
@@ -80,10 +80,13 @@ def test_intents_are_true_of_the_target(generated, tiny_catalog, fake_data_dir):
     out, _ = generated
     with Catalog.open(tiny_catalog) as cat:
         tracks = load_tracks(cat, lyrics=load_sources(fake_data_dir).lyrics)
+        playlists = {p["id"]: p for p in cat.playlists()}
     checked = {}
     for name in SIZES:
         for c in read_conversations(out / f"{name}.jsonl"):
-            targets = [tracks[t["track_ids"][0]] for t in c["turns"] if t["role"] == "assistant"]
+            playlist = playlists[c["meta"]["playlist_id"]]  # as the user knows the tracks: with its genre
+            targets = [with_playlist_genre(tracks[t["track_ids"][0]], playlist)
+                       for t in c["turns"] if t["role"] == "assistant"]
             replies = [t["content"] for t in c["turns"] if t["role"] == "assistant"]
             users = [t["content"] for t in c["turns"] if t["role"] == "user"]
             for k, intent in enumerate(c["meta"]["intents"]):
@@ -113,6 +116,18 @@ def test_intents_are_true_of_the_target(generated, tiny_catalog, fake_data_dir):
                     assert ok(), (intent, c["id"], users[k])
                     checked[intent] = checked.get(intent, 0) + 1
     assert {"faster", "slower", "older", "newer", "other_artist", "more_like_this"} <= set(checked)
+
+
+def test_the_user_knows_their_playlists_genre(tiny_catalog):
+    """The catalog keeps no genre a held-out playlist gives; the simulated user, whose playlist it is, does."""
+    with Catalog.open(tiny_catalog) as cat:
+        t = next(iter(load_tracks(cat).values()))
+    bare = type(t)(t.id, t.title, t.artist, t.artists, t.year, (), (), t.feats, t.popularity)
+    known = with_playlist_genre(bare, {"genre": "rock", "subgenre": "hard rock"})
+    assert (known.genres, known.subgenres) == (("rock",), ("hard rock",)) and bare.genres == ()
+    both = with_playlist_genre(known, {"genre": "pop", "subgenre": "hard rock"})
+    assert (both.genres, both.subgenres) == (("rock", "pop"), ("hard rock",))
+    assert with_playlist_genre(both, {"genre": "pop", "subgenre": None}) is both
 
 
 def test_training_asks_for_cf_cold_tracks_like_test_does(generated, tiny_catalog):

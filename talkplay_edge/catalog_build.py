@@ -92,26 +92,22 @@ def training_playlist_view(tracks: list[dict], playlists: list[dict]) -> list[di
     style the session is in" held for every follow-up). A track's ``playlist_genres`` rows ([playlist id,
     genre, subgenre], from the source) say which playlist gave which genre; without them a training
     playlist's own genre and subgenre count."""
-    train = {p["id"]: p for p in playlists if p["split"] == "train"}
+    train = {p["id"] for p in playlists if p["split"] == "train"}
     names: dict[str, set[str]] = defaultdict(set)
-    genres: dict[str, set[str]] = defaultdict(set)
-    subgenres: dict[str, set[str]] = defaultdict(set)
-    for p in train.values():
-        for tid in p["track_ids"]:
-            names[tid].add(p["name"])
+    own_rows: dict[str, list] = defaultdict(list)  # for tracks without source rows
+    for p in playlists:
+        if p["id"] in train:
+            for tid in p["track_ids"]:
+                names[tid].add(p["name"])
+                own_rows[tid].append([p["id"], p.get("genre"), p.get("subgenre")])
     out = []
     for t in tracks:
-        tid = t["id"]
         rows = t.get("playlist_genres")
-        if rows is None:
-            rows = [[p["id"], p.get("genre"), p.get("subgenre")] for p in train.values() if tid in p["track_ids"]]
-        for pid, g, s in rows:
-            if pid in train:
-                genres[tid].add(g)
-                subgenres[tid].add(s)
-        out.append({**t, "playlists": [n for n in t.get("playlists") or [] if n in names[tid]],
-                    "genres": [g for g in t.get("genres") or [] if g in genres[tid]],
-                    "subgenres": [s for s in t.get("subgenres") or [] if s in subgenres[tid]]})
+        kept = [(g, s) for pid, g, s in (own_rows[t["id"]] if rows is None else rows) if pid in train]
+        genres, subgenres = {g for g, _ in kept}, {s for _, s in kept}
+        out.append({**t, "playlists": [n for n in t.get("playlists") or [] if n in names[t["id"]]],
+                    "genres": [g for g in t.get("genres") or [] if g in genres],
+                    "subgenres": [s for s in t.get("subgenres") or [] if s in subgenres]})
     return out
 
 

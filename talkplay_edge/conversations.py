@@ -1062,7 +1062,7 @@ def with_playlist_genre(t: T, playlist: dict) -> T:
     if (not g or g in t.genres) and (not s or s in t.subgenres):
         return t
     return replace(t, genres=t.genres + ((g,) if g and g not in t.genres else ()),
-                               subgenres=t.subgenres + ((s,) if s and s not in t.subgenres else ()))
+                   subgenres=t.subgenres + ((s,) if s and s not in t.subgenres else ()))
 
 
 def make_conversation(conv_id: str, playlist: dict, tracks: dict[str, T], patterns: dict[str, list[str]],

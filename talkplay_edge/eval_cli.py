@@ -218,9 +218,14 @@ def eval_compare_command(ranks_a: Path, ranks_b: Path, per_intent: bool, bootstr
 @click.command("eval-summary")
 @click.argument("ranks", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--per-intent", is_flag=True, help="Also one row per intent.")
+@click.option("--only-turns", "only_paths", multiple=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Pool only the turns these ranks files hold (repeatable; e.g. a baseline's whole-file run on "
+              "the turns of the model's pieces). Every such turn must be in RANKS.")
 @json_option
 @_fail_cleanly
-def eval_summary_command(ranks: tuple[Path, ...], per_intent: bool, as_json: bool) -> None:
+def eval_summary_command(ranks: tuple[Path, ...], per_intent: bool, only_paths: tuple[Path, ...],
+                         as_json: bool) -> None:
     """The MRR / Hit@K table of one or more `talkplay eval --ranks` files, pooled (e.g. runs of pieces of a
     conversations file made with --skip/--limit, on one machine or several). A turn in two files is refused.
 
@@ -228,6 +233,7 @@ def eval_summary_command(ranks: tuple[Path, ...], per_intent: bool, as_json: boo
       talkplay eval --system model --conversations conversations/test.jsonl --limit 500 --ranks a.jsonl
       talkplay eval --system model --conversations conversations/test.jsonl --skip 500 --ranks b.jsonl
       talkplay eval-summary a.jsonl b.jsonl
+      talkplay eval-summary dense.jsonl --only-turns a.jsonl --only-turns b.jsonl   # the same turns, dense
     """
     from .evaluate import RanksFormatError, format_table, read_ranks, result_from_rows
 
@@ -245,8 +251,22 @@ def eval_summary_command(ranks: tuple[Path, ...], per_intent: bool, as_json: boo
                                 "(the same conversations twice, or ranks of two systems?)")
             where[key] = path
         rows += file_rows
+    if only_paths:
+        only: set[tuple[str, int]] = set()
+        for path in only_paths:
+            try:
+                only |= {(r["conversation"], r["turn"]) for r in read_ranks(path, need_rank=False)}
+            except RanksFormatError as e:
+                raise UserError(str(e)) from e
+        missing = only - where.keys()
+        if missing:
+            conv, turn = min(missing)
+            raise UserError(f"{len(missing)} of the {len(only)} turns --only-turns lists are in no RANKS file "
+                            f"(e.g. conversation {conv} turn {turn}): the ranks come from another conversations "
+                            "file or a subset of it")
+        rows = [r for r in rows if (r["conversation"], r["turn"]) in only]
     result = result_from_rows("ranks", len({r["conversation"] for r in rows}), rows)
-    result.extra = {"ranks": [str(p) for p in ranks]}
+    result.extra = {"ranks": [str(p) for p in ranks], "only_turns": [str(p) for p in only_paths]}
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:

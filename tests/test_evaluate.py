@@ -323,6 +323,17 @@ def test_cli_eval_summary_pools_ranks_of_pieces(tiny_catalog, tmp_path):
     assert r.exit_code == 1 and "is also in" in r.output
     r = CliRunner().invoke(cli, ["eval-summary", convs])
     assert r.exit_code == 1 and "not a rank row" in r.output
+    # --only-turns: the whole run restricted to two pieces' turns is those pieces pooled
+    r = CliRunner().invoke(cli, ["eval-summary", str(tmp_path / "all.jsonl"), "--only-turns", pieces[1],
+                                 "--only-turns", pieces[0], "--json"])
+    assert r.exit_code == 0, r.output
+    only = json.loads(r.stdout)
+    r = CliRunner().invoke(cli, ["eval-summary", pieces[1], pieces[0], "--json"])
+    two = json.loads(r.stdout)
+    assert only["conversations"] == 3 and 3 < only["turns"] == two["turns"] < whole["turns"]
+    assert rounded(only["overall"]) == rounded(two["overall"])
+    r = CliRunner().invoke(cli, ["eval-summary", pieces[1], "--only-turns", str(tmp_path / "all.jsonl")])
+    assert r.exit_code == 1 and "are in no RANKS file" in r.output, r.output
 
 
 def test_eval_jobs_end_when_the_parent_is_killed(tiny_catalog, tmp_path):

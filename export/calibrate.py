@@ -20,11 +20,12 @@ the context the model deserves a different weight against the prior. The main fi
 
 ``--features`` (the default; ``--no_features``: none) then refines every depth's (alpha, beta) together
 with more weights (``SpanCalibration``'s ``count``, ``played``, ``last``, ``named``, ``artist``, ``asked``,
-``genre`` and ``style``: the log of the tracks below a child; whether a track the conversation has played,
-or its last one, lies below it; whether a track by an artist the user's message names, or by the last
-played track's artist, does; whether a track that gives what the message asks (a step, a decade, a mood),
-has a genre it names, or shares a subgenre with the last played track, does: ``talkplay_edge.asks``, the
-packaged ask head, ``--no_asks`` to leave these three out)
+``genre``, ``style`` and ``era``: the log of the tracks below a child; whether a track the conversation has
+played, or its last one, lies below it; whether a track by an artist the user's message names, or by the
+last played track's artist, does; whether a track that gives what the message asks (a step, a decade, a
+mood), has a genre it names, shares a style (a subgenre or an artist's genre) with the last played track, or
+was released within two years of it, does: ``talkplay_edge.asks``, the packaged ask head, ``--no_asks`` to
+leave these four out)
 by L-BFGS on the same NLL, children of played-out subtrees left out as the runtime leaves them out. A
 refined beta within ``--snap_beta`` (0.02) of 0 becomes 0 and the rest is refitted: the step barely read
 the model, and at beta 0 the runtime decodes nothing before it. The report keeps the grid's NLL and top-1
@@ -123,7 +124,7 @@ def samples_of(spans, log_prior, trie=None, track_index: dict[str, int] | None =
     """(depth, child logits, child log prior mass, index of the true child) of every step; ``log_prior(i)``
     gives span ``i``'s log mass below every node. With ``trie`` and ``track_index`` each sample also has
     the children's log track counts and ``played_marks`` (the artist marks too, given ``artists``, and the
-    asked, genre and style marks, given ``asks``), and children whose tracks were all played (the
+    asked, genre, style and era marks, given ``asks``), and children whose tracks were all played (the
     runtime never offers them) are left out."""
     from talkplay_edge.trie import Exclusions
 
@@ -293,8 +294,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="refine the cold part like the main one (default: its grid (alpha, beta) and the named "
                         "weight alone; a refined one did worse on held-out first turns)")
     p.add_argument("--no_asks", dest="asks", action="store_false",
-                   help="leave out the asked, genre and style marks (what a request asks: a step from the last "
-                        "track, a decade, a mood; a genre it names; the last track's subgenre)")
+                   help="leave out the asked, genre, style and era marks (what a request asks: a step from the "
+                        "last track, a decade, a mood; a genre it names; the last track's style and years)")
     p.add_argument("--ask_head", default=None, help="the ask head (default: the packaged models/ask_head.npz)")
     p.add_argument("--snap_beta", type=float, default=0.02,
                    help="a refined beta closer to 0 than this becomes 0, the rest refitted: the runtime then "

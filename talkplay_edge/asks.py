@@ -11,7 +11,7 @@ model trained on few conversations still moves the way the listener asked.
     SAME_ARTIST      the last track's artist again ("more from them", "same artist, different song")
     SIMILAR          more like the last track ("more like this", "love it, another one like that"): the
                      ``NEAR_COUNT`` tracks nearest to it in sound (energy, danceability, valence,
-                     acousticness, tempo / 100) among those that share a subgenre with it
+                     acousticness, tempo / 100) among those that share a style with it (see below)
     decade_of(msg)   the decade a message names ("80s", "1980s", "eighties", "noughties", "2010s"), or None
     moods_of(msg)    the moods a message names ("mellow", "upbeat", "danceable"...: ``conversations.MOODS``,
                      each a threshold on one audio feature: "mellow" is energy <= 0.45)
@@ -28,9 +28,12 @@ model trained on few conversations still moves the way the listener asked.
 
 A genre the latest message names is its own mark (``calibration.GENRE``, ``Asks.genre_tracks``): the
 tracks with that genre or subgenre. So is the style a session is in (``calibration.STYLE``,
-``Asks.style_tracks``): the tracks that share a subgenre with the last played track (``played_marks``
-keeps those that also give what the message asks). A mood counts towards the asked mark when the message
-asks no step ("something mellow", not "too mellow" or "something more upbeat than this").
+``Asks.style_tracks``): the tracks that share a style with the last played track, a style being a
+subgenre (which training playlists give a track) or a genre of its artists (MusicOSet's), kept apart
+(``style_names``). And so is its era (``calibration.ERA``, ``Asks.era_tracks``): the tracks released
+within ``ERA_YEARS`` of the last one. ``played_marks`` keeps of those two only the tracks that also give
+what the message asks. A mood counts towards the asked mark when the message asks no step ("something
+mellow", not "too mellow" or "something more upbeat than this").
 
 The head answers only when it is sure (probability >= ``threshold``, default 0.5): a wrong step rules out
 the tracks the listener wanted, a missed one only leaves the model on its own.
@@ -65,6 +68,7 @@ NONE = "none"
 KINDS = (NONE, *sorted(ASKS), OTHER_ARTIST, SAME_ARTIST, SIMILAR)  # the head's classes, in this order
 NEAR_FEATURES = (("energy", 1.0), ("danceability", 1.0), ("valence", 1.0), ("acousticness", 1.0), ("tempo", 0.01))
 NEAR_COUNT = 100  # how many tracks "more like this" asks for
+ERA_YEARS = 2  # the era a session is in: tracks released this many years or fewer from the last one
 ATTRIBUTES = sorted({a for a, _, _ in ASKS.values()} | {f for f, _, _ in MOODS.values()})
 HEAD_FILE = Path(__file__).parent / "models" / "ask_head.npz"
 TRAIN_COMMAND = "python -m export.asks --write"
@@ -344,6 +348,14 @@ class AskHead:
             raise AskHeadError(f"{path}: not an ask head ({e}); train it with `{TRAIN_COMMAND}`") from e
 
 
+def style_names(row) -> tuple[str, ...]:
+    """A catalog row's styles: its subgenres (``"sub:latin hip hop"``, from training playlists) and its
+    artists' genres (``"artist:dance pop"``, MusicOSet's); one interned string each, so tracks share them."""
+    return tuple(sorted({sys.intern(f"{kind}:{' '.join(g.lower().split())}")
+                         for kind, column in (("sub", "subgenres"), ("artist", "artist_genres"))
+                         for g in json_strings(row[column]) if g.strip()}))
+
+
 class Asks:
     """The tracks a request asks for: ``Asks(catalog, track_index, head, embed, artists=None)``;
     ``embed(texts)`` gives the head's sentence embeddings (the runtime passes the dense retriever's, which
@@ -358,8 +370,8 @@ class Asks:
         self.values = {a: np.full(n, np.nan, dtype=np.float32) for a in ATTRIBUTES}
         genre_tracks: dict[str, list[int]] = {}
         style_tracks: dict[str, list[int]] = {}
-        self.styles_of: dict[int, tuple[str, ...]] = {}  # track -> its subgenres
-        for row in catalog.rows("id, genres, subgenres, " + ", ".join(ATTRIBUTES)):
+        self.styles_of: dict[int, tuple[str, ...]] = {}  # track -> its styles (see style_names)
+        for row in catalog.rows("id, genres, subgenres, artist_genres, " + ", ".join(ATTRIBUTES)):
             i = track_index.get(row["id"])
             if i is None:
                 continue
@@ -368,8 +380,7 @@ class Asks:
                     self.values[a][i] = row[a]
             for g in set(json_strings(row["genres"])) | set(json_strings(row["subgenres"])):
                 genre_tracks.setdefault(" ".join(g.lower().split()), []).append(i)
-            styles = tuple(sorted({sys.intern(" ".join(g.lower().split())) for g in json_strings(row["subgenres"])}
-                                  - {""}))  # one string per subgenre, not one per track
+            styles = style_names(row)
             if styles:
                 self.styles_of[i] = styles
                 for g in styles:
@@ -406,8 +417,8 @@ class Asks:
 
     def near(self, last: int | None, count: int | None = None) -> np.ndarray | None:
         """Bool per track: one of the ``count`` (default ``NEAR_COUNT``) tracks nearest to ``last`` in sound
-        (``NEAR_FEATURES``, squared distance over the features both have) among those sharing a subgenre
-        with it, ``last`` itself left out; None when it has no subgenre or no energy value."""
+        (``NEAR_FEATURES``, squared distance over the features both have) among those sharing a style
+        with it, ``last`` itself left out; None when it has no style or no energy value."""
         count = NEAR_COUNT if count is None else count
         pool = self._in_style(last)
         if pool is None or np.isnan(self.values["energy"][last]):
@@ -451,17 +462,26 @@ class Asks:
                      for t in (turn.get("track_ids") or [])[:1]), None)
 
     def style_tracks(self, history: list[dict]) -> np.ndarray | None:
-        """Indices of the tracks that share a subgenre with the last played track (the style a session is
-        in); None on a first turn or when that track has no subgenre."""
+        """Indices of the tracks that share a style (``style_names``: a subgenre, or an artist's genre) with
+        the last played track (the style a session is in); None on a first turn or when that track has none."""
         return self._in_style(self._last(history))
 
     def _in_style(self, last: int | None) -> np.ndarray | None:
-        """Indices of the tracks that share a subgenre with track ``last`` (itself included); None when it
+        """Indices of the tracks that share a style with track ``last`` (itself included); None when it
         has none."""
         styles = self.styles_of.get(last, ()) if last is not None else ()
         if not styles:
             return None
         return np.unique(np.concatenate([self.styles[g] for g in styles]))
+
+    def era_tracks(self, history: list[dict]) -> np.ndarray | None:
+        """Indices of the tracks released within ``ERA_YEARS`` of the last played track (the era a session is
+        in; itself included); None on a first turn or when that track has no year."""
+        last = self._last(history)
+        if last is None or np.isnan(self.values["year"][last]):
+            return None
+        with np.errstate(invalid="ignore"):
+            return np.flatnonzero(np.abs(self.values["year"] - self.values["year"][last]) <= ERA_YEARS)
 
     def mood_tracks(self, mood: str) -> np.ndarray:
         """Bool per track: ``mood`` (a ``MOODS`` key) holds for it."""

@@ -7,7 +7,8 @@ import pytest
 
 from talkplay_edge.asks import (ASKS, CUES, KINDS, NEAR_COUNT, NONE, OTHER_ARTIST, SAME_ARTIST, SIMILAR, AskHead,
                                 AskHeadError, Asks, cues_of, decade_of, genres_in, moods_of)
-from talkplay_edge.calibration import ASKED, GENRE, LAST, PLAYED, STYLE, ArtistIndex, SpanCalibration, played_marks
+from talkplay_edge.calibration import (ASKED, ERA, GENRE, LAST, PLAYED, STYLE, ArtistIndex, SpanCalibration,
+                                       played_marks)
 
 
 @pytest.mark.parametrize("message, decade", [
@@ -157,6 +158,14 @@ def asks_on_tiny(tiny_catalog):
     cat.close()
 
 
+def _styles(row) -> set[tuple[str, str]]:
+    """A track's styles as the runtime should read them: its subgenres and its artists' genres, apart."""
+    import json
+
+    return {(kind, " ".join(g.lower().split())) for kind, column in (("sub", "subgenres"), ("artist", "artist_genres"))
+            for g in json.loads(row[column] or "[]") if g.strip()}
+
+
 def _after(track: str, message: str) -> list[dict]:
     return [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x", "track_ids": [track]},
             {"role": "user", "content": message}]
@@ -188,14 +197,15 @@ def test_asks_finds_the_tracks_a_step_asks_for(asks_on_tiny):
 
 
 def test_asks_finds_the_tracks_that_sound_like_the_last_one(asks_on_tiny, tiny_catalog):
-    """"More like this": the nearest tracks in sound among those sharing a subgenre with the last one."""
+    """"More like this": the nearest tracks in sound among those sharing a style with the last one."""
     from talkplay_edge.asks import NEAR_FEATURES
-    from talkplay_edge.catalog import Catalog, json_strings
+    from talkplay_edge.catalog import Catalog
 
     asks, index, _, _ = asks_on_tiny
     with Catalog.open(tiny_catalog) as cat:
-        rows = {index[r["id"]]: r for r in cat.rows("id, subgenres, " + ", ".join(f for f, _ in NEAR_FEATURES))}
-    styles = {i: set(json_strings(r["subgenres"])) for i, r in rows.items()}
+        rows = {index[r["id"]]: r for r in cat.rows("id, subgenres, artist_genres, "
+                                                    + ", ".join(f for f, _ in NEAR_FEATURES))}
+    styles = {i: _styles(r) for i, r in rows.items()}
     last = max((i for i in rows if rows[i]["energy"] is not None and styles[i]),
                key=lambda i: sum(len(styles[i] & styles[j]) > 0 for j in rows))
     pool = [j for j in rows if j != last and styles[j] & styles[last]]
@@ -218,8 +228,8 @@ def test_played_marks_mark_the_asked_tracks():
     from talkplay_edge.trie import CodeTrie
 
     class FixedAsks:
-        def __init__(self, tracks, genre=None, style=None):
-            self.tracks, self.genre, self.style = tracks, genre, style
+        def __init__(self, tracks, genre=None, style=None, era=None):
+            self.tracks, self.genre, self.style, self.era = tracks, genre, style, era
 
         def asked_tracks(self, history):
             return self.tracks
@@ -229,6 +239,9 @@ def test_played_marks_mark_the_asked_tracks():
 
         def style_tracks(self, history):
             return self.style
+
+        def era_tracks(self, history):
+            return self.era
 
     trie = CodeTrie.build([[1, 10, 100], [1, 10, 101], [1, 11, 102], [2, 12, 103]])
     index = {"a": 0, "b": 1, "c": 2, "d": 3}
@@ -260,6 +273,14 @@ def test_played_marks_mark_the_asked_tracks():
     assert [int(marks[leaf[i]]) & STYLE for i in range(4)] == [0, 0, STYLE, 0]
     marks = played_marks(trie, index, after, asks=FixedAsks(np.array([3]), style=np.array([1, 2])))
     assert not (marks & STYLE).any() and marks[leaf[3]] & ASKED
+    # the era mark: like the style, after a played track only, unplayed tracks, within what is asked
+    era = FixedAsks(None, style=np.array([3]), era=np.array([0, 1, 3]))
+    assert played_marks(trie, index, cold, asks=era) is None
+    marks = played_marks(trie, index, after, asks=era)
+    assert [int(marks[leaf[i]]) & (STYLE | ERA) for i in range(4)] == [0, ERA, 0, STYLE | ERA]
+    assert marks[trie.parent[leaf[1]]] & ERA and not marks[trie.parent[leaf[2]]] & ERA
+    marks = played_marks(trie, index, after, asks=FixedAsks(np.array([2, 3]), era=np.array([1, 3])))
+    assert [int(marks[leaf[i]]) & ERA for i in range(4)] == [0, 0, 0, ERA]
 
 
 def test_asks_finds_the_genres_and_moods_a_request_names(asks_on_tiny, tiny_catalog, monkeypatch):
@@ -303,20 +324,40 @@ def test_asks_finds_the_genres_and_moods_a_request_names(asks_on_tiny, tiny_cata
     assert set(asks.asked_tracks(_after(slowest, "faster and more intense")).tolist()) == faster
 
 
-def test_asks_finds_the_style_of_the_last_track(asks_on_tiny, tiny_catalog):
-    """The tracks sharing a subgenre with the last played track (its first one, of the last turn); None on
-    a first turn, for a track without a subgenre or unknown to the index."""
-    import json
+def test_asks_finds_the_era_of_the_last_track(asks_on_tiny):
+    """The tracks released within ERA_YEARS of the last played track; None on a first turn or without a year."""
+    from talkplay_edge.asks import ERA_YEARS
 
+    asks, index, rows, _ = asks_on_tiny
+    last = next(t for t in sorted(index) if rows[t]["year"] is not None)
+    want = {index[t] for t in index if rows[t]["year"] is not None
+            and abs(rows[t]["year"] - rows[last]["year"]) <= ERA_YEARS}
+    assert index[last] in want and 1 < len(want) < len(index)  # else the test could not tell
+    assert set(asks.era_tracks(_after(last, "another one")).tolist()) == want
+    assert asks.era_tracks([{"role": "user", "content": "hi"}]) is None
+    bare = next((t for t in index if rows[t]["year"] is None), None)
+    if bare is not None:
+        assert asks.era_tracks(_after(bare, "more")) is None
+
+
+def test_asks_finds_the_style_of_the_last_track(asks_on_tiny, tiny_catalog):
+    """The tracks sharing a style (a subgenre, or an artist genre) with the last played track (its first one,
+    of the last turn); None on a first turn, for a track without either or unknown to the index."""
     from talkplay_edge.catalog import Catalog
 
     asks, index, rows, artists = asks_on_tiny
     with Catalog.open(tiny_catalog) as cat:
-        subs = {r["id"]: {g.lower() for g in json.loads(r["subgenres"] or "[]")} for r in cat.rows("id, subgenres")}
+        subs = {r["id"]: _styles(r) for r in cat.rows("id, subgenres, artist_genres")}
     ids = sorted(index, key=index.get)
     last = next(t for t in ids if subs[t])
     want = {index[t] for t in ids if subs[t] & subs[last]}
     assert index[last] in want and len(want) < len(ids)  # else the test could not tell
+    # an artist's genre counts: a track sharing only that is in the style
+    by_artist = next(t for t in ids if any(k == "artist" for k, _ in subs[t]))
+    want_a = {index[t] for t in ids if subs[t] & subs[by_artist]}
+    same_sub = {index[t] for t in ids if {s for s in subs[t] if s[0] == "sub"} & subs[by_artist]}
+    assert want_a - same_sub - {index[by_artist]}  # else the test could not tell
+    assert set(asks.style_tracks(_after(by_artist, "more")).tolist()) == want_a
     assert set(asks.style_tracks(_after(last, "another one")).tolist()) == want
     history = [*_after(ids[-1], "x"), {"role": "assistant", "content": "y", "track_ids": [last, ids[-1]]},
                {"role": "user", "content": "more"}]
@@ -344,6 +385,11 @@ def test_the_asked_weight_scores_its_mark_and_round_trips():
     marks = np.array([GENRE | STYLE, STYLE, ASKED], dtype=np.uint8)
     assert np.allclose(cal.scores(logits, np.zeros(3), 0, normalise=False, marks=marks), 0.5 * logits + [3.5, 1.5, 0])
     assert SpanCalibration((1.0,), (0.5,), style=(1.5,)).uses_asks
+    cal = SpanCalibration((1.0,), (0.5,), style=(1.5,), era=(0.75,))
+    assert cal.uses_asks and SpanCalibration.parse(cal.to_json()) == cal and SpanCalibration((1.0,), (0.5,), era=(1.0,)).uses_asks
+    marks = np.array([ERA | STYLE, ERA, ASKED], dtype=np.uint8)
+    assert np.allclose(cal.scores(logits, np.zeros(3), 0, normalise=False, marks=marks), 0.5 * logits + [2.25, 0.75, 0])
+    assert SpanCalibration.parse({"alpha": [1.0], "beta": [0.5], "style": [1.5]}).era == ()  # an older file: no era
 
 
 def test_export_asks_labels_and_fits_a_head():
@@ -489,15 +535,16 @@ def test_the_runtime_plays_the_genre_a_request_names(runtime_gguf, tiny_catalog)
 
 def test_the_runtime_keeps_the_style_of_the_last_track(runtime_gguf, tiny_catalog):
     """With the model and the prior switched off and a large ``style`` weight, a follow-up gets a track that
-    shares a subgenre with the one just played (the unweighted follow-up does not)."""
+    shares a style (a subgenre or an artist genre) with the one just played (the unweighted follow-up does
+    not)."""
     import json
 
     from talkplay_edge.catalog import Catalog
     from talkplay_edge.runtime import TalkPlay
 
     with Catalog.open(tiny_catalog) as cat:
-        rows = list(cat.rows("id, genres, subgenres"))
-    subs = {r["id"]: set(json.loads(r["subgenres"] or "[]")) for r in rows}
+        rows = list(cat.rows("id, genres, subgenres, artist_genres"))
+    subs = {r["id"]: _styles(r) for r in rows}
     genre = sorted(g for r in rows if subs[r["id"]] for g in json.loads(r["genres"] or "[]"))[0]
 
     def picks(weight: float, then: str = "Another one.") -> list[str]:  # a track of a genre, then a follow-up

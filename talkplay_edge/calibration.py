@@ -299,23 +299,18 @@ def played_marks(trie, track_index: dict[str, int], history: list[dict],
             if default is None:
                 continue
             for tracks in asked_marks:  # a default holds within what the message asks, never against it
-                default = np.intersect1d(default, tracks)
+                within = np.zeros(trie.n_tracks, dtype=bool)
+                within[tracks] = True
+                default = default[within[default]]
             if len(default):
                 marked.append((default, bit))
     if played and unplayed_only:  # a mark of what to offer next: played tracks are never offered again
         done = np.asarray(played, dtype=np.int64)
-        marked = [(t if bit in (PLAYED, LAST) else np.setdiff1d(t, done), bit) for t, bit in marked]
+        marked = [(t if bit in (PLAYED, LAST) else t[~np.isin(t, done)], bit) for t, bit in marked]
         marked = [(t, bit) for t, bit in marked if len(t)]
     if not marked:
         return None
-    marks = np.zeros(trie.n_nodes, dtype=np.uint8)
-    for tracks, bit in marked:
-        nodes = np.unique(trie.leaf_of_track[tracks].astype(np.int64))
-        while len(nodes):  # every ancestor up to the root (whose parent is -1)
-            marks[nodes] |= bit
-            nodes = np.unique(trie.parent[nodes].astype(np.int64))
-            nodes = nodes[nodes >= 0]
-    return marks
+    return trie.mark_ancestors(marked)
 
 
 def is_cold(history: list[dict]) -> bool:

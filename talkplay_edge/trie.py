@@ -20,6 +20,7 @@ to the root (O(depth)) and prunes every subtree left without a track.
 
 from __future__ import annotations
 
+import functools
 import sys
 from array import array
 from typing import Iterable, Mapping, Sequence
@@ -117,6 +118,41 @@ class CodeTrie:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.offsets, self.token, self.parent, self.count, self.track,
                                       self.leaf_of_track))
+
+    @functools.cached_property
+    def levels(self) -> tuple[tuple[int, int], ...]:
+        """(first node, end) of each depth below the root, shallowest first: nodes are numbered depth by
+        depth, so every depth is one contiguous run whose parents all lie in the run before it."""
+        depth = np.zeros(self.n_nodes, dtype=np.int32)
+        for _ in range(self.n_nodes):  # a node's depth is right once its parent's is: at most max-depth passes
+            new = depth.copy()
+            new[1:] = depth[self.parent[1:]] + 1
+            if np.array_equal(new, depth):
+                break
+            depth = new
+        bounds = np.searchsorted(depth, np.arange(1, int(depth.max(initial=0)) + 2))
+        return tuple((int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:]))
+
+    @functools.cached_property
+    def _sibling_runs(self) -> tuple[tuple[int, int, np.ndarray, np.ndarray], ...]:
+        """Per depth (deepest first): (first node, end, the distinct parents, where each one's children
+        start in the run); siblings are contiguous, in their parents' order."""
+        runs = []
+        for lo, hi in reversed(self.levels):
+            p = self.parent[lo:hi]
+            starts = np.flatnonzero(np.r_[True, p[1:] != p[:-1]])
+            runs.append((lo, hi, p[starts].astype(np.int64), starts))
+        return tuple(runs)
+
+    def mark_ancestors(self, marked: Sequence[tuple[np.ndarray, int]]) -> np.ndarray:
+        """uint8 per node: the OR of the ``bit`` of every (track indices, bit) pair with a track below it
+        (the leaf itself included), in one bottom-up pass over the nodes."""
+        marks = np.zeros(self.n_nodes, dtype=np.uint8)
+        for tracks, bit in marked:
+            marks[self.leaf_of_track[np.asarray(tracks, dtype=np.int64)]] |= np.uint8(bit)
+        for lo, hi, parents, starts in self._sibling_runs:
+            marks[parents] |= np.bitwise_or.reduceat(marks[lo:hi], starts)
+        return marks
 
     def children(self, node: int) -> tuple[np.ndarray, np.ndarray]:
         """(token ids, child node ids) of a node: array views, O(1)."""

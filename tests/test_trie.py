@@ -49,6 +49,26 @@ def test_paths_roundtrip_and_leaves():
     assert trie.child(0, 4242) == -1
 
 
+def test_mark_ancestors_matches_walking_every_path():
+    """A (tracks, bit) pair marks each track's leaf and every node on its path, the root included; codes of
+    two lengths (dup tokens) and repeated tracks too."""
+    codes = random_codes(300, seed=3)
+    trie = CodeTrie.build(codes)
+    assert [lo for lo, _ in trie.levels] == [1] + [hi for _, hi in trie.levels[:-1]] and trie.levels[-1][1] == trie.n_nodes
+    rng = np.random.default_rng(0)
+    marked = [(rng.choice(300, size=k, replace=True), bit) for k, bit in ((1, 1), (40, 2), (120, 64), (0, 8))]
+    want = np.zeros(trie.n_nodes, dtype=np.uint8)
+    for tracks, bit in marked:
+        for t in tracks:
+            node = 0
+            want[node] |= bit
+            for tok in codes[t]:
+                node = trie.child(node, tok)
+                want[node] |= bit
+    got = trie.mark_ancestors(marked)
+    assert np.array_equal(got, want) and got[0] == 1 | 2 | 64 and (got == 0).any()
+
+
 def test_five_token_code_prefix_of_dup_code():
     codes = [[1, 2, 3, 4, 5, END], [1, 2, 3, 4, 5, 50, END], [1, 2, 3, 4, 5, 51, END]]
     trie = CodeTrie.build(codes)

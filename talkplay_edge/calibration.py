@@ -293,16 +293,17 @@ def played_marks(trie, track_index: dict[str, int], history: list[dict],
         genre = asks.genre_tracks(history)
         if genre is not None and len(genre):
             marked.append((genre, GENRE))
-        asked_marks = [tracks for tracks, bit in marked if bit in (NAMED, ASKED, GENRE)]
+        within = None  # the tracks that give all the message asks (named, asked, genre), when it asks any
+        for tracks, bit in marked:
+            if bit in (NAMED, ASKED, GENRE):
+                gives = np.zeros(trie.n_tracks, dtype=bool)
+                gives[tracks] = True
+                within = gives if within is None else within & gives
         for default, bit in ((asks.style_tracks(history) if played else None, STYLE),
                              (asks.era_tracks(history) if played else None, ERA)):
-            if default is None:
-                continue
-            for tracks in asked_marks:  # a default holds within what the message asks, never against it
-                within = np.zeros(trie.n_tracks, dtype=bool)
-                within[tracks] = True
+            if default is not None and within is not None:  # a default holds within what is asked, never against it
                 default = default[within[default]]
-            if len(default):
+            if default is not None and len(default):
                 marked.append((default, bit))
     if played and unplayed_only:  # a mark of what to offer next: played tracks are never offered again
         done = np.asarray(played, dtype=np.int64)

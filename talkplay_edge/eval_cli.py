@@ -71,10 +71,7 @@ def eval_command(system: str, conv_path: Path, limit: int | None, skip: int, max
     if only_path is not None:
         if replies:
             raise UserError("--only-turns does not work with --replies (the chat runs whole conversations)")
-        try:
-            only = {(r["conversation"], r["turn"]) for r in read_ranks(only_path, need_rank=False)}
-        except RanksFormatError as e:
-            raise UserError(str(e)) from e
+        only = _listed_turns([only_path])
         listed = {c for c, _ in only}
         convs_by_index = [(i, c) for i, c in enumerate(convs, skip) if str(c.get("id", i)) in listed]
         if not convs_by_index:
@@ -183,6 +180,16 @@ def _score(system: str, cat, convs: list[dict], indices: list[int], jobs: int, t
     return result, chat, setup_s
 
 
+def _listed_turns(paths) -> set[tuple[str, int]]:
+    """The (conversation, turn) keys the ranks files ``paths`` hold (``--only-turns``)."""
+    from .evaluate import RanksFormatError, read_ranks
+
+    try:
+        return {(r["conversation"], r["turn"]) for path in paths for r in read_ranks(path, need_rank=False)}
+    except RanksFormatError as e:
+        raise UserError(str(e)) from e
+
+
 @click.command("eval-compare")
 @click.argument("ranks_a", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("ranks_b", type=click.Path(exists=True, dir_okay=False, path_type=Path))
@@ -252,12 +259,7 @@ def eval_summary_command(ranks: tuple[Path, ...], per_intent: bool, only_paths: 
             where[key] = path
         rows += file_rows
     if only_paths:
-        only: set[tuple[str, int]] = set()
-        for path in only_paths:
-            try:
-                only |= {(r["conversation"], r["turn"]) for r in read_ranks(path, need_rank=False)}
-            except RanksFormatError as e:
-                raise UserError(str(e)) from e
+        only = _listed_turns(only_paths)
         missing = only - where.keys()
         if missing:
             conv, turn = min(missing)

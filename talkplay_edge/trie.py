@@ -123,15 +123,12 @@ class CodeTrie:
     def levels(self) -> tuple[tuple[int, int], ...]:
         """(first node, end) of each depth below the root, shallowest first: nodes are numbered depth by
         depth, so every depth is one contiguous run whose parents all lie in the run before it."""
-        depth = np.zeros(self.n_nodes, dtype=np.int32)
-        for _ in range(self.n_nodes):  # a node's depth is right once its parent's is: at most max-depth passes
-            new = depth.copy()
-            new[1:] = depth[self.parent[1:]] + 1
-            if np.array_equal(new, depth):
-                break
-            depth = new
-        bounds = np.searchsorted(depth, np.arange(1, int(depth.max(initial=0)) + 2))
-        return tuple((int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:]))
+        levels, hi = [], 1  # the root is the run [0, 1)
+        while True:  # the next depth ends where the children of this one's last node end (``offsets``)
+            lo, hi = hi, int(self.offsets[hi]) + 1  # node = edge + 1
+            if lo == hi:
+                return tuple(levels)
+            levels.append((lo, hi))
 
     @functools.cached_property
     def _sibling_runs(self) -> tuple[tuple[int, int, np.ndarray, np.ndarray], ...]:

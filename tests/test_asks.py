@@ -197,7 +197,7 @@ def test_asks_finds_the_tracks_a_step_asks_for(asks_on_tiny):
 
 
 def test_asks_finds_the_tracks_that_sound_like_the_last_one(asks_on_tiny, tiny_catalog):
-    """"More like this": the nearest tracks in sound among those sharing a style with the last one."""
+    """"More like this": the nearest tracks in sound in the whole catalog, whatever their style."""
     from talkplay_edge.asks import NEAR_FEATURES
     from talkplay_edge.catalog import Catalog
 
@@ -206,21 +206,27 @@ def test_asks_finds_the_tracks_that_sound_like_the_last_one(asks_on_tiny, tiny_c
         rows = {index[r["id"]]: r for r in cat.rows("id, subgenres, artist_genres, "
                                                     + ", ".join(f for f, _ in NEAR_FEATURES))}
     styles = {i: _styles(r) for i, r in rows.items()}
-    last = max((i for i in rows if rows[i]["energy"] is not None and styles[i]),
-               key=lambda i: sum(len(styles[i] & styles[j]) > 0 for j in rows))
-    pool = [j for j in rows if j != last and styles[j] & styles[last]]
+    sounded = [i for i in rows if rows[i]["energy"] is not None]
 
-    def dist(j):
+    def dist(last, j):
         return sum(((rows[j][f] - rows[last][f]) * w) ** 2 for f, w in NEAR_FEATURES
                    if rows[j][f] is not None and rows[last][f] is not None)
-    assert len(pool) > 3
-    want = sorted(pool, key=lambda j: (dist(j), j))
+
+    def nearest(last):
+        return sorted((j for j in sounded if j != last), key=lambda j: (dist(last, j), j))
+
+    # a track whose 3 nearest include one sharing no style with it: a style-only pool would leave that one out
+    last = next(i for i in sorted(sounded) if any(not styles[j] & styles[i] for j in nearest(i)[:3])
+                and dist(i, nearest(i)[3]) > dist(i, nearest(i)[2]))  # and no tie at the cut
+    want = nearest(last)
     assert set(np.flatnonzero(asks.near(last, count=3)).tolist()) == set(want[:3])
-    assert dist(want[3]) > dist(want[2])  # no tie at the cut
     track = next(t for t, i in index.items() if i == last)
     got = set(asks.asked_tracks(_after(track, SIMILAR)).tolist())
     assert got == set(want[:NEAR_COUNT]) and last not in got
     assert asks.near(None) is None and asks.asked_tracks([{"role": "user", "content": SIMILAR}]) is None
+    silent = next((i for i in rows if rows[i]["energy"] is None), None)
+    if silent is not None:  # no sound to be near to
+        assert asks.near(silent) is None
 
 
 def test_played_marks_mark_the_asked_tracks():

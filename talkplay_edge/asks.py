@@ -388,6 +388,7 @@ class Asks:
                     style_tracks.setdefault(g, []).append(i)
         self.genres = {g: np.asarray(t, dtype=np.int64) for g, t in genre_tracks.items() if g}
         self.styles = {g: np.asarray(t, dtype=np.int64) for g, t in style_tracks.items()}
+        self.sounding = np.flatnonzero(~np.isnan(self.values["energy"]))  # the tracks ``near`` ranks
         self._moods: dict[str, np.ndarray] = {}
 
     def kind(self, message: str) -> str:
@@ -426,8 +427,7 @@ class Asks:
         energy = self.values["energy"]
         if last is None or np.isnan(energy[last]):
             return None
-        pool = np.flatnonzero(~np.isnan(energy))
-        pool = pool[pool != last]
+        pool = self.sounding[self.sounding != last]
         d = np.zeros(len(pool))
         for feature, scale in NEAR_FEATURES:
             v = self.values[feature]

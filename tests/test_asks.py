@@ -224,9 +224,32 @@ def test_asks_finds_the_tracks_that_sound_like_the_last_one(asks_on_tiny, tiny_c
     got = set(asks.asked_tracks(_after(track, SIMILAR)).tolist())
     assert got == set(want[:NEAR_COUNT]) and last not in got
     assert asks.near(None) is None and asks.asked_tracks([{"role": "user", "content": SIMILAR}]) is None
-    silent = next((i for i in rows if rows[i]["energy"] is None), None)
-    if silent is not None:  # no sound to be near to
-        assert asks.near(silent) is None
+
+
+def test_asks_near_nothing_for_a_track_without_sound(tiny_catalog, tmp_path):
+    """A track without audio features has no sound to be near to, and is never among another's nearest."""
+    import shutil
+    import sqlite3
+
+    from talkplay_edge.catalog import Catalog
+
+    db = tmp_path / "catalog.db"
+    shutil.copy(tiny_catalog, db)
+    with Catalog.open(db) as cat:
+        ids = sorted(cat.codes())
+    silent_id, other_id = ids[0], ids[1]
+    con = sqlite3.connect(db)
+    con.execute("UPDATE tracks SET energy = NULL WHERE id = ?", (silent_id,))
+    con.commit()
+    con.close()
+    index = {t: i for i, t in enumerate(ids)}
+    with Catalog.open(db) as cat:
+        asks = Asks(cat, index, _sure_head(), _onehot_embed)
+        assert asks.near(index[silent_id]) is None
+        assert asks.satisfying(SIMILAR, index[silent_id]) is None
+        near = asks.near(index[other_id], count=len(ids))
+        assert near is not None and not near[index[silent_id]] and not near[index[other_id]]
+        assert near.sum() == len(asks.sounding) - 1
 
 
 def test_played_marks_mark_the_asked_tracks():

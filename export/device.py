@@ -20,7 +20,8 @@ split into parts with a manifest (sha256 of every part and of the whole). ``step
 stashes the parts it was sent in /root; once all are there it checks and unpacks them, installs the wheel,
 and trains every variant of the manifest at once on the one GPU (default ``init=text`` and ``init=mean``,
 the A/B the issue asks for; the second is capped at 40% of GPU memory so it can never starve the first),
-each stopping at ``max_minutes``; it copies each variant's delta shards and train_log.json to ``$OUT/<init>``.
+each stopping at ``max_minutes`` (or earlier, so that the call ends within its timeout); it copies each
+variant's delta shards and train_log.json to ``$OUT/<init>``.
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ CALL_LIMIT = 64 * 2**20  # working tree + carried paths, per call
 PACK_DIR = ".devpack"
 ASIDE = ("catalog.db", "catalog.vectors.npz", "talkplay_edge/models")  # tracked, large, not needed to train
 FIRST_CALL_S, LAST_CALL_S = 120, 600  # device timeouts: a call that only stashes its part; the training call
+# the training call must end before the tool kills it, or nothing comes back: training stops (eval + save) this
+# long before the call's limit however long unpacking and loading took, and a variant still running this long
+# before it is killed so that the deltas it saved at its last evaluation are copied to $OUT
+STOP_RESERVE_S, KILL_RESERVE_S = 90, 25
 STASH = Path(os.environ.get("TALKPLAY_DEVICE_STASH", "/root/talkplay-devpack"))
 GGUF_WHEEL = "gguf==0.19.0"  # transformers' gguf_file= loader; the device image lacks it
 
@@ -203,8 +208,11 @@ def _environment() -> None:
         _log(f"environment: {type(e).__name__}: {e}")
 
 
-def step(workdir: Path, out: Path, stash: Path = STASH, extra: list[str] | None = None) -> int:
-    """One device call: stash the parts sent with it; when all are there, unpack and train every variant."""
+def step(workdir: Path, out: Path, stash: Path = STASH, extra: list[str] | None = None,
+         call_s: float = LAST_CALL_S) -> int:
+    """One device call: stash the parts sent with it; when all are there, unpack and train every variant,
+    all of it within ``call_s`` seconds of the call's start (the device tool's timeout)."""
+    started = time.time()
     stash.mkdir(parents=True, exist_ok=True)
     _environment()
     for f in sorted((workdir / PACK_DIR).glob("part-*/*")):
@@ -236,13 +244,14 @@ def step(workdir: Path, out: Path, stash: Path = STASH, extra: list[str] | None 
                 f"--catalog={data / 'catalog.db'}", f"--train={data / 'conversations/train.jsonl'}",
                 f"--valid={data / 'conversations/valid.jsonl'}", f"--out={stash / 'out' / init}",
                 f"--max_minutes={manifest['max_minutes']}",
-                f"--max_train_conversations={manifest['conversations']}", *(extra or [])]
+                f"--max_train_conversations={manifest['conversations']}",
+                f"--stop_at={started + call_s - STOP_RESERVE_S:.0f}", *(extra or [])]
         if i > 0:
             args.append("--cuda_memory_fraction=0.4")  # a side variant can never starve the first
         (stash / "out").mkdir(parents=True, exist_ok=True)
         log = open(stash / "out" / f"{init}.log", "w")
         procs.append((init, subprocess.Popen(args, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-    deadline = time.time() + manifest["max_minutes"] * 60 + 240
+    deadline = min(time.time() + manifest["max_minutes"] * 60 + 240, started + call_s - KILL_RESERVE_S)
     results = {}
     for init, proc, log in procs:
         try:

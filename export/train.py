@@ -71,6 +71,7 @@ class Config:
     # (the others keep their values and Adam moments: no common drift of rarely answered rows, export/dedrift.py)
     row_updates: str = "all"
     max_minutes: float = 0.0  # stop (eval + save) at the first step past this wall time; 0 = no limit
+    stop_at: float = 0.0  # unix time: stop (eval + save) at the first step past it, however long loading took; 0 = none
     max_train_conversations: int = 0  # 0 = all
     data_workers: int = 0  # processes that tokenize the conversations; 0 = one per CPU core
     device: str = "auto"
@@ -501,7 +502,9 @@ def export_delta(model, lora: dict[str, LoRALinear], new_ids: list[int], tokens:
     paths = []
     for i, shard in enumerate(shards):
         p = out_dir / f"delta-{i + 1:02d}-of-{len(shards):02d}.safetensors"
-        save_file(shard, str(p), metadata=metadata)
+        part = p.with_name(p.name + ".partial")  # a run killed while saving leaves the last whole shard
+        save_file(shard, str(part), metadata=metadata)
+        os.replace(part, p)
         paths.append(p)
     return paths
 
@@ -594,6 +597,8 @@ def main(argv: list[str] | None = None) -> dict:
         progress = step / cfg.max_steps  # with max_minutes, the cosine ends at whichever limit comes first
         if cfg.max_minutes > 0:
             progress = max(progress, (time.time() - t0) / (cfg.max_minutes * 60))
+        if cfg.stop_at > t0:
+            progress = max(progress, (time.time() - t0) / (cfg.stop_at - t0))
         decay = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         for g, lr in zip(opt.param_groups, base_lrs):
             g["lr"] = lr * frac * (0.1 + 0.9 * decay)
@@ -621,7 +626,10 @@ def main(argv: list[str] | None = None) -> dict:
         if step % 10 == 0 or step == 1:
             print(f"step {step:5d}  loss {loss.item() * cfg.grad_accum:.4f}  tokens {tokens_seen}  "
                   f"{tokens_seen / (time.time() - t0):.0f} tok/s", flush=True)
-        out_of_time = cfg.max_minutes > 0 and time.time() - t0 > cfg.max_minutes * 60
+        now = time.time()
+        late = "max_minutes" if cfg.max_minutes > 0 and now - t0 > cfg.max_minutes * 60 else \
+            "stop_at" if cfg.stop_at > 0 and now > cfg.stop_at else ""
+        out_of_time = bool(late)
         if step % cfg.eval_every == 0 or step == cfg.max_steps or out_of_time:
             v_loss, v_span = valid_loss()
             entry = {"step": step, "train_loss": loss.item() * cfg.grad_accum, "valid_loss": v_loss,
@@ -632,7 +640,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(json.dumps(entry), flush=True)
             summary = save(log, tokens_seen)
         if out_of_time:
-            print(f"stopping at step {step}: max_minutes={cfg.max_minutes} reached", flush=True)
+            print(f"stopping at step {step}: {late} reached", flush=True)
             break
     else:
         if cfg.max_steps == 0:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,7 @@ def test_step_waits_for_all_parts_then_trains_every_variant(packed, tmp_path, mo
     (root / ".devpack").mkdir()
     for d in later:
         shutil.move(str(held / d.name), str(root / ".devpack" / d.name))
+    started = time.time()
     assert device.step(root, out, stash, extra) == 0
     for init in ("text", "mean"):
         files = sorted(p.name for p in (out / init).iterdir())
@@ -89,6 +91,8 @@ def test_step_waits_for_all_parts_then_trains_every_variant(packed, tmp_path, mo
         assert log["config"]["init"] == init and log["log"][-1]["step"] == 2
         assert log["config"]["max_train_conversations"] == 12
         assert log["config"]["row_updates"] == "seen"  # the GPU config's: unseen music rows do not drift
+        # training stops in time for the call to end within the device tool's timeout, deltas copied
+        assert started < log["config"]["stop_at"] <= started + device.LAST_CALL_S - device.STOP_RESERVE_S + 1
     assert (out / "train.log").read_text().count("init=mean") == 1
     assert len([f for f in out.rglob("*") if f.is_file()]) <= 8  # what comes back: at most 8 files
 

@@ -185,16 +185,24 @@ def test_quick_hit_rate_equals_greedy_decoding_over_the_trie(tiny_catalog, tmp_p
     assert rate == pytest.approx(sum(expected) / len(expected))
 
 
-def test_max_minutes_stops_with_an_eval_and_a_delta(tiny_catalog, tmp_path):
+@pytest.mark.parametrize("limit", ["max_minutes", "stop_at"])
+def test_a_time_limit_stops_with_an_eval_and_a_delta(tiny_catalog, tmp_path, capsys, limit):
+    """max_minutes counts from the first step; stop_at is a wall-clock time (the device call's end, less a
+    reserve): past it already when loading ends, the run still takes one step, evaluates and saves."""
+    import time
+
     with Catalog.open(tiny_catalog) as cat:
         build_conversations(cat, tmp_path / "conv", seed=1, sizes={"train": 8, "valid": 2, "test": 2, "test_unseen": 2},
                             show_progress=False)
+    arg = "--max_minutes=0.0001" if limit == "max_minutes" else f"--stop_at={time.time():.0f}"
     summary = train.main([f"--catalog={tiny_catalog}", f"--train={tmp_path / 'conv' / 'train.jsonl'}",
                           f"--valid={tmp_path / 'conv' / 'valid.jsonl'}", f"--out={tmp_path / 'out'}", "--base=tiny",
                           "--max_steps=1000", "--batch_size=2", "--eval_every=500", "--eval_batches=1",
-                          "--max_minutes=0.0001", "--hit_turns=4"])
+                          arg, "--hit_turns=4"])
     assert [e["step"] for e in summary["log"]] == [1]
+    assert f"stopping at step 1: {limit} reached" in capsys.readouterr().out
     assert (tmp_path / "out" / "train_log.json").is_file() and load_delta(tmp_path / "out")[0]
+    assert not list((tmp_path / "out").glob("*.partial"))
 
 
 def test_data_workers_encode_the_same_examples(tiny_catalog, tmp_path):

@@ -16,7 +16,8 @@ model trained on few conversations still moves the way the listener asked.
     decade_of(msg)   the decade a message names ("80s", "1980s", "eighties", "noughties", "2010s"), or None
     moods_of(msg)    the moods a message names ("mellow", "upbeat", "danceable"...: ``conversations.MOODS``,
                      each a threshold on one audio feature: "mellow" is energy <= 0.45)
-    genres_in(msg, names)  the catalog genres a message names, longest first ("latin hip hop", not "latin")
+    genres_in(msg, names)  the catalog genres a message asks for, longest first ("latin hip hop", not "latin";
+                     "electronic" for "edm"; not "less EDM")
     cues_of(msg)     the cue features of a message (``CUES``: everyday words for each direction, so
                      "quicker", "speed it up" and "pick up the pace" read alike; "too quick" is its own cue)
     AskHead          a linear classifier over the MiniLM sentence embedding of the user's latest message,
@@ -136,10 +137,46 @@ def mood_holds(mood: str, values: dict[str, np.ndarray]) -> np.ndarray:
     return out
 
 
-def genres_in(message: str, names) -> list[str]:
-    """The genre ``names`` (lower case, as the catalog has them) a message names as whole words ("R&B",
-    "hip-hop" and "Hip Hop" alike), a longer name before the shorter ones inside it."""
-    return _phrases_in(message, names)
+# everyday words for a genre the catalog names otherwise (used when the catalog has the genre)
+GENRE_WORDS = {"electronic": "edm", "electronica": "edm", "electronic dance music": "edm", "dance music": "edm"}
+# a genre named right after one of these is not asked for ("less EDM", "no more rock", "enough of the pop",
+# "not so electronic", "something that isn't dance music", "away from rap", "instead of / other than latin")
+_GENRE_NOT = {"less", "fewer", "no", "not", "enough", "without", "isn't", "isnt", "aren't", "arent", "avoid", "skip",
+              "except", "besides", "instead"}
+_GENRE_SKIP = {"so", "too", "much", "any", "more", "of", "the", "this", "that", "all", "very", "really", "a", "bit",
+               "little", "lot", "as"}
+
+
+def _negated(before: str) -> bool:
+    """Whether the words ``before`` a phrase deny it (``_GENRE_NOT``, past ``_GENRE_SKIP`` words)."""
+    words = before.split()
+    j = len(words) - 1
+    while j >= 0 and words[j] in _GENRE_SKIP:
+        j -= 1
+    if j < 0:
+        return False
+    word, prev = words[j], words[j - 1] if j >= 1 else ""
+    return word in _GENRE_NOT or (word == "from" and prev == "away") or (word == "than" and prev in ("other", "rather"))
+
+
+def genres_in(message: str, names, words: dict[str, str] | None = None) -> list[str]:
+    """The genre ``names`` (lower case, as the catalog has them) a message asks for as whole words ("R&B",
+    "hip-hop" and "Hip Hop" alike), a longer name before the shorter ones inside it; ``words`` (default
+    ``GENRE_WORDS``: "electronic" for "edm") name a genre too. A genre only denied ("less EDM", "no more
+    rock") is not asked for."""
+    names = set(names)
+    table = {w: g for w, g in (GENRE_WORDS if words is None else words).items() if g in names}
+    table.update({n: n for n in names})
+    text, found = _phrase_text(message), []
+    for phrase in sorted(table, key=lambda p: (-len(p), p)):
+        key = _phrase_text(phrase)
+        if not key.strip():
+            continue
+        while (i := text.find(key)) >= 0:
+            if not _negated(text[:i]) and table[phrase] not in found:
+                found.append(table[phrase])
+            text = text[:i] + " " + "_" * (len(key) - 2) + " " + text[i + len(key):]  # a word, no phrase's
+    return found
 
 
 class AskHeadError(RuntimeError):

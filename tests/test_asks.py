@@ -31,9 +31,23 @@ GENRES = ["latin", "latin hip hop", "hip hop", "r&b", "rap", "post-teen pop", "p
     ("I want some post-teen pop", ["post-teen pop"]), ("Post teen pop, please", ["post-teen pop"]),
     ("a Pop EDM banger", ["pop edm"]), ("a rapper I like", []), ("popular songs", []), ("", []),
     ("rap, pop and EDM", ["edm", "pop", "rap"]),
+    # everyday words for a genre, once each
+    ("Something more electronic.", ["edm"]), ("Switch to electronic dance music.", ["edm"]),
+    ("electronic or EDM, whatever", ["edm"]),
+    # a genre only denied is not asked for
+    ("Less EDM, please.", []), ("Something less electronic.", []), ("Not so electronic this time.", []),
+    ("Can we move away from the electronic stuff?", []), ("Something that isn't dance music.", []),
+    ("Enough of the pop, something else.", []), ("no more rap, some latin hip hop", ["latin hip hop"]),
+    ("less pop more rap", ["rap"]), ("instead of rap, some pop", ["pop"]), ("rap, not pop", ["rap"]),
 ])
 def test_genres_in(message, genres):
     assert genres_in(message, GENRES) == genres
+
+
+def test_genre_words_only_for_genres_the_catalog_has():
+    assert genres_in("something electronic", ["pop", "rap"]) == []
+    assert genres_in("something electronic", ["pop", "edm"], words={}) == []
+    assert genres_in("something electronic", ["pop", "edm"]) == ["edm"]
 
 
 @pytest.mark.parametrize("message, moods", [

@@ -248,6 +248,8 @@ def step(workdir: Path, out: Path, stash: Path = STASH, extra: list[str] | None 
                 f"--stop_at={started + call_s - STOP_RESERVE_S:.0f}", *(extra or [])]
         if i > 0:
             args.append("--cuda_memory_fraction=0.4")  # a side variant can never starve the first
+        for old in (stash / "out" / init, out / init):  # an earlier try's delta must never come back as this one's
+            shutil.rmtree(old, ignore_errors=True)
         (stash / "out").mkdir(parents=True, exist_ok=True)
         log = open(stash / "out" / f"{init}.log", "w")
         procs.append((init, subprocess.Popen(args, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT), log))
@@ -308,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("aside", help="here: move catalog.db, its vectors and talkplay_edge/models into .devpack/aside")
     sub.add_parser("restore", help="here: move them back")
     s = sub.add_parser("step", help="on the device: stash this call's part; with all parts, train")
+    s.add_argument("--call-s", type=float, default=LAST_CALL_S,
+                   help=f"this call's timeout_s (default {LAST_CALL_S}; less when the session has less device time "
+                        "left): training stops in time for the call to end within it")
     s.add_argument("extra", nargs="*", help="extra export.train arguments (tests: --base=tiny --device=cpu ...)")
     i = sub.add_parser("install", help="here: make a returned delta the shipped model")
     i.add_argument("src", type=Path)
@@ -335,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     elif a.cmd == "step":
         out = Path(os.environ.get("OUT", "out/device"))
         out.mkdir(parents=True, exist_ok=True)
-        return step(root, out, extra=a.extra)
+        return step(root, out, extra=a.extra, call_s=a.call_s)
     elif a.cmd == "install":
         print(json.dumps({"installed": [str(p) for p in install(a.src, root)],
                           "next": "python -m export.calibrate --retrieval --write  (fit the new delta's span calibration)"}))

@@ -82,8 +82,11 @@ def test_step_waits_for_all_parts_then_trains_every_variant(packed, tmp_path, mo
     (root / ".devpack").mkdir()
     for d in later:
         shutil.move(str(held / d.name), str(root / ".devpack" / d.name))
+    stale = stash / "out" / "text" / "delta-09-of-09.safetensors"  # left by an earlier try on a warm machine
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"old")
     started = time.time()
-    assert device.step(root, out, stash, extra) == 0
+    assert device.step(root, out, stash, extra, call_s=400) == 0  # a session with less device time left
     for init in ("text", "mean"):
         files = sorted(p.name for p in (out / init).iterdir())
         assert files == ["delta-01-of-01.safetensors", "train_log.json"]
@@ -92,7 +95,7 @@ def test_step_waits_for_all_parts_then_trains_every_variant(packed, tmp_path, mo
         assert log["config"]["max_train_conversations"] == 12
         assert log["config"]["row_updates"] == "seen"  # the GPU config's: unseen music rows do not drift
         # training stops in time for the call to end within the device tool's timeout, deltas copied
-        assert started < log["config"]["stop_at"] <= started + device.LAST_CALL_S - device.STOP_RESERVE_S + 1
+        assert started < log["config"]["stop_at"] <= started + 400 - device.STOP_RESERVE_S + 1
     assert (out / "train.log").read_text().count("init=mean") == 1
     assert len([f for f in out.rglob("*") if f.is_file()]) <= 8  # what comes back: at most 8 files
 

@@ -141,8 +141,8 @@ def mood_holds(mood: str, values: dict[str, np.ndarray]) -> np.ndarray:
 GENRE_WORDS = {"electronic": "edm", "electronica": "edm", "electronic dance music": "edm", "dance music": "edm"}
 # a genre named right after one of these is not asked for ("less EDM", "no more rock", "enough of the pop",
 # "not so electronic", "something that isn't dance music", "away from rap", "instead of / other than latin")
-_GENRE_NOT = {"less", "fewer", "no", "not", "enough", "without", "isn't", "isnt", "aren't", "arent", "avoid", "skip",
-              "except", "besides", "instead"}
+_GENRE_NOT = {"less", "fewer", "no", "not", "never", "enough", "without", "isn't", "isnt", "aren't", "arent", "t",
+              "avoid", "skip", "except", "besides", "instead"}  # "t": "isn’t" with a typographic apostrophe
 _GENRE_SKIP = {"so", "too", "much", "any", "more", "of", "the", "this", "that", "all", "very", "really", "a", "bit",
                "little", "lot", "as"}
 

@@ -39,6 +39,7 @@ GENRES = ["latin", "latin hip hop", "hip hop", "r&b", "rap", "post-teen pop", "p
     ("Can we move away from the electronic stuff?", []), ("Something that isn't dance music.", []),
     ("Enough of the pop, something else.", []), ("no more rap, some latin hip hop", ["latin hip hop"]),
     ("less pop more rap", ["rap"]), ("instead of rap, some pop", ["pop"]), ("rap, not pop", ["rap"]),
+    ("something that isn’t EDM", []),
 ])
 def test_genres_in(message, genres):
     assert genres_in(message, GENRES) == genres

@@ -84,8 +84,8 @@ _DECADE = re.compile(r"(?<![\w])(?:(19|20)([0-9])0s|'?([0-9])0s|(twenties|thirti
 def decade_of(message: str) -> int | None:
     """The first decade ``message`` names, as its first year (1980 for "80s", "1980s", "'80s", "eighties";
     2000 for "2000s", "noughties"; 2010 for "2010s", "twenty-tens"); None when it names none. A bare "20s"
-    or "10s" reads as the 1920s / 1910s, the usual sense."""
-    m = _DECADE.search(message or "")
+    or "10s" reads as the 1920s / 1910s, the usual sense. A decade only denied ("not from the 80s") is none."""
+    m = next((m for m in _DECADE.finditer(message or "") if not denied(message[:m.start()])), None)
     if not m:
         return None
     century, tens, short, word, noughties, tens_word = m.groups()
@@ -139,24 +139,27 @@ def mood_holds(mood: str, values: dict[str, np.ndarray]) -> np.ndarray:
 
 # everyday words for a genre the catalog names otherwise (used when the catalog has the genre)
 GENRE_WORDS = {"electronic": "edm", "electronica": "edm", "electronic dance music": "edm", "dance music": "edm"}
-# a genre named right after one of these is not asked for ("less EDM", "no more rock", "enough of the pop",
-# "not so electronic", "something that isn't dance music", "away from rap", "instead of / other than latin")
-_GENRE_NOT = {"less", "fewer", "no", "not", "never", "enough", "without", "isn't", "isnt", "aren't", "arent", "t",
-              "avoid", "skip", "except", "besides", "instead"}  # "t": "isn’t" with a typographic apostrophe
-_GENRE_SKIP = {"so", "too", "much", "any", "more", "of", "the", "this", "that", "all", "very", "really", "a", "bit",
-               "little", "lot", "as"}
+# a genre, artist or decade named right after one of these is not asked for ("less EDM", "no more rock",
+# "enough of the pop", "not so electronic", "something that isn't dance music", "away from rap", "no more Drake",
+# "skip Drake", "not from the 80s", "no songs from the 90s", "instead of / other than latin")
+_DENIALS = {"less", "fewer", "no", "not", "never", "enough", "without", "isn't", "isnt", "aren't", "arent", "t",
+            "avoid", "skip", "except", "besides", "instead", "away"}  # "t": "isn’t" with a typographic apostrophe
+_DENIAL_SKIP = {"so", "too", "much", "any", "more", "of", "the", "this", "that", "all", "very", "really", "a", "bit",
+                "little", "lot", "as", "from", "by", "song", "songs", "track", "tracks", "music", "stuff", "one", "ones",
+                "anything", "something"}
 
 
-def _negated(before: str) -> bool:
-    """Whether the words ``before`` a phrase deny it (``_GENRE_NOT``, past ``_GENRE_SKIP`` words)."""
-    words = before.split()
+def denied(before: str) -> bool:
+    """Whether the words ``before`` a name deny it: the last of them that is not a filler word
+    (``_DENIAL_SKIP``: "no more songs by", "not from the") is a denial (``_DENIALS``), or "other than"."""
+    words = [w.strip(".,;:!?\"'“”‘’") for w in before.lower().replace("’", "'").split()]
+    words = [w for w in words if w]
     j = len(words) - 1
-    while j >= 0 and words[j] in _GENRE_SKIP:
+    while j >= 0 and words[j] in _DENIAL_SKIP:
         j -= 1
     if j < 0:
         return False
-    word, prev = words[j], words[j - 1] if j >= 1 else ""
-    return word in _GENRE_NOT or (word == "from" and prev == "away") or (word == "than" and prev in ("other", "rather"))
+    return words[j] in _DENIALS or (words[j] == "than" and j >= 1 and words[j - 1] in ("other", "rather"))
 
 
 def genres_in(message: str, names, words: dict[str, str] | None = None) -> list[str]:
@@ -173,7 +176,7 @@ def genres_in(message: str, names, words: dict[str, str] | None = None) -> list[
         if not key.strip():
             continue
         while (i := text.find(key)) >= 0:
-            if not _negated(text[:i]) and table[phrase] not in found:
+            if not denied(text[:i]) and table[phrase] not in found:
                 found.append(table[phrase])
             text = text[:i] + " " + "_" * (len(key) - 2) + " " + text[i + len(key):]  # a word, no phrase's
     return found

@@ -61,6 +61,7 @@ from typing import Iterable
 
 import numpy as np
 
+from .asks import denied
 from .catalog import json_strings
 from .retrieval import RetrievalSpec
 
@@ -196,7 +197,8 @@ class ArtistIndex:
 
     ``named(message)`` finds names as whole words: a name of two or more words in any case ("billy joel"); a
     one-word name only as the catalog spells it and not as the message's first word ("Queen", "U2"; not
-    "Play some rock"), since many one-word names are common words."""
+    "Play some rock"), since many one-word names are common words; not a name only denied ("no more Drake",
+    ``asks.denied``)."""
 
     MAX_WORDS = 6
 
@@ -240,17 +242,24 @@ class ArtistIndex:
         return self._names[k] if k >= 0 else None
 
     def named(self, message: str) -> list[str]:
-        """The artist names (lower case) a message names."""
+        """The artist names (lower case) a message names (and does not deny)."""
+        return self._mentions(message)[0]
+
+    def denied(self, message: str) -> list[str]:
+        """The artist names (lower case) a message names only to deny them ("no more Drake", "skip Queen")."""
+        return self._mentions(message)[1]
+
+    def _mentions(self, message: str) -> tuple[list[str], list[str]]:
         words = re.findall(r"[^\s,;:!?()\"“”]+", message or "")
         words = [w.strip(".'’") or w for w in words]
         low = [w.lower() for w in words]
-        found = set()
+        found, against = set(), set()
         for n in range(1, min(self.MAX_WORDS, len(words)) + 1):
             for i in range(len(words) - n + 1):
                 key = " ".join(low[i:i + n])
                 if key in self.keys and (n > 1 or (i > 0 and words[i] in self.one_word)):
-                    found.add(key)
-        return sorted(found)
+                    (against if denied(" ".join(low[:i])) else found).add(key)
+        return sorted(found), sorted(against - found)
 
     def tracks_of(self, names) -> np.ndarray:
         """Track indices by any of ``names`` (lower case)."""

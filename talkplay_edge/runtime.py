@@ -225,10 +225,10 @@ class TalkPlay:
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from e
         self._log_count = log_track_counts(self.trie) if self.calibration is not None else None
-        # the catalog's artists, for the artist marks, when the calibration weighs them
+        # the catalog's artists: for the artist marks (when the calibration weighs them), and for the artists a
+        # request denies ("no more Drake": their tracks are left out of that answer, ``turn_exclusions``)
         weighs = (lambda what: self.calibration is not None and getattr(self.calibration, what))  # noqa: E731
-        self.artists = (ArtistIndex.from_catalog(catalog, self.track_index)
-                        if weighs("uses_artists") or weighs("uses_asks") else None)
+        self.artists = ArtistIndex.from_catalog(catalog, self.track_index)
         self.retrieval = (RetrievalPrior(catalog, self.trie, self.track_index, self.calibration.retrieval, threads)
                           if self.calibration is not None and self.calibration.retrieval is not None else None)
         if self.retrieval is not None:
@@ -555,6 +555,17 @@ class TalkPlay:
             return None
         return self.retrieval.log_mass(history, set(exclude))
 
+    def turn_exclusions(self, excl: Exclusions, message: str) -> Exclusions:
+        """``excl`` and, for one answer, the tracks of the artists ``message`` denies ("no more Drake", "skip
+        Queen"); ``excl`` itself when it denies none, or when they are all the tracks left."""
+        names = self.artists.denied(message)
+        if not names:
+            return excl
+        turn = excl.copy()
+        for t in self.artists.tracks_of(names):
+            turn.exclude(int(t))
+        return excl if turn.exhausted else turn
+
     def rank(self, excl: Exclusions, logits: np.ndarray, n: int, log_prior: np.ndarray | None = None,
              cold: bool = False, marks: np.ndarray | None = None) -> list[tuple[int, float]]:
         """Up to ``n`` distinct tracks (beam search; reruns excluding what it found until ``n`` or exhausted)."""
@@ -703,6 +714,7 @@ class ChatSession:
             request = self.history + [user_turn]
             cold = is_cold(self.history)  # no track played yet: the calibration's first-turn part
             marks = tp.played_marks(request)  # what it has played and the artists it names, if the calibration weighs them
+            turn_excl = tp.turn_exclusions(self.excl, user_turn["content"])  # and not the artists it denies
             while True:
                 ts = time.perf_counter()
                 if pending:
@@ -717,7 +729,7 @@ class ChatSession:
                         log_prior = tp.retrieval_prior(request, self.recommended)
                         timings["retrieval_s"] = time.perf_counter() - tm
                     if n > 1:
-                        idxs = [t for t, _ in tp.rank(self.excl, logits, n, log_prior, cold, marks)]
+                        idxs = [t for t, _ in tp.rank(turn_excl, logits, n, log_prior, cold, marks)]
                         if not idxs:  # cannot happen: spans only open while tracks remain
                             raise RuntimeError("no track left for the span")
                         path = tp.trie.path(idxs[0])
@@ -726,7 +738,7 @@ class ChatSession:
                     else:
                         path, node, undecoded = [], 0, []
                         while tp.trie.track[node] < 0:
-                            toks, kids = self.excl.allowed(node)
+                            toks, kids = turn_excl.allowed(node)
                             if len(toks) == 1:  # a forced step needs no logits: decode it later, in one batch
                                 k = 0
                             else:
@@ -820,8 +832,8 @@ class ChatSession:
                 prompt = list(self._system_tokens) + self._last_user + [tp.start_id]
             logits = tp._sync(prompt)
             log_prior = tp.retrieval_prior(self.history[:-1], self.recommended)
-            ranked = tp.rank(self.excl, logits, n, log_prior, is_cold(self.history[:-1]),
-                             tp.played_marks(self.history[:-1]))
+            ranked = tp.rank(tp.turn_exclusions(self.excl, self.history[-2]["content"]), logits, n, log_prior,
+                             is_cold(self.history[:-1]), tp.played_marks(self.history[:-1]))
             tracks = []
             for i, _ in ranked:
                 self.excl.exclude(i)
@@ -876,9 +888,12 @@ class ModelRecommender:
         self.tp.close()
 
     def recommend(self, history: list[dict], exclude: set[str], n: int = 100) -> list[str]:
+        from .baselines import user_turns
+
         tp = self.tp
         toks = self._prompt(history)
         excl = Exclusions(tp.trie, [tp.track_index[i] for i in exclude if i in tp.track_index])
+        excl = tp.turn_exclusions(excl, (user_turns(history) or [""])[-1])  # "no more Drake": none of his
         with tp._lock:
             tp._switch_to(-1)  # the recommender is one more user of the context
             logits = tp._sync(toks)

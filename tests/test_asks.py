@@ -17,6 +17,9 @@ from talkplay_edge.calibration import (ASKED, ERA, GENRE, LAST, PLAYED, STYLE, A
     ("Give me a 2000s hit", 2000), ("noughties pop please", 2000), ("a 1960s song", 1960),
     ("twenty-tens pop", 2010), ("Something faster.", None), ("play 80 songs", None), ("", None),
     ("the 1980s and the 90s", 1980), ("my 2080s playlist", 2080),
+    # a decade only denied asks for none
+    ("not from the 80s please", None), ("no songs from the 90s, something from the 2000s", 2000),
+    ("Not 80s, 90s", 1990),
 ])
 def test_decade_of(message, decade):
     assert decade_of(message) == decade

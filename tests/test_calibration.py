@@ -253,6 +253,10 @@ def test_artist_index_finds_the_artists_a_message_names():
     assert ix.named("Can you play some Queen?") == ["queen"] and ix.named("can you play some queen") == []
     assert ix.named("So, what now?") == [] and ix.named("Play some rock.") == [] and ix.named("") == []
     assert ix.named("Queen or David Bowie, and something like Nate Dogg.") == ["david bowie", "nate dogg"]
+    # a name only denied is not named: "no more Billy Joel" must not bring more of his songs
+    assert ix.named("No more Billy Joel, please") == [] and ix.named("skip Queen") == []
+    assert ix.named("no more songs by David Bowie, some Billy Joel") == ["billy joel"]
+    assert ix.named("No, play something by Billy Joel") == ["billy joel"]
     assert list(ix.tracks_of(["queen"])) == [1, 2] and list(ix.tracks_of(["nate dogg", "nobody"])) == [4]
     assert [ix.main_of(t) for t in range(7)] == ["billy joel", "queen", "queen", "so", "mos def", None, None]
 

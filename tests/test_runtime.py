@@ -396,3 +396,23 @@ def test_kv_cache_types(gguf_head32, runtime_gguf, tiny_catalog, monkeypatch):
     assert r.exit_code == 0 and r.output.count("♪") == 1, r.output
     r = CliRunner().invoke(cli, ["bench", "--kv-cache", "q4_0", "--model", str(runtime_gguf)] + common)
     assert r.exit_code == 2 and "q4_0" in r.output
+
+
+def test_an_artist_the_request_denies_is_left_out_of_that_answer(talkplay):
+    """"no more X" leaves X's tracks out of that answer (the recommender's ranking, a chat turn, ``more``),
+    unless they are all that is left; they stay in the catalog for later requests."""
+    tp = talkplay
+    name = next(k for k in tp.artists.keys if " " in k and len(tp.artists.tracks_of([k])) >= 2)
+    theirs = {tp.track_ids[i] for i in tp.artists.tracks_of([name])}
+    message = f"No more {name.title()}, please"
+    assert tp.artists.denied(message) == [name] and tp.artists.named(message) == []
+    ranked = ModelRecommender(tp=tp).recommend([{"role": "user", "content": message}], set(), n=100)
+    assert len(ranked) == len(tp.track_ids) - len(theirs) and not set(ranked) & theirs
+    others = [i for i in tp.track_ids if i not in theirs][:2]
+    session = tp.chat(only=theirs | set(others), max_new_tokens=4)
+    first = session.send(message).tracks[0].id
+    assert first in others
+    assert [t.id for t in session.more(1).tracks] == [o for o in others if o != first]  # the same request
+    assert session.more(1).tracks[0].id in theirs  # only theirs are left: the denial gives way
+    session = tp.chat(only=theirs | set(others), max_new_tokens=4)
+    assert {t.id for t in session.send(message, n=5).tracks} == set(others)

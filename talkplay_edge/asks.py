@@ -103,15 +103,20 @@ def _phrase_text(text: str) -> str:
     return " " + " ".join(re.sub(r"[^\w&']+", " ", (text or "").lower().replace("-", " ")).split()) + " "
 
 
-def _phrases_in(message: str, phrases) -> list[str]:
-    """The ``phrases`` ``message`` holds as whole words, longest first; a phrase inside a longer one found
-    (``hip hop`` in ``latin hip hop``) does not count again."""
+def _phrases_in(message: str, phrases, skip_denied: bool = False) -> list:
+    """What the ``phrases`` (an iterable, or a mapping phrase -> what it names) ``message`` holds as whole words
+    name, longest phrase first, each once; a phrase inside a longer one found (``hip hop`` in ``latin hip
+    hop``) does not count again, nor, with ``skip_denied``, one named only after a denial (``denied``)."""
+    table = phrases if isinstance(phrases, dict) else {p: p for p in phrases}
     text, found = _phrase_text(message), []
-    for phrase in sorted(phrases, key=lambda p: (-len(p), p)):
+    for phrase in sorted(table, key=lambda p: (-len(p), p)):
         key = _phrase_text(phrase)
-        if key.strip() and key in text:
-            found.append(phrase)
-            text = text.replace(key, "  ")
+        if not key.strip():
+            continue
+        while (i := text.find(key)) >= 0:
+            if not (skip_denied and denied(text[:i])) and table[phrase] not in found:
+                found.append(table[phrase])
+            text = text[:i] + " " + "_" * (len(key) - 2) + " " + text[i + len(key):]  # a word, no phrase's
     return found
 
 
@@ -124,7 +129,7 @@ def moods_of(message: str) -> list[str]:
     chill"; a message that finds something *too* much names none ("too mellow" asks for the opposite)."""
     if _TOO.search(message or ""):
         return []
-    return sorted({_MOOD_WORDS[w] for w in _phrases_in(message, _MOOD_WORDS)})
+    return sorted(_phrases_in(message, _MOOD_WORDS))
 
 
 def mood_holds(mood: str, values: dict[str, np.ndarray]) -> np.ndarray:
@@ -170,16 +175,7 @@ def genres_in(message: str, names, words: dict[str, str] | None = None) -> list[
     names = set(names)
     table = {w: g for w, g in (GENRE_WORDS if words is None else words).items() if g in names}
     table.update({n: n for n in names})
-    text, found = _phrase_text(message), []
-    for phrase in sorted(table, key=lambda p: (-len(p), p)):
-        key = _phrase_text(phrase)
-        if not key.strip():
-            continue
-        while (i := text.find(key)) >= 0:
-            if not denied(text[:i]) and table[phrase] not in found:
-                found.append(table[phrase])
-            text = text[:i] + " " + "_" * (len(key) - 2) + " " + text[i + len(key):]  # a word, no phrase's
-    return found
+    return _phrases_in(message, table, skip_denied=True)
 
 
 class AskHeadError(RuntimeError):

@@ -69,6 +69,7 @@ import numpy as np
 from . import chat_format as cf
 from .calibration import CALIBRATION_KEY, ArtistIndex, SpanCalibration, is_cold, log_track_counts, played_marks
 from .asks import AskHead, Asks
+from .baselines import user_turns
 from .retrieval import RetrievalPrior
 from .catalog import Catalog, Track, corrupt
 from .gguf_check import GGUFError, check_gguf
@@ -832,7 +833,7 @@ class ChatSession:
                 prompt = list(self._system_tokens) + self._last_user + [tp.start_id]
             logits = tp._sync(prompt)
             log_prior = tp.retrieval_prior(self.history[:-1], self.recommended)
-            ranked = tp.rank(tp.turn_exclusions(self.excl, self.history[-2]["content"]), logits, n, log_prior,
+            ranked = tp.rank(tp.turn_exclusions(self.excl, user_turns(self.history)[-1]), logits, n, log_prior,
                              is_cold(self.history[:-1]), tp.played_marks(self.history[:-1]))
             tracks = []
             for i, _ in ranked:
@@ -888,8 +889,6 @@ class ModelRecommender:
         self.tp.close()
 
     def recommend(self, history: list[dict], exclude: set[str], n: int = 100) -> list[str]:
-        from .baselines import user_turns
-
         tp = self.tp
         toks = self._prompt(history)
         excl = Exclusions(tp.trie, [tp.track_index[i] for i in exclude if i in tp.track_index])

@@ -235,8 +235,12 @@ def test_calibrate_fits_and_stores_a_span_calibration(trained, tiny_catalog):
         assert r["alpha"] in calibrate.ALPHAS and r["beta"] in calibrate.BETAS
         assert r["nll_calibrated"] <= r["nll_model"] + 1e-9
     for r in res["depths"]:
-        if r["choices"] < 3:
+        if r["choices"] < 3 and "borrowed_from" not in r:
             assert (r["alpha"], r["beta"]) == (0.0, 1.0)
+        elif r["choices"] < 3:  # a sparse depth takes a fitted one's weights only when they do better there
+            p = res["depths"][r["borrowed_from"]]
+            assert (r["alpha"], r["beta"]) == (p["alpha"], p["beta"]) and r["choices"] > 0
+            assert r["nll_calibrated"] == r["nll_borrowed"] < r["nll_model"]
     cal = read_calibration(d / "out")
     assert list(cal.alpha) == res["alpha"] and list(cal.beta) == res["beta"]
     assert res["choices"] == sum(r["choices"] for r in res["depths"])
@@ -303,6 +307,19 @@ def test_calibrate_fits_a_cold_part(trained, tiny_catalog, tmp_path):
                               "--min_cold_spans=1", "--no_cold", f"--catalog={tiny_catalog}",
                               f"--valid={d / 'conv' / 'valid.jsonl'}", "--base=tiny", "--seq_len=256", "--lora_alpha=8"])
     assert "cold" not in no_cold and (no_cold["alpha"], no_cold["beta"]) == (res["alpha"], res["beta"])
+    # --borrow_only keeps the stored fit: every fitted depth's weights, main and cold, stay as they were
+    kept = calibrate.main([f"--delta={delta}", "--config=", "--conversations=4", "--min_samples=2", "--json",
+                           "--write", "--borrow_only", f"--catalog={tiny_catalog}",
+                           f"--valid={d / 'conv' / 'valid.jsonl'}", "--base=tiny", "--seq_len=256", "--lora_alpha=8"])
+    assert kept["borrowed_on"]["spans"] == res["spans"] and kept["choices"] == res["choices"]
+    for new, old, part in ((kept, res, ""), (kept["cold"], cold, "cold ")):
+        for r, o in zip(new["depths"], old["depths"]):
+            if o["choices"] >= 2 or "borrowed_from" in o:
+                assert (r["alpha"], r["beta"]) == (o["alpha"], o["beta"]), f"{part}depth {r['depth']} refitted"
+            elif "borrowed_from" not in r:
+                assert (r["alpha"], r["beta"]) == (0.0, 1.0)
+    again = read_calibration(delta)
+    assert list(again.alpha) == kept["alpha"] and list(again.cold.alpha) == kept["cold"]["alpha"]
 
 
 def test_remove_drift_takes_out_the_common_direction_only():
@@ -414,3 +431,43 @@ def test_refine_snaps_a_beta_near_zero():
     assert snapped["beta"] == 0.0 and snapped["alpha"] > 0.5
     assert snapped["alpha"] != free["alpha"]  # refitted without the model
     assert refine(xs, 1.0, 1.0, use_count=False, snap_beta=free["beta"] / 2) == free
+
+
+def test_a_sparse_depth_borrows_a_fitted_depths_weights_only_when_they_do_better():
+    """``borrow``: a depth with too few choices to fit takes the nearest shallower fitted depth's weights when
+    they give its choices a lower NLL than the model alone (the model confidently wrong, an asked mark right),
+    and keeps the model alone when it is the better (the model right, the mark wrong)."""
+    import numpy as np
+
+    from export.calibrate import borrow, fit
+    from talkplay_edge.calibration import ASKED
+
+    rng = np.random.default_rng(1)
+
+    def sample(depth, model_right):
+        target = int(rng.integers(3))
+        logits = np.full(3, 0.0)
+        logits[target if model_right else (target + 1) % 3] = 6.0  # confident, right or wrong
+        marks = np.zeros(3, dtype=np.uint8)
+        marks[target if not model_right else (target + 2) % 3] = ASKED  # the mark: right when the model is not
+        return (depth, logits, np.log(np.full(3, 1 / 3)), target, np.zeros(3), marks)
+
+    fitted = [sample(0, model_right=False) for _ in range(200)]  # depth 0: the mark wins, so it is weighed
+    for sparse_right, borrowed in ((False, True), (True, False)):
+        sparse = [sample(1, model_right=sparse_right) for _ in range(5)]
+        cal, rows = fit(fitted + sparse, min_samples=30, features=True)
+        assert rows[0]["choices"] == 200 and rows[1]["choices"] == 5
+        assert cal.asked[0] > 1
+        assert rows[1]["nll_borrowed"] > 0
+        if borrowed:
+            assert rows[1]["borrowed_from"] == 0 and cal.asked[1] == cal.asked[0]
+            assert (cal.alpha[1], cal.beta[1]) == (cal.alpha[0], cal.beta[0])
+            assert rows[1]["nll_calibrated"] == rows[1]["nll_borrowed"] < rows[1]["nll_model"]
+        else:
+            assert "borrowed_from" not in rows[1] and (cal.alpha[1], cal.beta[1]) == (0.0, 1.0)
+            assert not cal.asked[1] and rows[1]["nll_calibrated"] == rows[1]["nll_model"] < rows[1]["nll_borrowed"]
+        again, _ = borrow(cal, fitted + sparse, rows, 30)  # deciding again on the same choices changes nothing
+        assert again == cal
+    # a sparse depth with no choices at all keeps the model alone
+    cal, rows = fit(fitted, min_samples=30, features=True)
+    assert (cal.alpha[1], cal.beta[1]) == (0.0, 1.0) and "nll_borrowed" not in rows[1]

@@ -211,8 +211,7 @@ def fit(samples, min_samples: int = 30, retrieval: RetrievalSpec | None = None,
         if features and len(xs) >= min_samples and len(xs[0]) == 6:
             w = refine(xs, a, b, use_count=retrieval is not None and not marks_only, snap_beta=snap_beta,
                        fit_ab=not marks_only)
-            cal = SpanCalibration((w["alpha"],), (w["beta"],), None, None,
-                                  *[(w[n],) for n in SpanCalibration.FEATURES])
+            cal = _one_depth(w)
             row.update({k: round(v, 4) for k, v in w.items()},
                        nll_grid=row["nll_calibrated"], top1_grid=row["top1_calibrated"],
                        nll_calibrated=round(float(_nll(xs, cal=cal).mean()), 4), top1_calibrated=round(_top1(xs, cal=cal), 4))
@@ -223,6 +222,11 @@ def fit(samples, min_samples: int = 30, retrieval: RetrievalSpec | None = None,
         report.append(row)
     extra = {k: tuple(v) if any(v) else () for k, v in extra.items()}
     return borrow(SpanCalibration(tuple(alpha), tuple(beta), retrieval, **extra), samples, report, min_samples)
+
+
+def _one_depth(w: dict[str, float]) -> SpanCalibration:
+    """A calibration of one depth with the weights ``w`` (``alpha``, ``beta`` and each feature's)."""
+    return SpanCalibration((w["alpha"],), (w["beta"],), None, None, *[(w[n],) for n in SpanCalibration.FEATURES])
 
 
 def _weights(cal: SpanCalibration, d: int) -> dict[str, float]:
@@ -242,14 +246,11 @@ def borrow(cal: SpanCalibration, samples, report: list[dict], min_samples: int) 
     w = [_weights(cal, d) for d in range(len(cal.alpha))]
     for d, row in enumerate(rows):
         fitted = [p for p in range(d) if rows[p]["choices"] >= min_samples and "borrowed_from" not in rows[p]]
-        xs = [x for x in samples if x[0] == d]
-        if row["choices"] >= min_samples or not fitted or not xs:
+        xs = [x for x in samples if x[0] == d] if row["choices"] < min_samples and fitted else []
+        if not xs:
             continue
         p = fitted[-1]
-        own = SpanCalibration(*[(w[d][k],) for k in ("alpha", "beta")], None, None,
-                              *[(w[d][n],) for n in SpanCalibration.FEATURES])
-        theirs = SpanCalibration(*[(w[p][k],) for k in ("alpha", "beta")], None, None,
-                                 *[(w[p][n],) for n in SpanCalibration.FEATURES])
+        own, theirs = _one_depth(w[d]), _one_depth(w[p])
         nll_own, nll_theirs = float(_nll(xs, cal=own).mean()), float(_nll(xs, cal=theirs).mean())
         row["nll_borrowed"], row["top1_borrowed"] = round(nll_theirs, 4), round(_top1(xs, cal=theirs), 4)
         if nll_theirs < nll_own:
@@ -370,20 +371,17 @@ def main(argv: list[str] | None = None) -> dict:
         stored_report = json.loads(calibration_file(Path(args.delta)).read_text())
         args.retrieval, args.features = stored.retrieval is not None, stored.uses_marks
         args.asks = stored.uses_asks
-    if stored is not None and stored.retrieval is not None and spans:
-        spec = stored.retrieval
-        prior = RetrievalPrior(catalog, trie, track_index, spec, show_progress=not args.json)
-        masses = [np.log(prior.mass(prior.ranking(s["history"], set(s["played"])))) for s in spans]
-        log_prior = masses.__getitem__
-    elif args.retrieval and spans:
-        prior = RetrievalPrior(catalog, trie, track_index,
-                               RetrievalSpec(depth=args.retrieval_depth), show_progress=not args.json)
+    if args.retrieval and spans:  # the stored spec (--borrow_only), or the grid's
+        spec = stored.retrieval if stored is not None else None
+        prior = RetrievalPrior(catalog, trie, track_index, spec or RetrievalSpec(depth=args.retrieval_depth),
+                               show_progress=not args.json)
         rankings = [prior.ranking(s["history"], set(s["played"])) for s in spans]
-        spec, nll, uniform = fit_retrieval(spans, rankings, trie, args.retrieval_depth)
-        prior = RetrievalPrior(catalog, trie, prior.track_index, spec)
+        if spec is None:
+            spec, nll, uniform = fit_retrieval(spans, rankings, trie, args.retrieval_depth)
+            prior = RetrievalPrior(catalog, trie, prior.track_index, spec)
+            extra = {"retrieval": {**spec.to_dict(), "nll_prior": round(nll, 4), "nll_uniform": round(uniform, 4)}}
         masses = [np.log(prior.mass(r)) for r in rankings]
         log_prior = masses.__getitem__
-        extra = {"retrieval": {**spec.to_dict(), "nll_prior": round(nll, 4), "nll_uniform": round(uniform, 4)}}
     else:
         log_count = log_track_counts(trie)
         log_prior = lambda i: log_count  # noqa: E731

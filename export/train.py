@@ -628,9 +628,8 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{tokens_seen / (time.time() - t0):.0f} tok/s", flush=True)
         now = time.time()
         late = "max_minutes" if cfg.max_minutes > 0 and now - t0 > cfg.max_minutes * 60 else \
-            "stop_at" if cfg.stop_at > 0 and now > cfg.stop_at else ""
-        out_of_time = bool(late)
-        if step % cfg.eval_every == 0 or step == cfg.max_steps or out_of_time:
+            "stop_at" if cfg.stop_at > 0 and now > cfg.stop_at else ""  # which time limit is past, if any
+        if step % cfg.eval_every == 0 or step == cfg.max_steps or late:
             v_loss, v_span = valid_loss()
             entry = {"step": step, "train_loss": loss.item() * cfg.grad_accum, "valid_loss": v_loss,
                      "valid_span_loss": v_span, "tokens_seen": tokens_seen, "elapsed_s": round(time.time() - t0, 1)}
@@ -639,7 +638,7 @@ def main(argv: list[str] | None = None) -> dict:
             log.append(entry)
             print(json.dumps(entry), flush=True)
             summary = save(log, tokens_seen)
-        if out_of_time:
+        if late:
             print(f"stopping at step {step}: {late} reached", flush=True)
             break
     else:

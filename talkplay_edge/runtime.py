@@ -228,7 +228,6 @@ class TalkPlay:
         self._log_count = log_track_counts(self.trie) if self.calibration is not None else None
         # the catalog's artists: for the artist marks (when the calibration weighs them), and for the artists a
         # request denies ("no more Drake": their tracks are left out of that answer, ``turn_exclusions``)
-        weighs = (lambda what: self.calibration is not None and getattr(self.calibration, what))  # noqa: E731
         self.artists = ArtistIndex.from_catalog(catalog, self.track_index)
         self.retrieval = (RetrievalPrior(catalog, self.trie, self.track_index, self.calibration.retrieval, threads)
                           if self.calibration is not None and self.calibration.retrieval is not None else None)
@@ -238,7 +237,7 @@ class TalkPlay:
         # names, when the calibration weighs them: the head reads the dense retriever's embedding of the
         # message (already computed for the prior)
         self.asks = None
-        if weighs("uses_asks"):
+        if self.calibration is not None and self.calibration.uses_asks:
             if self.retrieval is not None:
                 embed = self.retrieval.hybrid.dense.embed
             else:

@@ -18,6 +18,8 @@ model trained on few conversations still moves the way the listener asked.
                      each a threshold on one audio feature: "mellow" is energy <= 0.45)
     genres_in(msg, names)  the catalog genres a message asks for, longest first ("latin hip hop", not "latin";
                      "electronic" for "edm"; not "less EDM")
+    genres_denied(msg, names)  the genres it names only to deny them ("less EDM", "no more pop or rap"); the
+                     runtime leaves their tracks out of that answer (``Asks.denied_genre_tracks``)
     cues_of(msg)     the cue features of a message (``CUES``: everyday words for each direction, so
                      "quicker", "speed it up" and "pick up the pace" read alike; "too quick" is its own cue)
     AskHead          a linear classifier over the MiniLM sentence embedding of the user's latest message,
@@ -103,20 +105,37 @@ def _phrase_text(text: str) -> str:
     return " " + " ".join(re.sub(r"[^\w&']+", " ", (text or "").lower().replace("-", " ")).split()) + " "
 
 
-def _phrases_in(message: str, phrases, skip_denied: bool = False) -> list:
+def _mentions(message: str, phrases) -> list[tuple[object, bool]]:
     """What the ``phrases`` (an iterable, or a mapping phrase -> what it names) ``message`` holds as whole words
-    name, longest phrase first, each once; a phrase inside a longer one found (``hip hop`` in ``latin hip
-    hop``) does not count again, nor, with ``skip_denied``, one named only after a denial (``denied``)."""
+    name, longest phrase first, each with whether a denial comes before it (``denied``); a phrase inside a
+    longer one found (``hip hop`` in ``latin hip hop``) does not count again."""
     table = phrases if isinstance(phrases, dict) else {p: p for p in phrases}
-    text, found = _phrase_text(message), []
+    text, hits = _phrase_text(message), []
     for phrase in sorted(table, key=lambda p: (-len(p), p)):
         key = _phrase_text(phrase)
         if not key.strip():
             continue
         while (i := text.find(key)) >= 0:
-            if not (skip_denied and denied(text[:i])) and table[phrase] not in found:
-                found.append(table[phrase])
+            hits.append([i, i + len(key), table[phrase], denied(text[:i])])
             text = text[:i] + " " + "_" * (len(key) - 2) + " " + text[i + len(key):]  # a word, no phrase's
+    before = None  # in the message's order: "no more pop or rap" denies rap too
+    for hit in sorted(hits):
+        if before is not None and before[3] and _OR.fullmatch(text[before[1]:hit[0]]):
+            hit[3] = True
+        before = hit
+    return [(name, no) for _, _, name, no in hits]
+
+
+_OR = re.compile(r"\s*(or|nor)\s*")
+
+
+def _phrases_in(message: str, phrases, skip_denied: bool = False) -> list:
+    """What the ``phrases`` ``message`` holds name (``_mentions``), each once; with ``skip_denied``, not one
+    named only after a denial."""
+    found = []
+    for name, no in _mentions(message, phrases):
+        if not (skip_denied and no) and name not in found:
+            found.append(name)
     return found
 
 
@@ -176,6 +195,21 @@ def genres_in(message: str, names, words: dict[str, str] | None = None) -> list[
     table = {w: g for w, g in (GENRE_WORDS if words is None else words).items() if g in names}
     table.update({n: n for n in names})
     return _phrases_in(message, table, skip_denied=True)
+
+
+def genres_denied(message: str, names, words: dict[str, str] | None = None) -> list[str]:
+    """The genre ``names`` a message names only to deny them ("no more country", "less EDM", "skip the
+    jazz"), found as ``genres_in`` finds them; one it also asks for elsewhere in the message is not denied."""
+    names = set(names)
+    table = {w: g for w, g in (GENRE_WORDS if words is None else words).items() if g in names}
+    table.update({n: n for n in names})
+    found = _mentions(message, table)
+    asked = {g for g, no in found if not no}
+    out = []
+    for g, no in found:
+        if no and g not in asked and g not in out:
+            out.append(g)
+    return out
 
 
 class AskHeadError(RuntimeError):
@@ -426,6 +460,8 @@ class Asks:
         self.styles = {g: np.asarray(t, dtype=np.int64) for g, t in style_tracks.items()}
         self.sounding = np.flatnonzero(~np.isnan(self.values["energy"]))  # the tracks ``near`` ranks
         self._moods: dict[str, np.ndarray] = {}
+        self._any_genre: dict[str, np.ndarray] | None = None
+        self._genre_text: dict[str, str] = {}
 
     def kind(self, message: str) -> str:
         """The kind of step ``message`` asks for (``KINDS``), ``NONE`` unless the head is sure."""
@@ -531,6 +567,32 @@ class Asks:
         if mood not in self._moods:
             self._moods[mood] = mood_holds(mood, self.values)
         return self._moods[mood]
+
+    def denied_genre_tracks(self, message: str) -> np.ndarray | None:
+        """Indices of the tracks of a genre ``message`` names only to deny it ("no more country"): every track
+        whose genres, subgenres or artists' genres have a name that holds it as whole words ("country":
+        country, contemporary country, country rock); None when it denies none. An artist's name it names
+        or denies is no genre ("no more Pop Smoke" denies no pop)."""
+        if self._any_genre is None:  # every genre name the catalog has -> its tracks (built on first use)
+            names: dict[str, list[np.ndarray]] = {}
+            for g, tracks in self.genres.items():
+                names.setdefault(g, []).append(tracks)
+            for style, tracks in self.styles.items():
+                kind, _, g = style.partition(":")
+                if kind == "artist":
+                    names.setdefault(g, []).append(tracks)
+            self._any_genre = {g: np.unique(np.concatenate(t)) for g, t in names.items()}
+            self._genre_text = {g: _phrase_text(g) for g in self._any_genre}
+        if self.artists is not None:
+            for name in self.artists.named(message) + self.artists.denied(message):
+                message = _phrase_text(message).replace(_phrase_text(name), "  ")
+        denied = genres_denied(message, self._any_genre)
+        if not denied:
+            return None
+        denied += [GENRE_WORDS[g] for g in denied if g in GENRE_WORDS]  # "electronic", some artists' genre, is edm too
+        texts = {_phrase_text(g) for g in denied}
+        return np.unique(np.concatenate([self._any_genre[g] for g, text in self._genre_text.items()
+                                         if any(d in text for d in texts)]))
 
     def genre_tracks(self, history: list[dict]) -> np.ndarray | None:
         """Indices of the tracks with a genre (or subgenre) the latest user message names; None when it

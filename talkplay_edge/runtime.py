@@ -557,13 +557,16 @@ class TalkPlay:
 
     def turn_exclusions(self, excl: Exclusions, message: str) -> Exclusions:
         """``excl`` and, for one answer, the tracks of the artists ``message`` denies ("no more Drake", "skip
-        Queen"); ``excl`` itself when it denies none, or when they are all the tracks left."""
-        names = self.artists.denied(message)
-        if not names:
+        Queen") and, when the calibration reads asks, of the genres it denies ("no more country, some rock");
+        ``excl`` itself when it denies none, or when they are all the tracks left."""
+        denied = [self.artists.tracks_of(self.artists.denied(message))]
+        if self.asks is not None:
+            denied.append(self.asks.denied_genre_tracks(message))
+        denied = [t for t in denied if t is not None and len(t)]
+        if not denied:
             return excl
         turn = excl.copy()
-        for t in self.artists.tracks_of(names):
-            turn.exclude(int(t))
+        turn.exclude_many(np.concatenate(denied))
         return excl if turn.exhausted else turn
 
     def rank(self, excl: Exclusions, logits: np.ndarray, n: int, log_prior: np.ndarray | None = None,

@@ -232,6 +232,27 @@ class Exclusions:
                 self._dead.setdefault(parent, []).append(node - 1 - int(trie.offsets[parent]))
             node = parent
 
+    def exclude_many(self, track_indices) -> None:
+        """``exclude`` each of ``track_indices`` (the same result, in one pass over their ancestors)."""
+        new = np.unique(np.asarray(track_indices, dtype=np.int64))
+        new = new[[int(t) not in self.tracks for t in new]] if len(new) else new
+        if not len(new):
+            return
+        self.tracks.update(int(t) for t in new)
+        trie, levels = self.trie, []
+        nodes = trie.leaf_of_track[new].astype(np.int64)
+        while len(nodes):
+            levels.append(nodes)
+            nodes = trie.parent[nodes].astype(np.int64)
+            nodes = nodes[nodes >= 0]
+        touched, added = np.unique(np.concatenate(levels), return_counts=True)
+        for node, n in zip(touched.tolist(), added.tolist()):
+            r = self._removed.get(node, 0) + n
+            self._removed[node] = r
+            parent = int(trie.parent[node])
+            if r == int(trie.count[node]) and parent >= 0:
+                self._dead.setdefault(parent, []).append(node - 1 - int(trie.offsets[parent]))
+
     def remaining(self, node: int = 0) -> int:
         """Tracks still allowed below ``node``."""
         return int(self.trie.count[node]) - self._removed.get(node, 0)

@@ -135,6 +135,28 @@ def test_exclusions_copy_is_independent_and_idempotent():
     assert a.remaining() == 48 and b.remaining() == 47
 
 
+def test_exclude_many_is_exclude_of_each():
+    """Excluding tracks in one pass (a denied genre's thousands) leaves the state excluding one by one does,
+    with some already excluded, repeats, and whole subtrees going dead."""
+    codes = random_codes(300, seed=5)
+    trie = CodeTrie.build(codes)
+    rng = random.Random(6)
+    for _ in range(20):
+        before = rng.sample(range(len(codes)), rng.randrange(0, 40))
+        batch = [rng.randrange(len(codes)) for _ in range(rng.randrange(0, 300))]
+        one, many = Exclusions(trie, before), Exclusions(trie, before)
+        for t in batch:
+            one.exclude(t)
+        many.exclude_many(batch)
+        assert many.tracks == one.tracks and many._removed == one._removed
+        assert {k: sorted(v) for k, v in many._dead.items()} == {k: sorted(v) for k, v in one._dead.items()}
+        for node in range(len(trie.count)):
+            assert np.array_equal(many.allowed(node)[1], one.allowed(node)[1])
+    whole = Exclusions(trie)
+    whole.exclude_many(range(len(codes)))
+    assert whole.exhausted
+
+
 def test_rejects_duplicates_and_prefix_codes():
     with pytest.raises(ValueError, match="duplicate"):
         CodeTrie.build([[1, 2, END], [1, 2, END]])

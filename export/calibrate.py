@@ -11,6 +11,10 @@ it into the GGUF.
 
     python -m export.calibrate --delta talkplay_edge/models/talkplay-smollm2 --conversations 200 --write
 
+``--held_out N`` asks whether a refit is worth shipping before any eval run: it also scores the new fit and
+the delta's stored calibration on the spans of the next N valid conversations (the sum of a span's choice
+NLLs, each span under the part the runtime would use), paired span by span with a bootstrap interval.
+
 ``--retrieval`` fits a retrieval prior too (``talkplay_edge.retrieval``): the hybrid retrievers rank the
 catalog for each span's conversation so far; a grid picks the ``RetrievalSpec`` (weight, gamma, k0) under
 which that prior alone gives the true tracks the least NLL, and (alpha, beta) are then fitted per depth
@@ -340,10 +344,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--snap_beta", type=float, default=0.02,
                    help="a refined beta closer to 0 than this becomes 0, the rest refitted: the runtime then "
                         "decodes nothing before that step (0: never)")
+    p.add_argument("--held_out", type=int, default=0,
+                   help="also score the new fit and the delta's stored calibration on the spans of the file's next "
+                        "N conversations (mean NLL of the true track, paired): is a refit worth shipping?")
     p.add_argument("--borrow_only", action="store_true",
                    help="keep the delta's stored calibration and only decide, on these spans, which of its depths "
                         "with too few choices to fit take a shallower depth's weights (``borrow``)")
     args, overrides = p.parse_known_args(argv)  # the rest: trainer config overrides, --key=value
+    if args.held_out and (args.borrow_only or not args.conversations):
+        p.error("--held_out scores a new fit on the conversations after the first --conversations N "
+                "(so N > 0, and not with --borrow_only, which fits nothing)")
     if args.threads:
         torch.set_num_threads(args.threads)
     scratch = tempfile.mkdtemp(prefix="talkplay-calibrate-")  # the trainer's loaders write tokenizer files here
@@ -417,8 +427,12 @@ def main(argv: list[str] | None = None) -> dict:
                                         marks_only=not args.cold_features)
             calibration = dataclasses.replace(calibration, cold=dataclasses.replace(cold_cal, retrieval=None))
             extra["cold"] = {**cold_cal.to_dict(), "spans": len(cold), "depths": cold_report}
-    result = {**calibration.to_dict(), **extra, **sizes, "depths": report,  # extra: retrieval's and cold part's reports
-              "seconds": round(time.time() - t, 1)}
+    result = {**calibration.to_dict(), **extra, **sizes, "depths": report}  # extra: retrieval's and cold part's reports
+    if args.held_out:
+        result["held_out"] = held_out(model, tok, catalog, cfg, trie, track_index, artists, asks, calibration,
+                                      read_calibration(Path(args.delta)), args.conversations, args.held_out,
+                                      show_progress=not args.json)
+    result["seconds"] = round(time.time() - t, 1)
     if args.write:
         f = calibration_file(Path(args.delta))
         f.write_text(json.dumps(result, indent=1) + "\n")
@@ -451,9 +465,53 @@ def main(argv: list[str] | None = None) -> dict:
                       + (f"   depth {r['borrowed_from']}'s weights" if "borrowed_from" in r else
                          f"   (depth above's weights: NLL {r['nll_borrowed']:.3f}, kept the model's)"
                          if "nll_borrowed" in r else ""))
+        if "held_out" in result:
+            h = result["held_out"]
+            print(f"held out: {h['spans']} spans of {h['conversations']} more conversations; mean NLL of the true "
+                  f"track, this fit {h['nll_fit']:.4f}" + ("" if h["nll_stored"] is None else
+                  f", stored {h['nll_stored']:.4f}: difference {h['difference']:+.4f} (95% CI {h['ci95'][0]:+.4f} .. "
+                  f"{h['ci95'][1]:+.4f}), {h['better']} spans better, {h['worse']} worse"))
         if args.write:
             print(f"wrote {result['written']}")
     return result
+
+
+def held_out(model, tok, catalog, cfg, trie, track_index, artists, asks, fitted: SpanCalibration,
+             stored: SpanCalibration | None, skip: int, n: int, show_progress: bool = True) -> dict:
+    """Mean NLL of the true track (its span choices summed, each span scored by the part the runtime would
+    use: cold on a first turn) on the spans of conversations ``skip`` .. ``skip + n`` of the valid file, under
+    ``fitted`` and, paired span by span with a bootstrap 95% interval of the difference, ``stored``."""
+    from talkplay_edge.conversations import read_conversations
+    from talkplay_edge.tokens import SPAN_START
+
+    conversations = read_conversations(cfg.valid, skip + n)[skip:]
+    spans = collect_spans(model, T.Encoder(tok, catalog, cfg.seq_len), conversations, trie,
+                          tok.convert_tokens_to_ids(SPAN_START), show_progress=show_progress)
+    log_count, priors = log_track_counts(trie), {}
+
+    def nll(cal: SpanCalibration) -> np.ndarray:
+        spec = cal.retrieval
+        if spec is not None and spec not in priors:
+            prior = RetrievalPrior(catalog, trie, track_index, spec, show_progress=show_progress)
+            priors[spec] = [np.log(prior.mass(prior.ranking(s["history"], set(s["played"])))) for s in spans]
+        out = []
+        for i, span in enumerate(spans):
+            log_prior = log_count if spec is None else priors[spec][i]
+            xs = samples_of([span], lambda _: log_prior, trie, track_index, artists, asks)
+            out.append(float(_nll(xs, cal=cal.pick(not span["played"])).sum()) if xs else 0.0)
+        return np.array(out)
+
+    fit_nll = nll(fitted)
+    res = {"conversations": len(conversations), "spans": len(spans), "nll_fit": round(float(fit_nll.mean()), 4),
+           "nll_stored": None}
+    if stored is not None and len(spans):
+        d = fit_nll - nll(stored)
+        rng = np.random.default_rng(0)
+        boot = [float(d[rng.integers(0, len(d), len(d))].mean()) for _ in range(2000)]
+        res.update(nll_stored=round(float(fit_nll.mean() - d.mean()), 4), difference=round(float(d.mean()), 4),
+                   ci95=[round(float(q), 4) for q in np.quantile(boot, [0.025, 0.975])],
+                   better=int((d < -1e-9).sum()), worse=int((d > 1e-9).sum()))
+    return res
 
 
 if __name__ == "__main__":

@@ -471,3 +471,33 @@ def test_a_sparse_depth_borrows_a_fitted_depths_weights_only_when_they_do_better
     # a sparse depth with no choices at all keeps the model alone
     cal, rows = fit(fitted, min_samples=30, features=True)
     assert (cal.alpha[1], cal.beta[1]) == (0.0, 1.0) and "nll_borrowed" not in rows[1]
+
+
+def test_calibrate_scores_a_held_out_part(trained, tiny_catalog, tmp_path):
+    """``--held_out N`` scores the new fit and the stored calibration on the next N conversations' spans,
+    paired: against a stored calibration that is this very fit the difference is exactly nothing."""
+    import shutil
+
+    from export import calibrate
+    from talkplay_edge.calibration import calibration_file
+
+    d, _ = trained
+    delta = tmp_path / "delta"
+    shutil.copytree(d / "out", delta)
+    calibration_file(delta).unlink(missing_ok=True)  # another test may have stored one in the trained delta
+    common = [f"--delta={delta}", "--config=", "--conversations=2", "--min_samples=2", "--json", "--min_cold_spans=1",
+              f"--catalog={tiny_catalog}", f"--valid={d / 'conv' / 'valid.jsonl'}", "--base=tiny", "--seq_len=256",
+              "--lora_alpha=8"]
+    first = calibrate.main(common + ["--held_out=2"])
+    h = first["held_out"]
+    assert h["conversations"] == 2 and h["spans"] > 0 and h["nll_fit"] > 0
+    assert h["nll_stored"] is None  # the delta had no calibration yet
+    calibrate.main(common + ["--write"])
+    again = calibrate.main(common + ["--held_out=2"])["held_out"]
+    assert again["nll_fit"] == h["nll_fit"] == again["nll_stored"]
+    assert again["difference"] == 0 and again["better"] == again["worse"] == 0
+    other = calibrate.main(common + ["--held_out=2", "--no_cold"])["held_out"]  # a different fit: it shows
+    assert other["nll_stored"] == h["nll_fit"] and other["better"] + other["worse"] > 0
+    for bad in (["--borrow_only"], ["--conversations=0"]):
+        with pytest.raises(SystemExit):
+            calibrate.main(common + ["--held_out=2"] + bad)

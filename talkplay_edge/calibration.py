@@ -198,7 +198,7 @@ class ArtistIndex:
     ``named(message)`` finds names as whole words: a name of two or more words in any case ("billy joel"); a
     one-word name only as the catalog spells it and not as the message's first word ("Queen", "U2"; not
     "Play some rock"), since many one-word names are common words; not a name only denied ("no more Drake",
-    ``asks.denied``)."""
+    ``asks.denied``; "no more Drake or Future" denies both)."""
 
     MAX_WORDS = 6
 
@@ -253,12 +253,18 @@ class ArtistIndex:
         words = re.findall(r"[^\s,;:!?()\"“”]+", message or "")
         words = [w.strip(".'’") or w for w in words]
         low = [w.lower() for w in words]
-        found, against = set(), set()
+        hits = []  # (first word, end, name, denied)
         for n in range(1, min(self.MAX_WORDS, len(words)) + 1):
             for i in range(len(words) - n + 1):
                 key = " ".join(low[i:i + n])
                 if key in self.keys and (n > 1 or (i > 0 and words[i] in self.one_word)):
-                    (against if denied(" ".join(low[:i])) else found).add(key)
+                    hits.append((i, i + n, key, denied(" ".join(low[:i]))))
+        found, against, denied_to = set(), set(), -1  # denied_to: the end of the last denied name
+        for i, end, key, no in sorted(hits):
+            no = no or (denied_to >= 0 and low[denied_to:i] in (["or"], ["nor"]))  # "no more Drake or Future"
+            (against if no else found).add(key)
+            if no:
+                denied_to = max(denied_to, end)
         return sorted(found), sorted(against - found)
 
     def tracks_of(self, names) -> np.ndarray:

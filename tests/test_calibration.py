@@ -257,6 +257,12 @@ def test_artist_index_finds_the_artists_a_message_names():
     assert ix.named("No more Billy Joel, please") == [] and ix.named("skip Queen") == []
     assert ix.named("no more songs by David Bowie, some Billy Joel") == ["billy joel"]
     assert ix.named("No, play something by Billy Joel") == ["billy joel"]
+    # a denial carries on through "or" / "nor" to the next name, not through other words
+    assert ix.named("no more Billy Joel or Queen") == []
+    assert ix.denied("no more Billy Joel or Queen") == ["billy joel", "queen"]
+    assert ix.denied("not Queen nor david bowie, please") == ["david bowie", "queen"]
+    assert ix.named("no more Billy Joel, some Queen") == ["queen"]
+    assert ix.named("skip Queen and Billy Joel") == ["billy joel"]
     assert list(ix.tracks_of(["queen"])) == [1, 2] and list(ix.tracks_of(["nate dogg", "nobody"])) == [4]
     assert [ix.main_of(t) for t in range(7)] == ["billy joel", "queen", "queen", "so", "mos def", None, None]
 

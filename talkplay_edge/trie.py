@@ -222,15 +222,9 @@ class Exclusions:
         if track_index in self.tracks:
             return
         self.tracks.add(track_index)
-        trie = self.trie
-        node = int(trie.leaf_of_track[track_index])
+        node = int(self.trie.leaf_of_track[track_index])
         while node >= 0:
-            r = self._removed.get(node, 0) + 1
-            self._removed[node] = r
-            parent = int(trie.parent[node])
-            if r == int(trie.count[node]) and parent >= 0:
-                self._dead.setdefault(parent, []).append(node - 1 - int(trie.offsets[parent]))
-            node = parent
+            node = self._remove(node, 1)
 
     def exclude_many(self, track_indices) -> None:
         """``exclude`` each of ``track_indices`` (the same result, in one pass over their ancestors)."""
@@ -247,11 +241,17 @@ class Exclusions:
             nodes = nodes[nodes >= 0]
         touched, added = np.unique(np.concatenate(levels), return_counts=True)
         for node, n in zip(touched.tolist(), added.tolist()):
-            r = self._removed.get(node, 0) + n
-            self._removed[node] = r
-            parent = int(trie.parent[node])
-            if r == int(trie.count[node]) and parent >= 0:
-                self._dead.setdefault(parent, []).append(node - 1 - int(trie.offsets[parent]))
+            self._remove(node, n)
+
+    def _remove(self, node: int, n: int) -> int:
+        """Count ``n`` more excluded tracks below ``node``; prune it from its parent once none is left.
+        Returns the parent (-1 at the root)."""
+        r = self._removed.get(node, 0) + n
+        self._removed[node] = r
+        parent = int(self.trie.parent[node])
+        if r == int(self.trie.count[node]) and parent >= 0:
+            self._dead.setdefault(parent, []).append(node - 1 - int(self.trie.offsets[parent]))
+        return parent
 
     def remaining(self, node: int = 0) -> int:
         """Tracks still allowed below ``node``."""

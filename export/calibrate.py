@@ -487,19 +487,21 @@ def held_out(model, tok, catalog, cfg, trie, track_index, artists, asks, fitted:
     conversations = read_conversations(cfg.valid, skip + n)[skip:]
     spans = collect_spans(model, T.Encoder(tok, catalog, cfg.seq_len), conversations, trie,
                           tok.convert_tokens_to_ids(SPAN_START), show_progress=show_progress)
-    log_count, priors = log_track_counts(trie), {}
+    samples: dict = {}  # retrieval spec (or None) -> each span's samples under its prior, made once per spec
 
     def nll(cal: SpanCalibration) -> np.ndarray:
         spec = cal.retrieval
-        if spec is not None and spec not in priors:
-            prior = RetrievalPrior(catalog, trie, track_index, spec, show_progress=show_progress)
-            priors[spec] = [np.log(prior.mass(prior.ranking(s["history"], set(s["played"])))) for s in spans]
-        out = []
-        for i, span in enumerate(spans):
-            log_prior = log_count if spec is None else priors[spec][i]
-            xs = samples_of([span], lambda _: log_prior, trie, track_index, artists, asks)
-            out.append(float(_nll(xs, cal=cal.pick(not span["played"])).sum()) if xs else 0.0)
-        return np.array(out)
+        if spec not in samples:
+            if spec is None:
+                log_count = log_track_counts(trie)
+                priors = [log_count] * len(spans)
+            else:
+                prior = RetrievalPrior(catalog, trie, track_index, spec, show_progress=show_progress)
+                priors = [np.log(prior.mass(prior.ranking(s["history"], set(s["played"])))) for s in spans]
+            samples[spec] = [samples_of([s], lambda _, lp=lp: lp, trie, track_index, artists, asks)
+                             for s, lp in zip(spans, priors)]
+        return np.array([float(_nll(xs, cal=cal.pick(not s["played"])).sum()) if xs else 0.0
+                         for s, xs in zip(spans, samples[spec])])
 
     fit_nll = nll(fitted)
     res = {"conversations": len(conversations), "spans": len(spans), "nll_fit": round(float(fit_nll.mean()), 4),

@@ -105,6 +105,13 @@ def _phrase_text(text: str) -> str:
     return " " + " ".join(re.sub(r"[^\w&']+", " ", (text or "").lower().replace("-", " ")).split()) + " "
 
 
+def _without(message: str, phrases: list[str]) -> str:
+    """``message`` as phrase text (``_phrase_text``) with each of ``phrases`` blanked out."""
+    for phrase in phrases:
+        message = _phrase_text(message).replace(_phrase_text(phrase), "  ")
+    return message
+
+
 def _mentions(message: str, phrases) -> list[tuple[object, bool]]:
     """What the ``phrases`` (an iterable, or a mapping phrase -> what it names) ``message`` holds as whole words
     name, longest phrase first, each with whether a denial comes before it (``denied``); a phrase inside a
@@ -118,15 +125,22 @@ def _mentions(message: str, phrases) -> list[tuple[object, bool]]:
         while (i := text.find(key)) >= 0:
             hits.append([i, i + len(key), table[phrase], denied(text[:i])])
             text = text[:i] + " " + "_" * (len(key) - 2) + " " + text[i + len(key):]  # a word, no phrase's
-    before = None  # in the message's order: "no more pop or rap" denies rap too
-    for hit in sorted(hits):
-        if before is not None and before[3] and _OR.fullmatch(text[before[1]:hit[0]]):
-            hit[3] = True
-        before = hit
+    deny_through_or(hits, lambda a, b: text[a:b])
     return [(name, no) for _, _, name, no in hits]
 
 
 _OR = re.compile(r"\s*(or|nor)\s*")
+
+
+def deny_through_or(hits: list[list], gap) -> None:
+    """Carry a denial on through "or" / "nor": ``hits`` are [start, end, name, denied] mentions of a message
+    (any order; changed in place); in the message's order, one whose ``gap(end, start)`` from the last denied
+    one is just "or" / "nor" is denied too ("no more pop or rap", "no more Drake or Future")."""
+    denied_to = -1  # the end of the last denied mention
+    for hit in sorted(hits, key=lambda h: (h[0], h[1])):
+        hit[3] = hit[3] or (denied_to >= 0 and _OR.fullmatch(gap(denied_to, hit[0])) is not None)
+        if hit[3]:
+            denied_to = max(denied_to, hit[1])
 
 
 def _phrases_in(message: str, phrases, skip_denied: bool = False) -> list:
@@ -191,19 +205,22 @@ def genres_in(message: str, names, words: dict[str, str] | None = None) -> list[
     "hip-hop" and "Hip Hop" alike), a longer name before the shorter ones inside it; ``words`` (default
     ``GENRE_WORDS``: "electronic" for "edm") name a genre too. A genre only denied ("less EDM", "no more
     rock") is not asked for."""
+    return _phrases_in(message, _genre_table(names, words), skip_denied=True)
+
+
+def _genre_table(names, words: dict[str, str] | None = None) -> dict[str, str]:
+    """Phrase -> the genre name it names: the ``names`` themselves and the ``words`` (default ``GENRE_WORDS``)
+    for those of them the catalog has."""
     names = set(names)
     table = {w: g for w, g in (GENRE_WORDS if words is None else words).items() if g in names}
     table.update({n: n for n in names})
-    return _phrases_in(message, table, skip_denied=True)
+    return table
 
 
 def genres_denied(message: str, names, words: dict[str, str] | None = None) -> list[str]:
     """The genre ``names`` a message names only to deny them ("no more country", "less EDM", "skip the
     jazz"), found as ``genres_in`` finds them; one it also asks for elsewhere in the message is not denied."""
-    names = set(names)
-    table = {w: g for w, g in (GENRE_WORDS if words is None else words).items() if g in names}
-    table.update({n: n for n in names})
-    found = _mentions(message, table)
+    found = _mentions(message, _genre_table(names, words))
     asked = {g for g, no in found if not no}
     out = []
     for g, no in found:
@@ -584,8 +601,7 @@ class Asks:
             self._any_genre = {g: np.unique(np.concatenate(t)) for g, t in names.items()}
             self._genre_text = {g: _phrase_text(g) for g in self._any_genre}
         if self.artists is not None:
-            for name in self.artists.named(message) + self.artists.denied(message):
-                message = _phrase_text(message).replace(_phrase_text(name), "  ")
+            message = _without(message, [n for names in self.artists.mentions(message) for n in names])
         denied = genres_denied(message, self._any_genre)
         if not denied:
             return None
@@ -601,8 +617,7 @@ class Asks:
 
         message = (user_turns(history) or [""])[-1]
         if self.artists is not None:
-            for name in self.artists.named(message):
-                message = _phrase_text(message).replace(_phrase_text(name), "  ")
+            message = _without(message, self.artists.named(message))
         named = genres_in(message, self.genres)
         if not named:
             return None

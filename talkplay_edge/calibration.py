@@ -61,7 +61,7 @@ from typing import Iterable
 
 import numpy as np
 
-from .asks import denied
+from .asks import denied, deny_through_or
 from .catalog import json_strings
 from .retrieval import RetrievalSpec
 
@@ -243,29 +243,26 @@ class ArtistIndex:
 
     def named(self, message: str) -> list[str]:
         """The artist names (lower case) a message names (and does not deny)."""
-        return self._mentions(message)[0]
+        return self.mentions(message)[0]
 
     def denied(self, message: str) -> list[str]:
         """The artist names (lower case) a message names only to deny them ("no more Drake", "skip Queen")."""
-        return self._mentions(message)[1]
+        return self.mentions(message)[1]
 
-    def _mentions(self, message: str) -> tuple[list[str], list[str]]:
+    def mentions(self, message: str) -> tuple[list[str], list[str]]:
+        """(``named(message)``, ``denied(message)``) in one reading."""
         words = re.findall(r"[^\s,;:!?()\"“”]+", message or "")
         words = [w.strip(".'’") or w for w in words]
         low = [w.lower() for w in words]
-        hits = []  # (first word, end, name, denied)
+        hits = []  # [first word, end, name, denied]
         for n in range(1, min(self.MAX_WORDS, len(words)) + 1):
             for i in range(len(words) - n + 1):
                 key = " ".join(low[i:i + n])
                 if key in self.keys and (n > 1 or (i > 0 and words[i] in self.one_word)):
-                    hits.append((i, i + n, key, denied(" ".join(low[:i]))))
-        found, against, denied_to = set(), set(), -1  # denied_to: the end of the last denied name
-        for i, end, key, no in sorted(hits):
-            no = no or (denied_to >= 0 and low[denied_to:i] in (["or"], ["nor"]))  # "no more Drake or Future"
-            (against if no else found).add(key)
-            if no:
-                denied_to = max(denied_to, end)
-        return sorted(found), sorted(against - found)
+                    hits.append([i, i + n, key, denied(" ".join(low[:i]))])
+        deny_through_or(hits, lambda a, b: " ".join(low[a:b]))  # "no more Drake or Future"
+        found = {key for _, _, key, no in hits if not no}
+        return sorted(found), sorted({key for _, _, key, no in hits if no} - found)
 
     def tracks_of(self, names) -> np.ndarray:
         """Track indices by any of ``names`` (lower case)."""

@@ -59,7 +59,7 @@ def _pct(xs, q) -> float:
 
 
 def bench_model(model=None, catalog=None, threads: int = 2, n_ctx: int = 2048, turns: int = 20,
-                max_new_tokens: int = 48, kv_cache: str | None = None) -> dict:
+                max_new_tokens: int = 48, kv_cache: str | None = None, guard: bool = True) -> dict:
     from .runtime import TalkPlay
 
     t0 = time.perf_counter()
@@ -67,12 +67,13 @@ def bench_model(model=None, catalog=None, threads: int = 2, n_ctx: int = 2048, t
     load_s = time.perf_counter() - t0
     out: dict = {"model": str(tp.model_path), "catalog": str(tp.catalog.path), "threads": threads,
                  "tracks": len(tp.track_ids), "trie_nodes": tp.trie.n_nodes, "load_s": load_s,
-                 "kv_cache": tp.kv_cache, "n_ctx": tp.n_ctx}
+                 "kv_cache": tp.kv_cache, "n_ctx": tp.n_ctx, "guard": guard}
     # warm-up turn (graph allocation), not counted
     tp.chat(max_new_tokens=4).send("hello")
-    session = tp.chat(max_new_tokens=max_new_tokens)
+    session = tp.chat(max_new_tokens=max_new_tokens, guard=guard)
     first, total, span_tok, span_s, text_tok, text_s, prefill = [], [], 0, 0.0, 0, 0.0, []
     span_mask_s = text_mask_s = 0.0
+    backoffs, guard_s = 0, 0.0  # false claims the reply guard took back, and its time (reading, taking back)
     for i in range(turns):
         if session.excl.exhausted:
             session.reset()
@@ -88,6 +89,8 @@ def bench_model(model=None, catalog=None, threads: int = 2, n_ctx: int = 2048, t
         text_s += tm["text_s"]
         span_mask_s += tm["span_mask_s"]
         text_mask_s += tm["text_mask_s"]
+        backoffs += tm.get("backoffs", 0)
+        guard_s += tm.get("guard_s", 0.0)
     # raw decode loop, no masks: same context, greedy argmax over the full logits
     with tp._lock:
         logits = tp._sync(tp.tokenize_segments([("<|im_start|>", True), ("user\nhello", False)]))
@@ -113,7 +116,8 @@ def bench_model(model=None, catalog=None, threads: int = 2, n_ctx: int = 2048, t
         text_tok_s=text_tok / text_s if text_s else float("nan"),
         raw_tok_s=n_raw / raw_s, beam5_s=beam5_s, beam5_found=len(ranked),
         span_mask_us=span_mask_s / span_tok * 1e6 if span_tok else float("nan"),
-        text_mask_us=text_mask_s / text_tok * 1e6 if text_tok else float("nan"),
+        text_mask_us=text_mask_s / text_tok * 1e6 if text_tok else float("nan"), backoffs=backoffs,
+        guard_ms_per_reply=guard_s / len(total) * 1e3 if total else float("nan"),
         compactions=session.compactions,
     )
     tp.close()
@@ -203,9 +207,10 @@ def bench_trie(n_tracks: int = 1_000_000, n_vocab: int = 49152 + 2 + 5 * 1025 + 
 
 
 def run_bench(model=None, catalog=None, threads: int = 2, n_ctx: int = 2048, turns: int = 20,
-              max_new_tokens: int = 48, trie_tracks: int = 1_000_000, kv_cache: str | None = None) -> dict:
+              max_new_tokens: int = 48, trie_tracks: int = 1_000_000, kv_cache: str | None = None,
+              guard: bool = True) -> dict:
     out = bench_model(model, catalog, threads=threads, n_ctx=n_ctx, turns=turns, max_new_tokens=max_new_tokens,
-                      kv_cache=kv_cache)
+                      kv_cache=kv_cache, guard=guard)
     if trie_tracks:
         out.update(bench_trie(trie_tracks))
     out["peak_rss_mb"] = peak_rss_mb()
@@ -228,6 +233,8 @@ def format_table(r: dict) -> str:
         ("raw decode, no mask", f"{r['raw_tok_s']:.0f} tok/s (short context)"),
         ("token choice overhead", f"span {r['span_mask_us']:.0f} µs/token (trie mask + pick), text "
                                   f"{r['text_mask_us']:.0f} µs/token (music mask + pick)"),
+        ("reply guard", f"{r['guard_ms_per_reply']:.1f} ms per reply (reading claims, taking back "
+                        f"{r['backoffs']} false ones)" if r.get("guard") else "off (--no-guard)"),
         ("beam search, n=5", f"{r['beam5_s'] * 1000:.0f} ms ({r['beam5_found']} tracks)"),
         ("peak RSS", f"{r['peak_rss_mb']:.0f} MB"),
     ]

@@ -89,10 +89,13 @@ class Track:
     source: str | None = None
     features: dict = field(default_factory=dict, compare=False, hash=False)
     code: tuple[str, ...] = ()
+    genres: tuple[str, ...] = ()  # every genre and subgenre (``genre`` / ``subgenre`` are the first of each)
+    subgenres: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        d["artist_genres"], d["playlists"], d["code"] = list(self.artist_genres), list(self.playlists), list(self.code)
+        for k in ("artist_genres", "playlists", "code", "genres", "subgenres"):
+            d[k] = list(d[k])
         return d
 
     def __str__(self) -> str:
@@ -271,6 +274,7 @@ class Catalog:
             has_lyrics=bool(r["has_lyrics"]), source=r["source"],
             features={k: r[k] for k in FEATURE_COLUMNS if r[k] is not None},
             code=(codes.get(r["id"]) if codes is not None else self.code(r["id"])) or (),
+            genres=tuple(json_strings(r["genres"])), subgenres=tuple(json_strings(r["subgenres"])),
         )
 
     def get(self, track_id: str) -> Track | None:

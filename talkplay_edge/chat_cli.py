@@ -34,6 +34,8 @@ sampling_options = [
     click.option("--max-new-tokens", type=int, default=96, show_default=True, help="Reply length limit."),
     click.option("--no-force-span", is_flag=True, help="Let the model decide whether to recommend a track."),
     click.option("--only-local", is_flag=True, help="Recommend only your own indexed files (`talkplay index`)."),
+    click.option("--no-guard", is_flag=True, help="Let replies say what the catalog does not bear out of their "
+                 "track (a genre, a sound, a year or BPM); by default such a claim is taken back as it is written."),
 ]
 
 
@@ -66,7 +68,7 @@ def _load(model_path, catalog_path, threads, n_ctx, kv_cache=None):
     return TalkPlay.load(model_path, catalog_path, threads=threads, n_ctx=n_ctx, kv_cache=kv_cache)
 
 
-def _session(tp, temperature, top_k, seed, max_new_tokens, no_force_span, only_local=False):
+def _session(tp, temperature, top_k, seed, max_new_tokens, no_force_span, only_local=False, no_guard=False):
     only = None
     if only_local:
         from .indexer import local_track_ids
@@ -75,7 +77,7 @@ def _session(tp, temperature, top_k, seed, max_new_tokens, no_force_span, only_l
         if not only:
             raise UserError(f"{tp.catalog.path}: no local tracks (add your music with `talkplay index PATH`)")
     return tp.chat(temperature=temperature, top_k=top_k, seed=seed, max_new_tokens=max_new_tokens,
-                   force_span=not no_force_span, only=only)
+                   force_span=not no_force_span, only=only, guard=not no_guard)
 
 
 def _track_line(i: int | None, t) -> str:
@@ -95,12 +97,12 @@ def _track_line(i: int | None, t) -> str:
 @_fail_cleanly
 @_clean_errors
 def ask(message, n, model_path, catalog_path, threads, n_ctx, kv_cache, temperature, top_k, seed, max_new_tokens,
-        no_force_span, only_local, as_json):
+        no_force_span, only_local, no_guard, as_json):
     """Ask once: a reply and ranked track(s)."""
     if n < 1:
         raise UserError("--n must be at least 1")
     tp = _load(model_path, catalog_path, threads, n_ctx, kv_cache)
-    session = _session(tp, temperature, top_k, seed, max_new_tokens, no_force_span, only_local)
+    session = _session(tp, temperature, top_k, seed, max_new_tokens, no_force_span, only_local, no_guard)
     if as_json:
         reply = session.send(message, n=n)
         click.echo(json.dumps(reply.to_dict(), indent=2, ensure_ascii=False))
@@ -123,12 +125,12 @@ def ask(message, n, model_path, catalog_path, threads, n_ctx, kv_cache, temperat
 @_fail_cleanly
 @_clean_errors
 def chat(model_path, catalog_path, threads, n_ctx, kv_cache, temperature, top_k, seed, max_new_tokens, no_force_span,
-         only_local):
+         only_local, no_guard):
     """Chat interactively. Commands: /reset (new conversation), /more [N] (more tracks), /quit."""
     from .chat_format import EmptyMessageError
 
     tp = _load(model_path, catalog_path, threads, n_ctx, kv_cache)
-    session = _session(tp, temperature, top_k, seed, max_new_tokens, no_force_span, only_local)
+    session = _session(tp, temperature, top_k, seed, max_new_tokens, no_force_span, only_local, no_guard)
     interactive = sys.stdin.isatty()
     if interactive:
         click.echo(f"talkplay — {len(tp.track_ids)} tracks. /reset, /more [N], /quit")
@@ -184,13 +186,14 @@ def chat(model_path, catalog_path, threads, n_ctx, kv_cache, temperature, top_k,
 @click.option("--max-new-tokens", type=int, default=48, show_default=True)
 @click.option("--trie-tracks", type=int, default=1_000_000, show_default=True,
               help="Size of the synthetic trie for the scale check (0 = skip).")
+@click.option("--no-guard", is_flag=True, help="Time replies without the reply guard.")
 @json_option
 @_fail_cleanly
 @_clean_errors
-def bench(model_path, catalog_path, threads, n_ctx, kv_cache, turns, max_new_tokens, trie_tracks, as_json):
+def bench(model_path, catalog_path, threads, n_ctx, kv_cache, turns, max_new_tokens, trie_tracks, no_guard, as_json):
     """Benchmark: load time, time to first track, reply latency, tokens/s, peak RSS; 1M-track trie check."""
     from .bench import format_table, run_bench
 
     result = run_bench(model_path, catalog_path, threads=threads, n_ctx=n_ctx, turns=turns,
-                       max_new_tokens=max_new_tokens, trie_tracks=trie_tracks, kv_cache=kv_cache)
+                       max_new_tokens=max_new_tokens, trie_tracks=trie_tracks, kv_cache=kv_cache, guard=not no_guard)
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))

@@ -789,8 +789,17 @@ def load_tracks(catalog, ids: set[str] | None = None, lyrics: dict[str, str] | N
 
 def descriptors(t: T) -> list[str]:
     """True audio descriptors of a track (from its Spotify features), strongest claims first."""
+    return descriptors_of(t.feats)
+
+
+def descriptors_of(features: dict) -> list[str]:
+    """The audio descriptors a reply may state of a track with these Spotify ``features`` (``descriptors``)."""
+    def f(name):
+        v = features.get(name)
+        return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
     out = []
-    e, d, a, v = t.f("energy"), t.f("danceability"), t.f("acousticness"), t.f("valence")
+    e, d, a, v = f("energy"), f("danceability"), f("acousticness"), f("valence")
     if e is not None and e >= 0.8:
         out.append("high-energy")
     elif e is not None and e <= 0.4:

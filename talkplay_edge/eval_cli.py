@@ -32,7 +32,9 @@ from .paths import DEFAULT_DATA_DIR, default_catalog_path
 @click.option("--resume", is_flag=True, help="Continue the stopped run whose RANKS.partial is there: score only "
               "the conversations it lacks (the same figures as one uninterrupted run).")
 @click.option("--replies", is_flag=True, help="(--system model) Also chat through the runtime with the user "
-              "messages: real / repeated tracks, replies that name their track.")
+              "messages: real / repeated tracks, replies that name their track, replies that say something false "
+              "of their track.")
+@click.option("--no-guard", is_flag=True, help="(--replies) Chat without the reply guard: the model's own words.")
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Split the conversations over N processes of --threads threads each (the same figures as one "
               "process).")
@@ -42,7 +44,7 @@ from .paths import DEFAULT_DATA_DIR, default_catalog_path
 @_fail_cleanly
 def eval_command(system: str, conv_path: Path, limit: int | None, skip: int, max_turn: int | None,
                  only_path: Path | None, seed: int,
-                 per_intent: bool, ranks_path: Path | None, resume: bool, replies: bool, jobs: int,
+                 per_intent: bool, ranks_path: Path | None, resume: bool, replies: bool, no_guard: bool, jobs: int,
                  catalog_path: Path | None, threads: int, as_json: bool) -> None:
     """Score a recommender on conversations: MRR, Hit@1/10/100 overall and per turn.
 
@@ -57,6 +59,8 @@ def eval_command(system: str, conv_path: Path, limit: int | None, skip: int, max
     from .evaluate import (RanksFormatError, UnknownSystemError, format_table, read_ranks, result_from_records,
                            system_factory, write_ranks)
 
+    if no_guard and not replies:
+        raise UserError("--no-guard is for --replies (the reply guard changes only the reply text)")
     if replies and system != "model":
         raise UserError("--replies needs --system model (only the model writes replies)")
     if resume and ranks_path is None:
@@ -110,6 +114,7 @@ def eval_command(system: str, conv_path: Path, limit: int | None, skip: int, max
         try:
             result, chat, setup_s = _score(system, cat, [c for _, c in pending], [i for i, _ in pending], jobs,
                                            threads=threads, seed=seed, max_turn=max_turn, replies=replies,
+                                           guard=not no_guard,
                                            show_progress=True, only=only,
                                            on_conversation=journal.add if journal is not None else None)
         except BaseException:
@@ -159,7 +164,7 @@ def _ask_head_file(system: str) -> Path | None:
 
 
 def _score(system: str, cat, convs: list[dict], indices: list[int], jobs: int, threads: int, seed: int,
-           max_turn: int | None, replies: bool, show_progress: bool, on_conversation, only=None):
+           max_turn: int | None, replies: bool, show_progress: bool, on_conversation, only=None, guard: bool = True):
     """(result, replies or None, setup seconds) of ``system`` on ``convs``, in one process or ``jobs``."""
     import time
 
@@ -169,14 +174,14 @@ def _score(system: str, cat, convs: list[dict], indices: list[int], jobs: int, t
         return result_from_records(system, []), None, 0.0
     if jobs > 1 and len(convs) > 1:  # (a model system: built by the caller)
         return evaluate_in_processes(system, cat.path, convs, jobs, threads=threads, max_turn=max_turn,
-                                     replies=replies, indices=indices, show_progress=show_progress, seed=seed,
-                                     on_conversation=on_conversation, only=only)
+                                     replies=replies, guard=guard, indices=indices, show_progress=show_progress,
+                                     seed=seed, on_conversation=on_conversation, only=only)
     t0 = time.perf_counter()
     rec = get_recommender(system, cat, threads=threads, seed=seed, show_progress=show_progress)
     setup_s = time.perf_counter() - t0
     result = evaluate(rec, convs, set(cat.track_ids()), show_progress=show_progress, max_turn=max_turn,
                       indices=indices, on_conversation=on_conversation, only=only)
-    chat = evaluate_replies(rec.tp, convs, show_progress=show_progress) if replies else None
+    chat = evaluate_replies(rec.tp, convs, show_progress=show_progress, guard=guard) if replies else None
     return result, chat, setup_s
 
 

@@ -473,6 +473,13 @@ class ReplyResult:
     empty_replies: int = 0
     exhausted: int = 0
     reply_chars: int = 0
+    claims: int = 0  # what replies say of their track (``claims.ClaimReader``): genre, sound, year, BPM
+    false_replies: int = 0  # turns whose reply says something of its track that the catalog does not bear out
+    false_genre: int = 0
+    false_sound: int = 0
+    false_year: int = 0
+    false_bpm: int = 0
+    backoffs: int = 0  # times the reply guard took back a false claim as it was written
     runtime_s: float = 0.0
     examples: list = field(default_factory=list)  # the first few turns, for a look
 
@@ -481,6 +488,7 @@ class ReplyResult:
         t = max(self.with_track, 1)
         d.update(real_rate=self.real / t, repeat_rate=self.repeated / t, mention_rate=self.mentions / t,
                  track_rate=self.with_track / max(self.turns, 1), mean_reply_chars=self.reply_chars / max(self.turns, 1),
+                 false_reply_rate=self.false_replies / t,
                  turns_per_s=self.turns / self.runtime_s if self.runtime_s else None)
         return d
 
@@ -500,20 +508,26 @@ class ReplyResult:
         return (f"replies: {self.turns} turns in {self.conversations} conversations ({self.runtime_s:.1f} s); "
                 f"track in {d['track_rate']:.1%}; real {d['real_rate']:.1%}; repeated {d['repeat_rate']:.1%}; "
                 f"reply names the track in {d['mention_rate']:.1%}; mean reply {d['mean_reply_chars']:.0f} chars; "
-                f"{self.empty_replies} empty")
+                f"{self.empty_replies} empty; says something false of its track in {d['false_reply_rate']:.1%} "
+                f"({self.claims} claims; false: {self.false_genre} genre, {self.false_sound} sound, {self.false_year} "
+                f"year, {self.false_bpm} BPM; {self.backoffs} taken back as written)")
 
 
 def evaluate_replies(tp, conversations: list[dict], max_new_tokens: int = 64, n_examples: int = 5,
-                     show_progress: bool = False, on_conversation: Callable[[], None] | None = None) -> ReplyResult:
+                     show_progress: bool = False, on_conversation: Callable[[], None] | None = None,
+                     guard: bool = True) -> ReplyResult:
     """Chat through ``tp`` (a ``runtime.TalkPlay``) with each conversation's user messages, greedy, as a user
-    would: count real / repeated tracks and replies that name their track."""
+    would: count real / repeated tracks, replies that name their track, and what replies say of their track
+    that the catalog does not bear out (``claims.ClaimReader``); ``guard=False`` chats without the reply guard."""
     catalog_ids = set(tp.track_ids)
+    reader = tp.claim_reader
     res = ReplyResult()
     t0 = time.perf_counter()
     bar = progress(conversations, desc="replies", unit="conv") if show_progress else conversations
     for conv in bar:
-        session = tp.chat(max_new_tokens=max_new_tokens)
+        session = tp.chat(max_new_tokens=max_new_tokens, guard=guard)
         seen: set[str] = set()
+        previous = None
         res.conversations += 1
         try:
             for turn in conv["turns"]:
@@ -524,13 +538,21 @@ def evaluate_replies(tp, conversations: list[dict], max_new_tokens: int = 64, n_
                 res.reply_chars += len(reply.text)
                 res.empty_replies += not reply.text
                 res.exhausted += reply.exhausted
+                res.backoffs += (reply.timings or {}).get("backoffs", 0)
                 if reply.tracks:
                     track = reply.tracks[0]
                     res.with_track += 1
                     res.real += track.id in catalog_ids
                     res.repeated += track.id in seen
                     res.mentions += mentions_track(reply.text, track)
+                    claims = reader.claims(reply.text, track, previous)
+                    res.claims += len(claims)
+                    false = [c.kind for c in claims if not c.holds]
+                    res.false_replies += bool(false)
+                    for kind in false:
+                        setattr(res, f"false_{kind}", getattr(res, f"false_{kind}") + 1)
                     seen.add(track.id)
+                    previous = track
                 if len(res.examples) < n_examples:
                     res.examples.append({"user": turn["content"], "reply": reply.text,
                                          "track": f'"{reply.tracks[0].title}" by {reply.tracks[0].artist}'
@@ -590,7 +612,7 @@ def _job(job: dict) -> dict:
             put = _ticks.put if _ticks is not None else None  # to the parent: each record, a 1 per chat
             result = evaluate(rec, job["conversations"], set(cat.track_ids()), max_turn=job["max_turn"],
                               indices=job["indices"], on_conversation=put, only=job["only"])
-            chat = (evaluate_replies(rec.tp, job["conversations"],
+            chat = (evaluate_replies(rec.tp, job["conversations"], guard=job["guard"],
                                      on_conversation=functools.partial(put, 1) if put else None)
                     if job["replies"] else None)
     except Exception as e:  # noqa: BLE001 — sent back to the parent as one picklable, readable error
@@ -613,13 +635,14 @@ def split_evenly(items: list, parts: int) -> list[tuple[int, list]]:
 
 
 def evaluate_in_processes(system: str, catalog_path, conversations: list[dict], jobs: int, threads: int = 1,
-                          max_turn: int | None = None, replies: bool = False,
+                          max_turn: int | None = None, replies: bool = False, guard: bool = True,
                           show_progress: bool = False, indices: list[int] | None = None,
                           on_conversation: Callable[[dict], None] | None = None,
                           only: set[tuple[str, int]] | None = None,
                           **kw) -> tuple[EvalResult, ReplyResult | None, float]:
-    """``evaluate`` (and ``evaluate_replies`` with ``replies``) split over ``jobs`` processes of ``threads``
-    threads each, every process with its own recommender on a contiguous run of the conversations.
+    """``evaluate`` (and ``evaluate_replies`` with ``replies``; without the reply guard with ``guard=False``)
+    split over ``jobs`` processes of ``threads`` threads each, every process with its own recommender on a
+    contiguous run of the conversations.
     ``indices``, ``only`` and ``on_conversation`` (called here, in this process) are ``evaluate``'s.
 
     Returns (result, replies or None, the slowest process's setup seconds). The rows and summaries are the
@@ -641,7 +664,8 @@ def evaluate_in_processes(system: str, catalog_path, conversations: list[dict], 
     runs = split_evenly(list(zip(indices, conversations)), jobs)
     todo = [{"job": i + 1, "jobs": len(runs), "system": system, "factory": factory, "catalog": str(catalog_path),
              "threads": threads, "kw": kw, "conversations": [c for _, c in run], "indices": [i for i, _ in run],
-             "max_turn": max_turn, "replies": replies, "only": only} for i, (_, run) in enumerate(runs)]
+             "max_turn": max_turn, "replies": replies, "guard": guard, "only": only}
+            for i, (_, run) in enumerate(runs)]
     ctx = multiprocessing.get_context("spawn")  # llama.cpp and sqlite connections do not survive fork
     ticks = ctx.Queue()
     total = len(conversations) * (2 if replies else 1)

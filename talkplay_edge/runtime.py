@@ -22,6 +22,15 @@ Decoding (see ``chat_format`` for the exact token format):
   BM25, MiniLM and item2vec retrieve for the conversation so far (computed once per request).
 - After ``<|music_end|>`` the runtime writes the track's real title, artist and year
   (``chat_format.render_track_context``) into the context and the model continues with the reply.
+- The reply guard (``guard=True``, the default): as the reply is written, ``claims.ClaimReader`` reads what it
+  says of the track (a genre, a sound word, the year, the BPM) and takes back what the catalog does not bear
+  out. A false genre or sound word inside the description ("— a moody gangster rap track") has the
+  description written again from the catalog's facts (``ClaimReader.describe``: "a high-energy upbeat
+  contemporary country track"), or the reply end before it when the catalog has none; a wrong year or BPM
+  is written right; anything else returns the KV cache to the token that began it and bans that token (and
+  every other beginning of a false phrase of its kind, from there on). At most ``MAX_BACKOFFS`` per reply.
+  ``on_text`` only gets text no later claim can reach back into (``ClaimReader.settled``: the stream waits
+  at a description or a number still being written).
 - Greedy by default; ``temperature``/``top_k`` with a ``seed`` sample instead. ``send(..., n=5)`` ranks
   five tracks by beam search over the trie (parallel llama.cpp sequences sharing the prompt's KV cells);
   the best one becomes the turn's span.
@@ -72,6 +81,7 @@ from .asks import AskHead, Asks
 from .baselines import user_turns
 from .retrieval import RetrievalPrior
 from .catalog import Catalog, Track, corrupt
+from .claims import ClaimReader, article
 from .gguf_check import GGUFError, check_gguf
 from .tokens import SPAN_END, SPAN_START
 from .trie import Exclusions, catalog_trie
@@ -79,6 +89,69 @@ from .trie import Exclusions, catalog_trie
 FINGERPRINT_KEY = "talkplay.vocab_fingerprint"
 SPAN_MAX_TOKENS = 8  # start + 5 modality tokens + dup + end
 CONTEXT_MAX_TOKENS = 96  # room reserved for the written track context
+MAX_BACKOFFS = 8  # false claims the reply guard takes back per reply; later ones stay (and are counted by eval)
+
+
+class _Written:
+    """The text tokens of a reply being written, with what each one left (bytes, decoded characters, the UTF-8
+    decoder's state), so that the reply guard can take the last ones back; ``banned`` holds, per position,
+    the tokens taken back there."""
+
+    def __init__(self):
+        self.tokens: list[int] = []
+        self.text = bytearray()
+        self.chars = ""  # the text decoded so far (an incomplete UTF-8 character at the end waits)
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._after: list[tuple[int, int, tuple]] = []  # per token: bytes, characters, decoder state after it
+        self.banned: dict[int, set[int]] = {}
+        self.banned_on: dict[int, set[int]] = {}  # per position, tokens banned there and at every later one
+        self.streamed = 0  # characters given to on_text
+        self.rewritten = False  # the reply guard wrote the description from the catalog
+        self.done = False  # the reply guard ended the reply
+
+    def add(self, token: int, piece: bytes) -> None:
+        self.tokens.append(token)
+        self.text += piece
+        self.chars += self._decoder.decode(piece)
+        self._after.append((len(self.text), len(self.chars), self._decoder.getstate()))
+
+    def char_start(self, j: int) -> int:
+        return self._after[j - 1][1] if j else 0
+
+    def token_at(self, char: int) -> int:
+        """The index of the token that wrote character ``char``."""
+        return next(j for j, (_, c, _) in enumerate(self._after) if c > char)
+
+    def take_back(self, j: int) -> None:
+        """Forget tokens j.. (and what was banned after position j)."""
+        nbytes, nchars, state = self._after[j - 1] if j else (0, 0, (b"", 0))
+        del self.tokens[j:], self._after[j:], self.text[nbytes:]
+        self.chars = self.chars[:nchars]
+        self._decoder.setstate(state)
+        self.banned = {k: v for k, v in self.banned.items() if k <= j}
+        self.banned_on = {k: v for k, v in self.banned_on.items() if k <= j}
+
+    def bans(self) -> set[int]:
+        """The tokens banned at the next position."""
+        k = len(self.tokens)
+        out = set(self.banned.get(k, ()))
+        for on, tokens in self.banned_on.items():
+            if on <= k:
+                out |= tokens
+        return out
+
+    def stream(self, on_text, upto: int) -> None:
+        """Give ``on_text`` the characters up to ``upto``, or up to the start of the token that wrote it (a
+        token taken back must not have been streamed, not even the space it begins with)."""
+        if upto < len(self.chars):
+            upto = self.char_start(self.token_at(upto))
+        if on_text is not None and upto > self.streamed:
+            on_text(self.chars[self.streamed:upto])
+        self.streamed = max(self.streamed, upto)
+
+    def finish(self) -> str:
+        self.chars += self._decoder.decode(b"", final=True)
+        return self.chars
 
 
 class ModelCatalogMismatch(Exception):
@@ -283,7 +356,33 @@ class TalkPlay:
         self.session_cache_bytes = int(session_cache_mb * 2**20)
         self.snapshot_stats = {"saved": 0, "restored": 0, "evicted": 0}
         self.threads = threads
+        # what replies say of their track, read against this catalog (the reply guard, ``ChatSession.send``)
+        try:
+            self._claim_reader = ClaimReader.from_catalog(catalog)
+        except sqlite3.DatabaseError as e:
+            raise corrupt(catalog.path, e) from e
+        self._phrase_starts: dict | None = None
         self.load_seconds = time.perf_counter() - t0
+
+    def false_starts(self, kind: str, track: Track) -> set[int]:
+        """The tokens that begin a phrase of ``kind`` (genre, sound: ``claims.ClaimReader``) that does not hold
+        for ``track``, save those that also begin one that does (" hip" for hip hop and hip pop)."""
+        reader = self.claim_reader
+        if self._phrase_starts is None:  # phrase -> the first tokens of it as a reply may write it
+            self._phrase_starts = {}
+            for words in reader.phrases:
+                text = " ".join(words)
+                variants = {text, text.capitalize(), text.title(), text.upper()}
+                self._phrase_starts[words] = {ids[0] for v in variants if (ids := self.tokenize(" " + v))}
+        false, true = set(), set()
+        for words, holds in reader.holding(kind, track).items():
+            (true if holds else false).update(self._phrase_starts[words])
+        return false - true
+
+    @property
+    def claim_reader(self) -> ClaimReader:
+        """What replies say of their track, read against this catalog (``claims.ClaimReader``)."""
+        return self._claim_reader
 
     # ------------------------------------------------------------------------------------------------
     @classmethod
@@ -594,12 +693,14 @@ class ChatSession:
 
     Options: ``system`` prompt, ``force_span`` (start every assistant turn with a music span; default on),
     ``temperature`` (0 = greedy) / ``top_k`` / ``seed`` for sampling, ``max_new_tokens`` per reply, ``only``
-    (recommend only these track ids, e.g. ``indexer.local_track_ids(catalog)``)."""
+    (recommend only these track ids, e.g. ``indexer.local_track_ids(catalog)``), ``guard`` (take back what a
+    reply says of its track that the catalog does not bear out; default on)."""
 
     def __init__(self, tp: TalkPlay, system: str | None = None, *, force_span: bool = True,
                  temperature: float = 0.0, top_k: int = 0, seed: int | None = None, max_new_tokens: int = 96,
-                 only: Iterable[str] | None = None):
+                 only: Iterable[str] | None = None, guard: bool = True):
         self.tp = tp
+        self.guard = bool(guard)
         self.id = next(_SESSION_IDS)
         self.only = None if only is None else set(only)  # restrict recommendations to these track ids
         self.system = cf.DEFAULT_SYSTEM if system is None else system
@@ -677,6 +778,74 @@ class ChatSession:
         p /= p.sum()
         return int(idx[self.rng.choice(len(p), p=p)])
 
+    # -- the reply guard ----------------------------------------------------------------------------
+    @staticmethod
+    def _false_claim(reader: ClaimReader, chars: str, track: Track, previous: Track | None, kept_from: int,
+                     complete: bool):
+        """The first claim at or after ``kept_from`` of the reply written so far that ``track`` does not bear
+        out (``claims.ClaimReader``), or None."""
+        for c in reader.claims(chars, track, previous, complete=complete):
+            if not c.holds and c.start >= kept_from:
+                return c
+        return None
+
+    def _take_back(self, written: _Written, claim, gen: list[int], gen_text0: int, text_kv0: int, track: Track,
+                   previous: Track | None, kept_from: int, budget: int, backoffs: int):
+        """Take a false claim back. A false genre or sound word in a description ("— a moody gangster rap
+        track") has the whole description written again from the catalog's facts (``ClaimReader.describe``),
+        or the reply end before it when the catalog has none; a wrong year or BPM is written right. Anything
+        else returns to the token that began it and bans that token there, and every beginning of a false
+        phrase of its kind from there on. Returns (taken back, logits, kept_from, budget); a claim already
+        streamed, or one past ``MAX_BACKOFFS``, stays as written."""
+        tp, reader = self.tp, self.tp.claim_reader
+        chars = written.chars
+        if backoffs >= MAX_BACKOFFS or claim.start < written.streamed:
+            return False, None, claim.end, budget
+        force, at, ban, stop = None, claim.start, None, False
+        if claim.kind in ("genre", "sound") and not written.rewritten:
+            start = reader.description_start(chars, claim)
+            if start is not None:
+                phrase = reader.describe(track)
+                cut = None if phrase else reader.description_cut(chars, start)
+                if cut is not None and written.char_start(written.token_at(cut[0])) < written.streamed:
+                    cut = None  # its lead is out already: say its BPM instead
+                if not phrase and cut is None:
+                    phrase = reader.describe(track, tempo=True)
+                if phrase:
+                    at, force = start, f"{article(phrase)} {phrase}"
+                elif cut is not None:
+                    (at, force), stop = cut, True
+        if force is None and claim.value is not None:
+            force = str(claim.value)
+        j = written.token_at(at)
+        if written.char_start(j) < written.streamed:
+            return False, None, claim.end, budget
+        if force is not None:
+            force = chars[written.char_start(j):at] + force  # what the token began with before the claim
+            if stop:
+                force = force.rstrip()
+        else:
+            ban = written.tokens[j]
+        budget += len(written.tokens) - j + 1
+        written.take_back(j)
+        del gen[gen_text0 + j:]
+        kv = tp._kv[:text_kv0 + j]
+        if force is not None:
+            toks = tp.tokenize(force)
+            for t in toks:
+                written.add(t, tp.piece(t))
+            gen += toks
+            budget -= len(toks)
+            written.rewritten = written.rewritten or claim.kind in ("genre", "sound")
+            written.done = stop
+            return True, tp._sync(kv + toks), len(written.chars), budget
+        written.banned.setdefault(j, set()).add(ban)
+        if claim.kind in ("year", "bpm"):  # no true number to write: none at all
+            written.banned[j].update(t for d in "0123456789" for t in tp.tokenize(d)[:1])
+        else:  # nor any other false phrase of its kind, there or later
+            written.banned_on.setdefault(j, set()).update(tp.false_starts(claim.kind, track))
+        return True, tp._sync(kv), kept_from, budget
+
     # -- a turn --------------------------------------------------------------------------------------
     def send(self, message: str, *, n: int = 1, on_text: Callable[[str], None] | None = None,
              on_track: Callable[[Track], None] | None = None) -> Reply:
@@ -704,8 +873,11 @@ class ChatSession:
             timings["reused_tokens"] = min(kv_before, len(prompt))
             gen: list[int] = [tp.start_id] if forced else []
             tracks: list[Track] = []
-            text = bytearray()
-            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            written = _Written()
+            text_kv0 = gen_text0 = None  # where the reply text starts in the KV cache and in gen
+            backoffs, kept_from, guard_s = 0, 0, 0.0  # false claims taken back; claims before kept_from stay
+            reader = tp.claim_reader if self.guard else None
+            previous = tp.track(tp.track_index[self.recommended[-1]]) if self.recommended and reader else None
             in_span, node, span_done = forced, 0, False
             pending: list[int] = []
             span_steps, span_time, text_steps, text_time = 0, 0.0, 0, 0.0
@@ -778,42 +950,68 @@ class ChatSession:
                 scores[tp._mask_in_text] = -np.inf
                 if span_done or exhausted or gen:  # a span can only open the turn (the training format)
                     scores[tp.start_id] = -np.inf
+                banned = written.bans() if text_kv0 is not None else None
+                if banned:
+                    scores[list(banned)] = -np.inf
                 tok = self._pick(scores)
                 text_mask_s += time.perf_counter() - tm
                 budget -= 1
                 if tok in tp.stop_ids:
+                    if reader is not None and tracks and text_kv0 is not None:
+                        tm, ok = time.perf_counter(), False
+                        false = self._false_claim(reader, written.chars, tracks[0], previous, kept_from, True)
+                        if false is not None:
+                            ok, logits, kept_from, budget = self._take_back(
+                                written, false, gen, gen_text0, text_kv0, tracks[0], previous, kept_from, budget,
+                                backoffs)
+                            backoffs += ok
+                        guard_s += time.perf_counter() - tm
+                        if ok and not written.done:
+                            continue
                     break
+                if text_kv0 is None:
+                    text_kv0, gen_text0 = len(tp._kv), len(gen)
                 gen.append(tok)
                 if tok == tp.start_id:
                     pending = []
                     logits = tp._append([tok])
                     in_span, node = True, 0
                     text_time += time.perf_counter() - ts
+                    text_kv0 = gen_text0 = None
                     continue
-                piece = tp.piece(tok)
-                text += piece
-                if on_text is not None:
-                    s = decoder.decode(piece)
-                    if s:
-                        on_text(s)
+                written.add(tok, tp.piece(tok))
                 logits = tp._append([tok])
                 text_steps += 1
+                if reader is not None and tracks:
+                    tm = time.perf_counter()
+                    false = self._false_claim(reader, written.chars, tracks[0], previous, kept_from, False)
+                    if false is not None:
+                        ok, logits_back, kept_from, budget = self._take_back(
+                            written, false, gen, gen_text0, text_kv0, tracks[0], previous, kept_from, budget, backoffs)
+                        backoffs += ok
+                        if ok:
+                            logits = logits_back
+                    guard_s += time.perf_counter() - tm
+                    if written.done:
+                        text_time += time.perf_counter() - ts
+                        break
+                    written.stream(on_text, reader.settled(written.chars))
+                else:
+                    written.stream(on_text, len(written.chars))
                 text_time += time.perf_counter() - ts
-            if on_text is not None:
-                s = decoder.decode(b"", final=True)
-                if s:
-                    on_text(s)
+            written.finish()
+            written.stream(on_text, len(written.chars))
             end = tp.tokenize_segments([(cf.IM_END, True), ("\n", False)])
             self.turns.append(user_block + gen + end)
             # leave the KV as is: the next turn's prefill decodes the end marker with the next message
-        reply_text = text.decode("utf-8", errors="replace").strip()
+        reply_text = written.text.decode("utf-8", errors="replace").strip()
         self.recommended += [t.id for t in tracks]
         self._last_user = user_block
         self.history.append(user_turn)
         self.history.append({"role": "assistant", "content": reply_text, "track_ids": [t.id for t in tracks]})
         timings.update(total_s=time.perf_counter() - t0, first_track_s=first_track_s, span_tokens=span_steps,
                        span_s=span_time, text_tokens=text_steps, text_s=text_time, span_mask_s=span_mask_s,
-                       text_mask_s=text_mask_s)
+                       text_mask_s=text_mask_s, backoffs=backoffs, guard_s=guard_s)
         return Reply(reply_text, tracks, exhausted=exhausted and not tracks, timings=timings)
 
     def more(self, n: int = 1) -> Reply:

@@ -30,21 +30,33 @@ class _FakeSession:
 
     def send(self, message):
         text, track = self.replies.pop(0)
-        return SimpleNamespace(text=text, tracks=[track] if track else [], exhausted=track is None)
+        return SimpleNamespace(text=text, tracks=[track] if track else [], exhausted=track is None,
+                               timings={"backoffs": len(self.replies) % 2})
 
     def reset(self):
         self.resets += 1
 
 
 def test_evaluate_replies_counts_what_the_user_sees():
-    a, b, ghost = _track("Halo", "Beyoncé", tid="a"), _track("Yellow", "Coldplay", tid="b"), _track("X", "Y", tid="zz")
-    session = _FakeSession([("Halo it is.", a), ("Here is Halo again", a), ("", None), ("Try this.", ghost), ("Coldplay!", b)])
-    tp = SimpleNamespace(track_ids=["a", "b"], chat=lambda **kw: session)
+    from talkplay_edge.catalog import Track
+    from talkplay_edge.claims import ClaimReader
+
+    a = Track("a", "Halo", "Beyoncé", year=2008, genres=("pop",), features={"energy": 0.7, "tempo": 80.0})
+    b = Track("b", "Yellow", "Coldplay", year=2000, genres=("rock",), features={"energy": 0.2, "tempo": 87.0})
+    ghost = Track("zz", "X", "Y", features={"tempo": 80.0})
+    session = _FakeSession([("Halo it is, a pop track (2008).", a), ("Here is Halo again, 2009", a), ("", None),
+                            ("Try this.", ghost), ("Coldplay! A mellow rock track at 90 BPM, down from 80.", b)])
+    tp = SimpleNamespace(track_ids=["a", "b"], chat=lambda **kw: session, claim_reader=ClaimReader(["pop", "rock"]))
     conv = {"turns": [{"role": "user", "content": m} for m in ("one", "two", "three", "four", "five")]}
     res = evaluate_replies(tp, [conv])
     d = res.to_dict()
     assert (res.turns, res.with_track, res.real, res.repeated, res.mentions, res.empty_replies) == (5, 4, 3, 1, 3, 1)
     assert d["mention_rate"] == 0.75 and session.resets == 1
+    # claims: pop + 2008 (true); 2009 (false); "mellow" + "rock" + "from 80" (true: the last track, at 80)
+    # and "90 BPM" (false, 87)
+    assert (res.claims, res.false_replies, res.false_year, res.false_bpm, res.false_genre, res.false_sound) == (
+        7, 2, 1, 1, 0, 0)
+    assert d["false_reply_rate"] == 0.5 and res.backoffs == 2  # the guard's back-offs, as the runtime counts them
 
 
 def test_cli_eval_replies_on_the_tiny_model(runtime_gguf, tiny_catalog, tmp_path, monkeypatch):
@@ -78,6 +90,15 @@ def test_cli_eval_replies_on_the_tiny_model(runtime_gguf, tiny_catalog, tmp_path
     r = CliRunner().invoke(cli, ["eval", "--system", "hybrid", "--replies", "--conversations", str(tmp_path / "test.jsonl"),
                                  "--catalog", str(tiny_catalog)])
     assert r.exit_code == 1 and "--system model" in r.output
+    # without the reply guard, over two processes: nothing is taken back
+    r3 = CliRunner().invoke(cli, ["eval", "--system", "model", "--replies", "--no-guard", "--conversations",
+                                  str(tmp_path / "test.jsonl"), "--catalog", str(tiny_catalog), "--threads", "1",
+                                  "--jobs", "2", "--json"])
+    assert r3.exit_code == 0, r3.output
+    assert json.loads(r3.output)["replies"]["backoffs"] == 0 and "false_reply_rate" in json.loads(r3.output)["replies"]
+    r = CliRunner().invoke(cli, ["eval", "--system", "model", "--no-guard", "--conversations", str(tmp_path / "test.jsonl"),
+                                 "--catalog", str(tiny_catalog)])
+    assert r.exit_code == 1 and "--replies" in r.output
 
 
 def test_cli_eval_resume_is_refused_on_another_model(runtime_gguf, tiny_catalog, tmp_path, monkeypatch):

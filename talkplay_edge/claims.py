@@ -1,0 +1,265 @@
+"""What a reply says about its track, checked against the catalog.
+
+Replies are trained to state only facts the catalog holds ("Try “Halo” by Beyoncé (2008) — a danceable dance
+pop track"), but the model writes them from the music tokens alone, so it can say "moody" of a cheerful
+song, carry the last track's genre over to a new one, or get the year wrong. ``ClaimReader`` reads four
+kinds of claim from a reply and says whether each holds for the track:
+
+- ``genre``: a genre name ("gangster rap", "country", "electronic") that no genre, subgenre or artist's
+  genre of the track holds as whole words ("rock" holds for "album rock"; "hip pop" does not for "hip hop");
+- ``sound``: a sound word of the replies ("high-energy", "mellow", "danceable", "acoustic", "upbeat",
+  "moody") that the track's audio features do not bear out (``conversations.descriptors_of``);
+- ``year``: a year (1900–2099) other than the track's;
+- ``bpm``: "N BPM" more than 1 from the track's tempo, and "from N" after it more than 1 from the last
+  track's.
+
+Words of the track's own title, artist and album are no claim ("Rock Your Body" claims no rock).
+``first_false`` gives the earliest false claim whose words are all written, which is what the runtime's
+reply guard (``runtime.ChatSession.send``) backs off from; ``settled`` how much of a reply being written no
+later claim can reach back into (the part it can stream).
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+from dataclasses import dataclass
+
+from .catalog import json_strings
+from .conversations import GENRE_DISPLAY, descriptors_of
+
+SOUND_WORDS = {  # the sound words replies use (conversations.render_reply) -> the descriptor that makes them true
+    "high energy": "high-energy", "mellow": "mellow", "danceable": "danceable", "acoustic": "acoustic",
+    "upbeat": "upbeat", "moody": "moody",
+}
+# genre words of a name that make it a genre claim in a reply; names of nothing else ("world", "focus",
+# "sleep", "tribute", "comedy") are ordinary words there. Every track genre and subgenre counts as well.
+GENRE_CORE = frozenset("""rock pop rap hip hop trap country jazz soul blues folk funk disco reggae reggaeton edm
+electronic electronica house techno trance dubstep drum bass metal punk grunge emo indie r&b gospel classical
+latin salsa cumbia bachata dancehall afrobeat afropop grime drill ska swing bluegrass americana rockabilly
+synthpop electropop electro ambient lounge""".split())
+EXTRA_GENRE_NAMES = {"electronic": "edm", "electronica": "edm", "electronic dance music": "edm", "dance music": "edm",
+                     "hip-hop": "hip hop", "rnb": "r&b"}
+_WORD = re.compile(r"[\w&']+")
+_YEAR = re.compile(r"(?<![\w.])(19|20)\d\d(?!\w|\.\d)")  # a whole number: "2008." yes, "2008.5" no
+_BPM = re.compile(r"(?<![\w.])(\d{2,3})\s*(?:bpm|BPM)\b")
+_FROM_BPM = re.compile(r"(?<![\w.])(?:(?:up|down)\s+)?from\s+(\d{2,3})(?!\w|\.\d)", re.I)
+BPM_SLACK = 1  # replies state round(tempo)
+
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(w.lower() for w in _WORD.findall((text or "").replace("-", " ")))
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One claim of a reply: its ``kind`` (genre, sound, year, bpm), the ``phrase`` as written, where it is
+    in the reply (``start``, ``end``: character offsets) and whether the catalog bears it out."""
+
+    kind: str
+    phrase: str
+    start: int
+    end: int
+    holds: bool
+    value: int | None = None  # the true number, for a year or BPM claim (None when the catalog has none)
+
+
+class ClaimReader:
+    """Reads a reply's claims about its track: ``ClaimReader(track_genres, artist_genres)``, the catalog's
+    genre and subgenre names (each a genre claim when a reply says it) and its artists' genre names (a claim
+    when they hold a word of ``GENRE_CORE``); ``from_catalog`` reads both."""
+
+    def __init__(self, track_genres, artist_genres=()):
+        phrases: dict[tuple[str, ...], tuple[str, str]] = {}
+        for n in artist_genres:
+            words = _words(n)
+            if GENRE_CORE.intersection(words):
+                phrases[words] = ("genre", " ".join(words))
+        for n in track_genres:
+            if _words(n):
+                phrases[_words(n)] = ("genre", " ".join(_words(n)))
+        for w, n in EXTRA_GENRE_NAMES.items():
+            phrases.setdefault(_words(w), ("genre", n))
+        for w, d in SOUND_WORDS.items():
+            phrases[_words(w)] = ("sound", d)
+        self.phrases = phrases
+        self.longest = max(map(len, phrases))
+        self._prefixes = {p[:i] for p in phrases for i in range(1, len(p))}  # word runs a phrase goes on from
+        self._known = {w for p in phrases for w in p}  # the words of claims
+        nexts: dict[tuple[str, ...], set[str]] = {}
+        for p in phrases:
+            for i in range(len(p)):
+                nexts.setdefault(p[:i], set()).add(p[i])
+        self._next_words = {k: sorted(v) for k, v in nexts.items()}  # words run -> the words a phrase goes on with
+
+    @classmethod
+    def from_catalog(cls, catalog) -> "ClaimReader":
+        """The reader for a ``catalog.Catalog`` (its distinct genre lists, ~0.1 s for 47k tracks)."""
+        def names(*columns):
+            out = set()
+            for column in columns:
+                for (value,) in catalog.conn.execute(f"select distinct {column} from tracks"):
+                    out.update(n.lower() for n in json_strings(value))
+            return sorted(out)
+
+        return cls(names("genres", "subgenres"), names("artist_genres"))
+
+    # -- what holds for a track ---------------------------------------------------------------------------
+    @staticmethod
+    def genre_texts(track) -> list[str]:
+        """The track's genre names as padded word text (for whole-word containment)."""
+        names = [*getattr(track, "genres", ()), *getattr(track, "subgenres", ()), *(track.artist_genres or ())]
+        names += [n for n in (getattr(track, "genre", None), getattr(track, "subgenre", None)) if n]
+        return [" " + " ".join(_words(n)) + " " for n in names]
+
+    def holding(self, kind: str, track) -> dict[tuple[str, ...], bool]:
+        """Every phrase of ``kind`` (genre, sound), as words, with whether it holds for ``track``."""
+        texts = self.genre_texts(track)
+        return {w: self._holds(k, w, n, track, texts) for w, (k, n) in self.phrases.items() if k == kind}
+
+    def _holds(self, kind: str, words: tuple[str, ...], name: str, track, texts: list[str]) -> bool:
+        if kind == "sound":
+            return name in descriptors_of(track.features or {})
+        keys = {" " + " ".join(words) + " ", " " + name + " "}
+        return any(k in t for k in keys for t in texts)
+
+    # -- reading a reply --------------------------------------------------------------------------------
+    def claims(self, reply: str, track, previous=None, complete: bool = True) -> list[Claim]:
+        """Every claim ``reply`` makes about ``track`` (a ``catalog.Track``), in reply order; ``previous`` is the
+        track before it (for "from N BPM"). With ``complete=False`` the reply is still being written, and only
+        its ``settled`` part is read."""
+        if not complete:
+            reply = reply[:self.settled(reply)]
+        own = set(_words(f"{track.title} {track.artist} {track.album or ''}"))
+        texts = self.genre_texts(track)
+        matches = _matches(reply)
+        out = []
+        i = 0
+        while i < len(matches):
+            for n in range(min(self.longest, len(matches) - i), 0, -1):
+                words = tuple(w for w, _, _ in matches[i:i + n])
+                hit = self.phrases.get(words)
+                if hit is None or not set(words) - own:
+                    continue
+                kind, name = hit
+                start, end = matches[i][1], matches[i + n - 1][2]
+                out.append(Claim(kind, reply[start:end], start, end, self._holds(kind, words, name, track, texts)))
+                i += n - 1
+                break
+            i += 1
+        out += self._numbers(reply, track, previous, own)
+        return sorted(out, key=lambda c: c.start)
+
+    def _numbers(self, reply: str, track, previous, own: set[str]) -> list[Claim]:
+        out = []
+        year = int(track.year) if track.year else None
+        for m in _YEAR.finditer(reply):
+            if m.group(0) not in own:
+                out.append(Claim("year", m.group(0), m.start(), m.end(), year == int(m.group(0)), year))
+        for m in _BPM.finditer(reply):
+            bpm = _bpm(track)
+            out.append(Claim("bpm", m.group(0), m.start(1), m.end(1), _near(bpm, int(m.group(1))), bpm))
+            after = _FROM_BPM.match(reply, len(reply) - len(reply[m.end():].lstrip(" ,")))
+            if after is not None:
+                bpm = _bpm(previous) if previous is not None else None
+                out.append(Claim("bpm", after.group(0), after.start(1), after.end(1), _near(bpm, int(after.group(1))),
+                                 bpm))
+        return out
+
+    def false_claims(self, reply: str, track, previous=None) -> list[Claim]:
+        return [c for c in self.claims(reply, track, previous) if not c.holds]
+
+    def first_false(self, reply: str, track, previous=None) -> Claim | None:
+        """The earliest false claim in the ``settled`` part of a reply being written, or None."""
+        return next((c for c in self.claims(reply, track, previous, complete=False) if not c.holds), None)
+
+    # -- the description to write instead --------------------------------------------------------------
+    def describe(self, track, tempo: bool = False) -> str:
+        """What a reply may say of ``track`` after "a": up to two sound words and a genre, as the training
+        replies put them ("high-energy danceable big room track"; ``conversations.render_reply``), from the
+        catalog's facts: its first subgenre, else genre, else its artist's first genre. When it has none,
+        "" (or with ``tempo``, its BPM: "115 BPM track", when known)."""
+        words = descriptors_of(track.features or {})[:2]
+        names = [*getattr(track, "subgenres", ()), *getattr(track, "genres", ()), *(track.artist_genres or ())]
+        genre = GENRE_DISPLAY.get(names[0], names[0]) if names else ""
+        if words or genre:
+            return " ".join([*words, *([genre] if genre else []), "track"])
+        bpm = _bpm(track) if tempo else None
+        return f"{bpm} BPM track" if bpm else ""
+
+    def description_start(self, reply: str, claim: Claim) -> int | None:
+        """Where the description a false genre or sound claim is part of begins: the "a" / "an" before it,
+        with only claim words between ("— a high-energy moody gangster rap track"); None when there is none."""
+        words = _matches(reply[:claim.start])
+        i = len(words) - 1
+        while i >= 0 and words[i][0] in self._known:
+            i -= 1
+        return words[i][1] if i >= 0 and words[i][0] in ("a", "an") else None
+
+    @staticmethod
+    def description_cut(reply: str, start: int) -> tuple[int, str] | None:
+        """Where a reply ends when the description beginning at ``start`` has nothing true to say, and what
+        ends it there: before the dash that leads it, with a full stop ("…(2012) — a …" becomes "…(2012).")
+        or before "It's", as it is ("…(2012). It's a …" becomes "…(2012)."); None when neither leads it."""
+        before = reply[:start].rstrip()
+        for lead, end in (("—", "."), ("–", "."), (" -", "."), ("It's", ""), ("It’s", ""), ("It is", "")):
+            if before.endswith(lead):
+                return len(before[:-len(lead)].rstrip()), end
+        return None
+
+    # -- a reply being written --------------------------------------------------------------------------
+    def settled(self, reply: str) -> int:
+        """How many characters of a reply being written no later claim can take in, or take back. It ends
+        before the first word still open (the last word while nothing ends it and it may begin a phrase or
+        is a number; a run of words at the end that a phrase may go on from; a number with at most one word
+        after it, "120" before "BPM"), and before the description that open word is part of ("— a
+        high-energy mo…": before the dash, which the guard may take back with it)."""
+        matches = _matches(reply)
+        n = len(matches)
+        k = n
+        partial = n and matches[-1][2] == len(reply)
+        for i in range(max(0, n - self.longest - 1), n):
+            run = tuple(w for w, _, _ in matches[i:])
+            if (run[0].isdigit() and n - i <= 2 or partial and self._may_begin(run[:-1], run[-1])
+                    or not partial and run in self._prefixes):
+                k = i
+                break
+        if k == n:
+            return len(reply)
+        while k > 0 and matches[k - 1][0] in self._known:
+            k -= 1
+        if k > 0 and matches[k - 1][0] in ("a", "an"):
+            k -= 1
+            cut = self.description_cut(reply, matches[k][1])
+            if cut is not None:
+                return cut[0]
+        return matches[k][1]
+
+    def _may_begin(self, words: tuple[str, ...], partial: str) -> bool:
+        """Whether a phrase begins with ``words`` and then a word ``partial`` begins."""
+        following = self._next_words.get(words)
+        if not following:
+            return False
+        i = bisect.bisect_left(following, partial)
+        return i < len(following) and following[i].startswith(partial)
+
+def _matches(text: str) -> list[tuple[str, int, int]]:
+    return [(m.group(0).lower(), m.start(), m.end()) for m in _WORD.finditer(text.replace("-", " "))]
+
+
+def article(phrase: str) -> str:
+    """"a" or "an" before ``phrase`` ("an upbeat …", "an 80 BPM …", "an 18 …", "a 115 BPM …")."""
+    first = phrase.split()[0] if phrase.split() else ""
+    if first.isdigit():
+        return "an" if first.startswith("8") or first in ("11", "18") else "a"
+    return "an" if first[:1].lower() in "aeiou" and first[:1] else "a"
+
+
+def _bpm(track) -> int | None:
+    tempo = (track.features or {}).get("tempo")
+    return round(float(tempo)) if tempo else None
+
+
+def _near(true: int | None, said: int) -> bool:
+    return true is not None and abs(true - said) <= BPM_SLACK
+

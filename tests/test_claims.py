@@ -1,0 +1,136 @@
+"""What a reply says of its track (``claims.ClaimReader``), and the runtime's reply guard that takes false
+claims back as they are written."""
+
+from __future__ import annotations
+
+from talkplay_edge.catalog import Track
+from talkplay_edge.claims import ClaimReader, article
+
+READER = ClaimReader(["rock", "album rock", "hip hop", "hip pop", "permanent wave", "edm", "big room"],
+                     ["contemporary country", "country", "dance pop", "world", "deep house", "focus"])
+PAISLEY = Track("t1", "Online", "Brad Paisley", year=2010, artist_genres=("contemporary country", "country road"),
+                features={"energy": 0.9, "valence": 0.8, "danceability": 0.5, "acousticness": 0.1, "tempo": 134.2})
+ROCK = Track("t2", "Rock Your Body", "Justin Timberlake", year=2002, genres=("pop",), subgenres=("dance pop",),
+             features={"energy": 0.3, "valence": 0.2, "tempo": 101.0})
+EDM = Track("t3", "Animals", "Martin Garrix", year=2013, genres=("edm",), subgenres=("big room",),
+            features={"energy": 0.95, "valence": 0.1})
+
+
+def _said(reply, track, previous=None):
+    return [(c.kind, c.phrase, c.holds) for c in READER.claims(reply, track, previous)]
+
+
+def test_genre_claims_hold_as_whole_words_of_the_tracks_genres():
+    assert _said("Here's “Online” by Brad Paisley (2010) — a high-energy upbeat country track.", PAISLEY) == [
+        ("year", "2010", True), ("sound", "high-energy", True), ("sound", "upbeat", True), ("genre", "country", True)]
+    assert _said("a permanent wave track", PAISLEY) == [("genre", "permanent wave", False)]
+    assert _said("a contemporary country track, not quite country road", PAISLEY)[0] == ("genre", "contemporary country", True)
+    assert _said("some hip pop", EDM) == [("genre", "hip pop", False)]  # the longer phrase, not "pop"
+    assert _said("an electronic banger, big room at its best", EDM) == [("genre", "electronic", True),
+                                                                     ("genre", "big room", True)]
+    assert _said("It's electronic.", PAISLEY) == [("genre", "electronic", False)]
+    # ordinary words are no claim: artists' genres without a genre word ("world", "focus")
+    assert _said("the best in the world, stay focus", PAISLEY) == []
+
+
+def test_the_tracks_own_title_and_artist_are_no_claim():
+    assert _said("Try “Rock Your Body” by Justin Timberlake (2002) — a mellow moody dance pop track.", ROCK) == [
+        ("year", "2002", True), ("sound", "mellow", True), ("sound", "moody", True), ("genre", "dance pop", True)]
+    assert _said("a rock track", PAISLEY) == [("genre", "rock", False)]
+    assert _said("danceable, acoustic", ROCK) == [("sound", "danceable", False), ("sound", "acoustic", False)]
+
+
+def test_years_and_bpm_are_checked_against_this_track_and_the_last():
+    said = _said("A slower one (101 BPM, down from 134): “Rock Your Body” (2001).", ROCK, PAISLEY)
+    assert said == [("bpm", "101 BPM", True), ("bpm", "down from 134", True), ("year", "2001", False)]
+    said = _said("Picking up the pace (140 BPM, up from 101):", PAISLEY, ROCK)
+    assert said == [("bpm", "140 BPM", False), ("bpm", "up from 101", True)]
+    claims = READER.claims("A quicker one at 120 BPM, from 2012", PAISLEY)
+    assert [(c.kind, c.value) for c in claims] == [("bpm", 134), ("year", 2010)]
+    assert READER.claims("(1999)", Track("t4", "x", "y"))[0].value is None  # no year known: none to write
+    assert _said("A 2010 release, not 2011.5 nor v2.2010, from 2011.", PAISLEY) == [("year", "2010", True),
+                                                                                   ("year", "2011", False)]
+    assert _said("Slower: 90 BPM, down from 134.", ROCK, PAISLEY) == [("bpm", "90 BPM", False),
+                                                                     ("bpm", "down from 134", True)]
+
+
+def test_a_reply_being_written_is_read_once_its_words_are():
+    text = "Try “Online” by Brad Paisley (2010) — a high-energy permanent wave track."
+    cut, dash = text.index("permanent"), text.index(" —")
+    # "perm" may still become "permanent wave": the stream waits before the description it is part of,
+    # dash and all (the guard may end the reply there)
+    assert READER.settled(text[:cut + 4]) == dash
+    assert READER.settled(text[:cut + len("permanent wave")]) == dash  # not ended yet: may go on
+    assert READER.settled(text[:cut + len("permanent wave track")]) == len(text) - 1  # the description ended
+    assert READER.first_false(text[:cut + len("permanent")], PAISLEY) is None
+    assert READER.first_false(text[:cut + len("permanent wave")], PAISLEY) is None  # may go on
+    assert READER.first_false(text[:cut + len("permanent wave ")], PAISLEY).phrase == "permanent wave"
+    assert READER.settled("Try it. It's a dance") == len("Try it.")  # may become "dance pop"
+    assert READER.settled("Try it, a dance") == len("Try it, ")  # no dash nor "It's" leads it
+    assert READER.settled("A slower one (10") == len("A slower one (")  # a number waits for "BPM"
+    assert READER.settled("A slower one (101 B") == len("A slower one (")
+    assert READER.settled("A slower one (101 BPM, down") == len("A slower one (101 BPM, down")
+    assert READER.settled("Try it ") == len("Try it ")
+    assert READER.settled("Try the") == len("Try the")  # no phrase begins "the"
+
+
+def test_the_description_to_write_instead():
+    assert READER.describe(PAISLEY) == "high-energy upbeat contemporary country track"
+    assert READER.describe(ROCK) == "mellow moody dance pop track"  # its subgenre before its genre
+    assert READER.describe(Track("t5", "x", "y", features={"energy": 0.6})) == ""
+    assert READER.describe(Track("t5", "x", "y", features={"energy": 0.6, "tempo": 80.4}), tempo=True) == "80 BPM track"
+    assert [article(p) for p in ("upbeat track", "80 BPM track", "115 BPM track", "18 BPM", "mellow track")] == [
+        "an", "an", "a", "an", "a"]
+    text = "Here's “Online” by Brad Paisley (2010) — a high-energy moody permanent wave track."
+    claim = READER.false_claims(text, PAISLEY)[0]
+    assert claim.phrase == "moody" and text[READER.description_start(text, claim):].startswith("a high-energy moody")
+    assert READER.description_cut(text, READER.description_start(text, claim)) == (text.index(" —"), ".")
+    text = "Check out “Online” by Brad Paisley (2010). It's a moody track."
+    start = READER.description_start(text, READER.false_claims(text, PAISLEY)[0])
+    assert READER.description_cut(text, start) == (text.index(" It's"), "")
+    text = "Check out “Online”, moody as it is"
+    assert READER.description_start(text, READER.false_claims(text, PAISLEY)[0]) is None
+
+
+def test_holding_lists_every_phrase_of_a_kind():
+    genres = READER.holding("genre", PAISLEY)
+    assert genres[("country",)] and genres[("contemporary", "country")] and not genres[("rock",)]
+    assert READER.holding("sound", ROCK) == {("high", "energy"): False, ("mellow",): True, ("danceable",): False,
+                                             ("acoustic",): False, ("upbeat",): False, ("moody",): True}
+
+
+def test_the_reader_from_the_catalog(tiny_catalog):
+    from talkplay_edge.catalog import Catalog
+
+    with Catalog.open(tiny_catalog) as cat:
+        reader = ClaimReader.from_catalog(cat)
+        names = {n for t in cat.tracks() for n in (*t.genres, *t.subgenres)}
+    assert names and all(tuple(n.replace("-", " ").split()) in reader.phrases for n in names)
+
+
+def test_the_guard_takes_a_false_claim_back_as_the_tiny_model_writes_it(talkplay):
+    """The tiny model writes noise; a word of it is made a genre its track lacks, and the guard must keep that
+    word out of the reply (streamed text and all), where the unguarded reply has it."""
+    import re
+
+    tp = talkplay
+    message = "something for a rainy drive"
+    plain = tp.chat(guard=False, max_new_tokens=40).send(message)
+    track = plain.tracks[0]
+    own = set(re.findall(r"\w+", f"{track.title} {track.artist} {track.album or ''}".lower()))
+    words = [w for w in re.findall(r"(?<![\w'-])[a-z]{3,}(?![\w'-])", plain.text.lower()) if w not in own]
+    assert words, f"no word to claim in {plain.text!r}"
+    word = words[0]
+    saved = tp._claim_reader, tp._phrase_starts
+    try:
+        tp._claim_reader, tp._phrase_starts = ClaimReader([word, "zzyzx"]), None
+        assert tp.claim_reader.false_claims(plain.text, track)  # the word is a false claim of that reply
+        streamed = []
+        guarded = tp.chat(max_new_tokens=40).send(message, on_text=streamed.append)
+    finally:
+        tp._claim_reader, tp._phrase_starts = saved
+    assert guarded.tracks[0].id == track.id
+    assert guarded.timings["backoffs"] >= 1
+    assert "".join(streamed).strip() == guarded.text
+    assert not re.search(rf"(?<![\w'-]){word}(?![\w'-])", guarded.text.lower())
+    assert guarded.text.lower().startswith(plain.text.lower().split(word)[0].strip())  # the same up to the claim

@@ -999,6 +999,14 @@ class ChatSession:
                 else:
                     written.stream(on_text, len(written.chars))
                 text_time += time.perf_counter() - ts
+            if (reader is not None and tracks and text_kv0 is not None and not written.done
+                    and len(tp._kv) + SPAN_MAX_TOKENS * 2 < tp.n_ctx):  # the reply ran out of tokens: read it whole
+                tm = time.perf_counter()
+                false = self._false_claim(reader, written.chars, tracks[0], previous, kept_from, True)
+                if false is not None:
+                    backoffs += self._take_back(written, false, gen, gen_text0, text_kv0, tracks[0], previous,
+                                                kept_from, budget, backoffs)[0]
+                guard_s += time.perf_counter() - tm
             written.finish()
             written.stream(on_text, len(written.chars))
             end = tp.tokenize_segments([(cf.IM_END, True), ("\n", False)])

@@ -134,3 +134,31 @@ def test_the_guard_takes_a_false_claim_back_as_the_tiny_model_writes_it(talkplay
     assert "".join(streamed).strip() == guarded.text
     assert not re.search(rf"(?<![\w'-]){word}(?![\w'-])", guarded.text.lower())
     assert guarded.text.lower().startswith(plain.text.lower().split(word)[0].strip())  # the same up to the claim
+
+
+def test_the_guard_reads_a_reply_cut_short_by_its_token_budget(talkplay):
+    """A reply that runs out of tokens inside a claim ends with a word nothing ended yet: the guard reads the
+    reply whole at the end and still takes the claim back."""
+    import re
+
+    tp = talkplay
+    message = "something for a rainy drive"
+    for budget in range(2, 41):
+        plain = tp.chat(guard=False, max_new_tokens=budget).send(message)
+        track = plain.tracks[0]
+        own = set(re.findall(r"\w+", f"{track.title} {track.artist} {track.album or ''}".lower()))
+        last = re.search(r"(?<![\w'-])([a-z]{3,})$", plain.text.lower())
+        if last and last.group(1) not in own:
+            break
+    else:
+        raise AssertionError("no reply of the tiny model ends with a word")
+    word = last.group(1)
+    saved = tp._claim_reader, tp._phrase_starts
+    try:
+        tp._claim_reader, tp._phrase_starts = ClaimReader([word, "zzyzx"]), None
+        streamed = []
+        guarded = tp.chat(max_new_tokens=budget).send(message, on_text=streamed.append)
+        assert not tp.claim_reader.false_claims(guarded.text, track)
+    finally:
+        tp._claim_reader, tp._phrase_starts = saved
+    assert guarded.timings["backoffs"] >= 1 and "".join(streamed).strip() == guarded.text

@@ -14,9 +14,12 @@ kinds of claim from a reply and says whether each holds for the track:
   track's.
 
 Words of the track's own title, artist and album are no claim ("Rock Your Body" claims no rock).
-``first_false`` gives the earliest false claim whose words are all written, which is what the runtime's
-reply guard (``runtime.ChatSession.send``) backs off from; ``settled`` how much of a reply being written no
-later claim can reach back into (the part it can stream).
+
+For the runtime's reply guard (``runtime.ChatSession.send``): ``first_false`` gives the earliest false claim
+of a reply being written whose words are all written; ``settled`` how much of it no later claim can reach
+back into (the part it can stream); ``describe`` what to say of the track instead, from the catalog, and
+``description_start`` / ``description_cut`` where the description it replaces begins, or where the reply
+ends when there is nothing true to say.
 """
 
 from __future__ import annotations
@@ -169,9 +172,11 @@ class ClaimReader:
     def false_claims(self, reply: str, track, previous=None) -> list[Claim]:
         return [c for c in self.claims(reply, track, previous) if not c.holds]
 
-    def first_false(self, reply: str, track, previous=None) -> Claim | None:
-        """The earliest false claim in the ``settled`` part of a reply being written, or None."""
-        return next((c for c in self.claims(reply, track, previous, complete=False) if not c.holds), None)
+    def first_false(self, reply: str, track, previous=None, after: int = 0, complete: bool = False) -> Claim | None:
+        """The earliest false claim starting at or after character ``after`` of a reply being written (its
+        ``settled`` part; the whole reply with ``complete``), or None."""
+        return next((c for c in self.claims(reply, track, previous, complete=complete)
+                     if not c.holds and c.start >= after), None)
 
     # -- the description to write instead --------------------------------------------------------------
     def describe(self, track, tempo: bool = False) -> str:

@@ -779,16 +779,6 @@ class ChatSession:
         return int(idx[self.rng.choice(len(p), p=p)])
 
     # -- the reply guard ----------------------------------------------------------------------------
-    @staticmethod
-    def _false_claim(reader: ClaimReader, chars: str, track: Track, previous: Track | None, kept_from: int,
-                     complete: bool):
-        """The first claim at or after ``kept_from`` of the reply written so far that ``track`` does not bear
-        out (``claims.ClaimReader``), or None."""
-        for c in reader.claims(chars, track, previous, complete=complete):
-            if not c.holds and c.start >= kept_from:
-                return c
-        return None
-
     def _take_back(self, written: _Written, claim, gen: list[int], gen_text0: int, text_kv0: int, track: Track,
                    previous: Track | None, kept_from: int, budget: int, backoffs: int):
         """Take a false claim back. A false genre or sound word in a description ("— a moody gangster rap
@@ -959,7 +949,7 @@ class ChatSession:
                 if tok in tp.stop_ids:
                     if reader is not None and tracks and text_kv0 is not None:
                         tm, ok = time.perf_counter(), False
-                        false = self._false_claim(reader, written.chars, tracks[0], previous, kept_from, True)
+                        false = reader.first_false(written.chars, tracks[0], previous, kept_from, complete=True)
                         if false is not None:
                             ok, logits, kept_from, budget = self._take_back(
                                 written, false, gen, gen_text0, text_kv0, tracks[0], previous, kept_from, budget,
@@ -984,7 +974,7 @@ class ChatSession:
                 text_steps += 1
                 if reader is not None and tracks:
                     tm = time.perf_counter()
-                    false = self._false_claim(reader, written.chars, tracks[0], previous, kept_from, False)
+                    false = reader.first_false(written.chars, tracks[0], previous, kept_from)
                     if false is not None:
                         ok, logits_back, kept_from, budget = self._take_back(
                             written, false, gen, gen_text0, text_kv0, tracks[0], previous, kept_from, budget, backoffs)
@@ -1002,7 +992,7 @@ class ChatSession:
             if (reader is not None and tracks and text_kv0 is not None and not written.done
                     and len(tp._kv) + SPAN_MAX_TOKENS * 2 < tp.n_ctx):  # the reply ran out of tokens: read it whole
                 tm = time.perf_counter()
-                false = self._false_claim(reader, written.chars, tracks[0], previous, kept_from, True)
+                false = reader.first_false(written.chars, tracks[0], previous, kept_from, complete=True)
                 if false is not None:
                     backoffs += self._take_back(written, false, gen, gen_text0, text_kv0, tracks[0], previous,
                                                 kept_from, budget, backoffs)[0]

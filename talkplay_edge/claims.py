@@ -87,13 +87,13 @@ class ClaimReader:
             phrases[_words(w)] = ("sound", d)
         self.phrases = phrases
         self.longest = max(map(len, phrases))
-        self._prefixes = {p[:i] for p in phrases for i in range(1, len(p))}  # word runs a phrase goes on from
         self._known = {w for p in phrases for w in p}  # the words of claims
         nexts: dict[tuple[str, ...], set[str]] = {}
         for p in phrases:
             for i in range(len(p)):
                 nexts.setdefault(p[:i], set()).add(p[i])
-        self._next_words = {k: sorted(v) for k, v in nexts.items()}  # words run -> the words a phrase goes on with
+        # a run of words (() too) -> the words a phrase goes on with after it
+        self._next_words = {k: sorted(v) for k, v in nexts.items()}
 
     @classmethod
     def from_catalog(cls, catalog) -> "ClaimReader":
@@ -226,7 +226,7 @@ class ClaimReader:
         for i in range(max(0, n - self.longest - 1), n):
             run = tuple(w for w, _, _ in matches[i:])
             if (run[0].isdigit() and n - i <= 2 or partial and self._may_begin(run[:-1], run[-1])
-                    or not partial and run in self._prefixes):
+                    or not partial and run in self._next_words):
                 k = i
                 break
         if k == n:
@@ -242,9 +242,7 @@ class ClaimReader:
 
     def _may_begin(self, words: tuple[str, ...], partial: str) -> bool:
         """Whether a phrase begins with ``words`` and then a word ``partial`` begins."""
-        following = self._next_words.get(words)
-        if not following:
-            return False
+        following = self._next_words.get(words, ())
         i = bisect.bisect_left(following, partial)
         return i < len(following) and following[i].startswith(partial)
 

@@ -106,6 +106,9 @@ class _Written:
         self.banned: dict[int, set[int]] = {}
         self.banned_on: dict[int, set[int]] = {}  # per position, tokens banned there and at every later one
         self.streamed = 0  # characters given to on_text
+        self.kv0 = self.gen0 = None  # where the text starts in the KV cache and in the turn's tokens (once begun)
+        # the reply guard: claims before kept_from stay as written; its take-backs and time
+        self.kept_from, self.backoffs, self.guard_s = 0, 0, 0.0
         self.rewritten = False  # the reply guard wrote the description from the catalog
         self.done = False  # the reply guard ended the reply
 
@@ -358,31 +361,23 @@ class TalkPlay:
         self.threads = threads
         # what replies say of their track, read against this catalog (the reply guard, ``ChatSession.send``)
         try:
-            self._claim_reader = ClaimReader.from_catalog(catalog)
+            self.claim_reader = ClaimReader.from_catalog(catalog)
         except sqlite3.DatabaseError as e:
             raise corrupt(catalog.path, e) from e
-        self._phrase_starts: dict | None = None
+        self._phrase_starts: dict[tuple[str, ...], set[int]] = {}  # a phrase -> its first tokens as a reply writes it
         self.load_seconds = time.perf_counter() - t0
 
     def false_starts(self, kind: str, track: Track) -> set[int]:
         """The tokens that begin a phrase of ``kind`` (genre, sound: ``claims.ClaimReader``) that does not hold
         for ``track``, save those that also begin one that does (" hip" for hip hop and hip pop)."""
-        reader = self.claim_reader
-        if self._phrase_starts is None:  # phrase -> the first tokens of it as a reply may write it
-            self._phrase_starts = {}
-            for words in reader.phrases:
+        false, true = set(), set()
+        for words, holds in self.claim_reader.holding(kind, track).items():
+            if words not in self._phrase_starts:
                 text = " ".join(words)
                 variants = {text, text.capitalize(), text.title(), text.upper()}
                 self._phrase_starts[words] = {ids[0] for v in variants if (ids := self.tokenize(" " + v))}
-        false, true = set(), set()
-        for words, holds in reader.holding(kind, track).items():
             (true if holds else false).update(self._phrase_starts[words])
         return false - true
-
-    @property
-    def claim_reader(self) -> ClaimReader:
-        """What replies say of their track, read against this catalog (``claims.ClaimReader``)."""
-        return self._claim_reader
 
     # ------------------------------------------------------------------------------------------------
     @classmethod
@@ -779,18 +774,33 @@ class ChatSession:
         return int(idx[self.rng.choice(len(p), p=p)])
 
     # -- the reply guard ----------------------------------------------------------------------------
-    def _take_back(self, written: _Written, claim, gen: list[int], gen_text0: int, text_kv0: int, track: Track,
-                   previous: Track | None, kept_from: int, budget: int, backoffs: int):
+    def _guard(self, written: _Written, gen: list[int], track: Track, previous: Track | None, budget: int,
+               upto: int) -> tuple[np.ndarray | None, int]:
+        """The reply guard's step: take back the first false claim of ``written.chars[:upto]`` (at or after
+        ``written.kept_from``) if there is one. Returns (the logits after the take-back, or None when nothing
+        was taken back; the token budget)."""
+        tm = time.perf_counter()
+        logits = None
+        claim = self.tp.claim_reader.first_false(written.chars[:upto], track, previous, written.kept_from,
+                                                 complete=True)
+        if claim is not None:
+            logits, budget = self._take_back(written, claim, gen, track, budget)
+            written.backoffs += logits is not None
+        written.guard_s += time.perf_counter() - tm
+        return logits, budget
+
+    def _take_back(self, written: _Written, claim, gen: list[int], track: Track, budget: int):
         """Take a false claim back. A false genre or sound word in a description ("— a moody gangster rap
         track") has the whole description written again from the catalog's facts (``ClaimReader.describe``),
         or the reply end before it when the catalog has none; a wrong year or BPM is written right. Anything
         else returns to the token that began it and bans that token there, and every beginning of a false
-        phrase of its kind from there on. Returns (taken back, logits, kept_from, budget); a claim already
-        streamed, or one past ``MAX_BACKOFFS``, stays as written."""
+        phrase of its kind from there on. Returns (the logits after it, or None; the token budget); a claim
+        already streamed, or one past ``MAX_BACKOFFS``, stays as written (and ``kept_from`` moves past it)."""
         tp, reader = self.tp, self.tp.claim_reader
         chars = written.chars
-        if backoffs >= MAX_BACKOFFS or claim.start < written.streamed:
-            return False, None, claim.end, budget
+        if written.backoffs >= MAX_BACKOFFS or claim.start < written.streamed:
+            written.kept_from = claim.end
+            return None, budget
         force, at, ban, stop = None, claim.start, None, False
         if claim.kind in ("genre", "sound") and not written.rewritten:
             start = reader.description_start(chars, claim)
@@ -809,7 +819,8 @@ class ChatSession:
             force = str(claim.value)
         j = written.token_at(at)
         if written.char_start(j) < written.streamed:
-            return False, None, claim.end, budget
+            written.kept_from = claim.end
+            return None, budget
         if force is not None:
             force = chars[written.char_start(j):at] + force  # what the token began with before the claim
             if stop:
@@ -817,9 +828,9 @@ class ChatSession:
         else:
             ban = written.tokens[j]
         budget += len(written.tokens) - j + 1
+        kv = tp._kv[:written.kv0 + j]
+        del gen[written.gen0 + j:]
         written.take_back(j)
-        del gen[gen_text0 + j:]
-        kv = tp._kv[:text_kv0 + j]
         if force is not None:
             toks = tp.tokenize(force)
             for t in toks:
@@ -828,13 +839,14 @@ class ChatSession:
             budget -= len(toks)
             written.rewritten = written.rewritten or claim.kind in ("genre", "sound")
             written.done = stop
-            return True, tp._sync(kv + toks), len(written.chars), budget
+            written.kept_from = len(written.chars)
+            return tp._sync(kv + toks), budget
         written.banned.setdefault(j, set()).add(ban)
         if claim.kind in ("year", "bpm"):  # no true number to write: none at all
             written.banned[j].update(t for d in "0123456789" for t in tp.tokenize(d)[:1])
         else:  # nor any other false phrase of its kind, there or later
             written.banned_on.setdefault(j, set()).update(tp.false_starts(claim.kind, track))
-        return True, tp._sync(kv), kept_from, budget
+        return tp._sync(kv), budget
 
     # -- a turn --------------------------------------------------------------------------------------
     def send(self, message: str, *, n: int = 1, on_text: Callable[[str], None] | None = None,
@@ -864,8 +876,6 @@ class ChatSession:
             gen: list[int] = [tp.start_id] if forced else []
             tracks: list[Track] = []
             written = _Written()
-            text_kv0 = gen_text0 = None  # where the reply text starts in the KV cache and in gen
-            backoffs, kept_from, guard_s = 0, 0, 0.0  # false claims taken back; claims before kept_from stay
             reader = tp.claim_reader if self.guard else None
             previous = tp.track(tp.track_index[self.recommended[-1]]) if self.recommended and reader else None
             in_span, node, span_done = forced, 0, False
@@ -940,63 +950,47 @@ class ChatSession:
                 scores[tp._mask_in_text] = -np.inf
                 if span_done or exhausted or gen:  # a span can only open the turn (the training format)
                     scores[tp.start_id] = -np.inf
-                banned = written.bans() if text_kv0 is not None else None
+                banned = written.bans() if written.kv0 is not None else None
                 if banned:
                     scores[list(banned)] = -np.inf
                 tok = self._pick(scores)
                 text_mask_s += time.perf_counter() - tm
                 budget -= 1
                 if tok in tp.stop_ids:
-                    if reader is not None and tracks and text_kv0 is not None:
-                        tm, ok = time.perf_counter(), False
-                        false = reader.first_false(written.chars, tracks[0], previous, kept_from, complete=True)
-                        if false is not None:
-                            ok, logits, kept_from, budget = self._take_back(
-                                written, false, gen, gen_text0, text_kv0, tracks[0], previous, kept_from, budget,
-                                backoffs)
-                            backoffs += ok
-                        guard_s += time.perf_counter() - tm
-                        if ok and not written.done:
+                    if reader is not None and tracks and written.kv0 is not None:
+                        back, budget = self._guard(written, gen, tracks[0], previous, budget, len(written.chars))
+                        if back is not None and not written.done:
+                            logits = back
                             continue
                     break
-                if text_kv0 is None:
-                    text_kv0, gen_text0 = len(tp._kv), len(gen)
+                if written.kv0 is None:
+                    written.kv0, written.gen0 = len(tp._kv), len(gen)
                 gen.append(tok)
                 if tok == tp.start_id:
                     pending = []
                     logits = tp._append([tok])
                     in_span, node = True, 0
                     text_time += time.perf_counter() - ts
-                    text_kv0 = gen_text0 = None
+                    written.kv0 = written.gen0 = None
                     continue
                 written.add(tok, tp.piece(tok))
                 logits = tp._append([tok])
                 text_steps += 1
                 if reader is not None and tracks:
-                    tm = time.perf_counter()
-                    false = reader.first_false(written.chars, tracks[0], previous, kept_from)
-                    if false is not None:
-                        ok, logits_back, kept_from, budget = self._take_back(
-                            written, false, gen, gen_text0, text_kv0, tracks[0], previous, kept_from, budget, backoffs)
-                        backoffs += ok
-                        if ok:
-                            logits = logits_back
-                    guard_s += time.perf_counter() - tm
+                    cut = reader.settled(written.chars)  # what the stream may get: the claims read now
+                    back, budget = self._guard(written, gen, tracks[0], previous, budget, cut)
+                    if back is not None:
+                        logits, cut = back, reader.settled(written.chars)
                     if written.done:
                         text_time += time.perf_counter() - ts
                         break
-                    written.stream(on_text, reader.settled(written.chars))
+                    written.stream(on_text, cut)
                 else:
                     written.stream(on_text, len(written.chars))
                 text_time += time.perf_counter() - ts
-            if (reader is not None and tracks and text_kv0 is not None and not written.done
+            if (reader is not None and tracks and written.kv0 is not None and not written.done
                     and len(tp._kv) + SPAN_MAX_TOKENS * 2 < tp.n_ctx):  # the reply ran out of tokens: read it whole
-                tm = time.perf_counter()
-                false = reader.first_false(written.chars, tracks[0], previous, kept_from, complete=True)
-                if false is not None:
-                    backoffs += self._take_back(written, false, gen, gen_text0, text_kv0, tracks[0], previous,
-                                                kept_from, budget, backoffs)[0]
-                guard_s += time.perf_counter() - tm
+                self._guard(written, gen, tracks[0], previous, budget, len(written.chars))
             written.finish()
             written.stream(on_text, len(written.chars))
             end = tp.tokenize_segments([(cf.IM_END, True), ("\n", False)])
@@ -1009,7 +1003,7 @@ class ChatSession:
         self.history.append({"role": "assistant", "content": reply_text, "track_ids": [t.id for t in tracks]})
         timings.update(total_s=time.perf_counter() - t0, first_track_s=first_track_s, span_tokens=span_steps,
                        span_s=span_time, text_tokens=text_steps, text_s=text_time, span_mask_s=span_mask_s,
-                       text_mask_s=text_mask_s, backoffs=backoffs, guard_s=guard_s)
+                       text_mask_s=text_mask_s, backoffs=written.backoffs, guard_s=written.guard_s)
         return Reply(reply_text, tracks, exhausted=exhausted and not tracks, timings=timings)
 
     def more(self, n: int = 1) -> Reply:

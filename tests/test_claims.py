@@ -121,14 +121,14 @@ def test_the_guard_takes_a_false_claim_back_as_the_tiny_model_writes_it(talkplay
     words = [w for w in re.findall(r"(?<![\w'-])[a-z]{3,}(?![\w'-])", plain.text.lower()) if w not in own]
     assert words, f"no word to claim in {plain.text!r}"
     word = words[0]
-    saved = tp._claim_reader, tp._phrase_starts
+    saved = tp.claim_reader
     try:
-        tp._claim_reader, tp._phrase_starts = ClaimReader([word, "zzyzx"]), None
+        tp.claim_reader = ClaimReader([word, "zzyzx"])
         assert tp.claim_reader.false_claims(plain.text, track)  # the word is a false claim of that reply
         streamed = []
         guarded = tp.chat(max_new_tokens=40).send(message, on_text=streamed.append)
     finally:
-        tp._claim_reader, tp._phrase_starts = saved
+        tp.claim_reader = saved
     assert guarded.tracks[0].id == track.id
     assert guarded.timings["backoffs"] >= 1
     assert "".join(streamed).strip() == guarded.text
@@ -153,12 +153,12 @@ def test_the_guard_reads_a_reply_cut_short_by_its_token_budget(talkplay):
     else:
         raise AssertionError("no reply of the tiny model ends with a word")
     word = last.group(1)
-    saved = tp._claim_reader, tp._phrase_starts
+    saved = tp.claim_reader
     try:
-        tp._claim_reader, tp._phrase_starts = ClaimReader([word, "zzyzx"]), None
+        tp.claim_reader = ClaimReader([word, "zzyzx"])
         streamed = []
         guarded = tp.chat(max_new_tokens=budget).send(message, on_text=streamed.append)
         assert not tp.claim_reader.false_claims(guarded.text, track)
     finally:
-        tp._claim_reader, tp._phrase_starts = saved
+        tp.claim_reader = saved
     assert guarded.timings["backoffs"] >= 1 and "".join(streamed).strip() == guarded.text

@@ -32,8 +32,9 @@ TRACK_COLUMNS = (
     "id", "title", "artist", "artists", "album", "year", "release_date", "genre", "subgenre", "genres",
     "subgenres", "artist_genres", "playlists", "popularity", "duration_ms", "explicit",
     "danceability", "energy", "key", "mode", "loudness", "speechiness", "acousticness", "instrumentalness",
-    "liveness", "valence", "tempo", "has_lyrics", "source", "features_provenance", "path",
+    "liveness", "valence", "tempo", "has_lyrics", "source", "features_provenance", "path", "lyrics_theme",
 )
+ADDED_COLUMNS = {"lyrics_theme": "TEXT"}  # track columns newer than some catalogs: added when opened for writing
 GENERATED_COLUMNS = ("tags",)  # computed by SQLite from the JSON list columns (see catalog_build.create_schema)
 JSON_COLUMNS = ("artists", "genres", "subgenres", "artist_genres", "playlists")
 
@@ -91,6 +92,7 @@ class Track:
     code: tuple[str, ...] = ()
     genres: tuple[str, ...] = ()  # every genre and subgenre (``genre`` / ``subgenre`` are the first of each)
     subgenres: tuple[str, ...] = ()
+    lyrics_theme: str | None = None  # what its lyrics keep coming back to ("love"; ``conversations.lyrics_theme``)
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -115,6 +117,16 @@ class Codebook:
 
 FEATURE_COLUMNS = ("danceability", "energy", "key", "mode", "loudness", "speechiness", "acousticness",
                    "instrumentalness", "liveness", "valence", "tempo")
+
+
+def add_missing_columns(conn: sqlite3.Connection) -> None:
+    """Add the track columns a catalog made by an older talkplay lacks (``ADDED_COLUMNS``; empty), so that
+    writing tracks to it (``talkplay index``) works; reading one without them gives None."""
+    have = {r[1] for r in conn.execute("pragma table_info(tracks)")}
+    for column, kind in ADDED_COLUMNS.items():
+        if have and column not in have:
+            conn.execute(f"alter table tracks add column {column} {kind}")
+    conn.commit()
 
 
 # a read-only connection cannot roll back what a killed writer left (a hot journal or WAL): SQLite says
@@ -156,6 +168,7 @@ class Catalog:
         self.vocabulary: list[str] = [r[0] for r in conn.execute("select token from tokens order by id")]
         self._codes: dict[str, tuple[str, ...]] | None = None
         self._popular: list[str] | None = None
+        self._columns = {r[1] for r in conn.execute("pragma table_info(tracks)")}
 
     @classmethod
     def open(cls, path: str | Path | None = None, readonly: bool = True, verify: bool = False) -> "Catalog":
@@ -175,6 +188,8 @@ class Catalog:
             conn.close()
             raise CatalogError(f"{path}: not a talkplay catalog (missing table(s): {', '.join(missing)})")
         try:
+            if not readonly:
+                add_missing_columns(conn)
             cat = cls(path, conn)
             version = int(cat.meta.get("schema_version", 0))
             if version != SCHEMA_VERSION:
@@ -275,6 +290,7 @@ class Catalog:
             features={k: r[k] for k in FEATURE_COLUMNS if r[k] is not None},
             code=(codes.get(r["id"]) if codes is not None else self.code(r["id"])) or (),
             genres=tuple(json_strings(r["genres"])), subgenres=tuple(json_strings(r["subgenres"])),
+            lyrics_theme=r["lyrics_theme"] if "lyrics_theme" in self._columns else None,
         )
 
     def get(self, track_id: str) -> Track | None:

@@ -21,6 +21,7 @@ import sqlite_utils
 
 from .catalog import CF_SCALE, SCHEMA_VERSION, TRACK_COLUMNS, Codebook, track_code
 from .codebook import fit_kmeans, lyrics_k
+from .conversations import lyrics_theme
 from .item2vec import train_item2vec
 from .music_tokenizer import assign_clusters, embed_modalities
 from .progress import progress
@@ -327,6 +328,7 @@ def _write(path: Path, source: SourceData, tracks: list[dict], clusters: dict, d
             r[c] = _json(r.get(c) if c == "artist_genres" else (t.get(c) or []))
         # artists: only stored when it says more than `artist` (a collaboration)
         r["artists"] = _json(t["artists"]) if len(t.get("artists") or []) > 1 else None
+        r["lyrics_theme"] = lyrics_theme(source.lyrics.get(t["id"]) or "")
         rows.append(r)
     db["tracks"].insert_all(rows, batch_size=2000)
     rowid = {r[1]: r[0] for r in db.conn.execute("select rowid, id from tracks")}
@@ -371,3 +373,20 @@ def _write(path: Path, source: SourceData, tracks: list[dict], clusters: dict, d
     db.conn.commit()
     db.conn.execute("vacuum")
     db.conn.close()
+
+
+def fill_lyrics_themes(path: str | Path, data_dir: str | Path) -> int:
+    """Write each track's lyrics theme (``conversations.lyrics_theme`` of its lyrics in ``data_dir``) into
+    the catalog at ``path``, as ``talkplay catalog build`` does, for a catalog built before it did. Touches only
+    that column (its tokens, codes and fingerprint stay as they are); returns the tracks given a theme."""
+    from .catalog import Catalog
+    from .sources import load_sources
+
+    lyrics = load_sources(data_dir).lyrics
+    with Catalog.open(path, readonly=False) as cat:
+        themes = [(lyrics_theme(text), tid) for tid, text in lyrics.items()]
+        with cat.conn:
+            cat.conn.execute("update tracks set lyrics_theme = null where lyrics_theme is not null")
+            n = sum(cat.conn.execute("update tracks set lyrics_theme = ? where id = ?", row).rowcount
+                    for row in themes if row[0])
+    return n

@@ -473,12 +473,14 @@ class ReplyResult:
     empty_replies: int = 0
     exhausted: int = 0
     reply_chars: int = 0
-    claims: int = 0  # what replies say of their track (``claims.ClaimReader``): genre, sound, year, BPM
+    claims: int = 0  # what replies say of their track (``claims.ClaimReader``): genre, sound, year, BPM, relation, lyrics
     false_replies: int = 0  # turns whose reply says something of its track that the catalog does not bear out
     false_genre: int = 0
     false_sound: int = 0
     false_year: int = 0
     false_bpm: int = 0
+    false_relation: int = 0  # "a newer one", "up from 120" when it is not
+    false_lyrics: int = 0  # "with lyrics about love" when the catalog holds no such theme for it
     backoffs: int = 0  # times the reply guard took back a false claim as it was written
     runtime_s: float = 0.0
     examples: list = field(default_factory=list)  # the first few turns, for a look
@@ -510,7 +512,7 @@ class ReplyResult:
                 f"reply names the track in {d['mention_rate']:.1%}; mean reply {d['mean_reply_chars']:.0f} chars; "
                 f"{self.empty_replies} empty; says something false of its track in {d['false_reply_rate']:.1%} "
                 f"({self.claims} claims; false: {self.false_genre} genre, {self.false_sound} sound, {self.false_year} "
-                f"year, {self.false_bpm} BPM; {self.backoffs} taken back as written)")
+                f"year, {self.false_bpm} BPM, {self.false_relation} relation, {self.false_lyrics} lyrics; {self.backoffs} taken back as written)")
 
 
 def evaluate_replies(tp, conversations: list[dict], max_new_tokens: int = 64, n_examples: int = 5,

@@ -69,6 +69,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .catalog import TRACK_COLUMNS, Catalog, CatalogError, track_code
+from .conversations import lyrics_theme
 from .paths import embedded_catalog_path, user_catalog_path
 from .sources import norm_name
 from .tokens import MODALITIES, NONE, fingerprint
@@ -573,6 +574,7 @@ class _Indexer:
             "year": tags.get("year"), "release_date": tags.get("date"), "genres": genres, "subgenres": [],
             "artist_genres": [], "playlists": [], "artists": [artist] if artist else [],
             "duration_ms": int(round(analysis.duration_s * 1000)), "has_lyrics": 1 if tags.get("lyrics") else 0,
+            "lyrics_theme": lyrics_theme(tags.get("lyrics") or ""),
             **analysis.features,
         }
         return _Prepared(path, relpath, st.st_mtime_ns, st.st_size, track["id"], track, tags.get("lyrics"))

@@ -367,11 +367,12 @@ class TalkPlay:
         self._phrase_starts: dict[tuple[str, ...], set[int]] = {}  # a phrase -> its first tokens as a reply writes it
         self.load_seconds = time.perf_counter() - t0
 
-    def false_starts(self, kind: str, track: Track) -> set[int]:
-        """The tokens that begin a phrase of ``kind`` (genre, sound: ``claims.ClaimReader``) that does not hold
-        for ``track``, save those that also begin one that does (" hip" for hip hop and hip pop)."""
+    def false_starts(self, kind: str, track: Track, previous: Track | None = None) -> set[int]:
+        """The tokens that begin a phrase of ``kind`` (genre, sound, relation: ``claims.ClaimReader``) that does
+        not hold for ``track`` (after ``previous``), save those that also begin one that does (" hip" for hip
+        hop and hip pop)."""
         false, true = set(), set()
-        for words, holds in self.claim_reader.holding(kind, track).items():
+        for words, holds in self.claim_reader.holding(kind, track, previous).items():
             if words not in self._phrase_starts:
                 text = " ".join(words)
                 variants = {text, text.capitalize(), text.title(), text.upper()}
@@ -784,18 +785,22 @@ class ChatSession:
         claim = self.tp.claim_reader.first_false(written.chars[:upto], track, previous, written.kept_from,
                                                  complete=True)
         if claim is not None:
-            logits, budget = self._take_back(written, claim, gen, track, budget)
+            logits, budget = self._take_back(written, claim, gen, track, previous, budget)
             written.backoffs += logits is not None
         written.guard_s += time.perf_counter() - tm
         return logits, budget
 
-    def _take_back(self, written: _Written, claim, gen: list[int], track: Track, budget: int):
+    def _take_back(self, written: _Written, claim, gen: list[int], track: Track, previous: Track | None,
+                   budget: int):
         """Take a false claim back. A false genre or sound word in a description ("— a moody gangster rap
         track") has the whole description written again from the catalog's facts (``ClaimReader.describe``),
-        or the reply end before it when the catalog has none; a wrong year or BPM is written right. Anything
-        else returns to the token that began it and bans that token there, and every beginning of a false
-        phrase of its kind from there on. Returns (the logits after it, or None; the token budget); a claim
-        already streamed, or one past ``MAX_BACKOFFS``, stays as written (and ``kept_from`` moves past it)."""
+        or the reply end before it when the catalog has none; a wrong year, BPM or way ("up from 120") is
+        written right, and a lead that says "newer" of an older track is written again as "From 2005:"; a
+        lyrics theme the catalog does not hold becomes the track's own, or goes, and the reply ends there
+        (``Claim.instead``). Anything else returns to the token that began it and bans that token there, and
+        every beginning of a false phrase of its kind from there on. Returns (the logits after it, or None;
+        the token budget); a claim already streamed, or one past ``MAX_BACKOFFS``, stays as written (and
+        ``kept_from`` moves past it)."""
         tp, reader = self.tp, self.tp.claim_reader
         chars = written.chars
         if written.backoffs >= MAX_BACKOFFS or claim.start < written.streamed:
@@ -815,8 +820,10 @@ class ChatSession:
                     at, force = start, f"{article(phrase)} {phrase}"
                 elif cut is not None:
                     (at, force), stop = cut, True
-        if force is None and claim.value is not None:
-            force = str(claim.value)
+        if force is None and claim.instead is not None:  # the true year, BPM, way, lead or theme, if not out yet
+            at0 = claim.start if claim.instead_at is None else claim.instead_at
+            if written.char_start(written.token_at(at0)) >= written.streamed:
+                at, force, stop = at0, claim.instead, claim.ends
         j = written.token_at(at)
         if written.char_start(j) < written.streamed:
             written.kept_from = claim.end
@@ -825,7 +832,9 @@ class ChatSession:
             force = chars[written.char_start(j):at] + force  # what the token began with before the claim
             if stop:
                 force = force.rstrip()
-        else:
+            elif not force:  # nothing to write instead ("For lyrics about money:" goes): not what began it
+                force = None
+        if force is None:
             ban = written.tokens[j]
         budget += len(written.tokens) - j + 1
         kv = tp._kv[:written.kv0 + j]
@@ -844,8 +853,8 @@ class ChatSession:
         written.banned.setdefault(j, set()).add(ban)
         if claim.kind in ("year", "bpm"):  # no true number to write: none at all
             written.banned[j].update(t for d in "0123456789" for t in tp.tokenize(d)[:1])
-        else:  # nor any other false phrase of its kind, there or later
-            written.banned_on.setdefault(j, set()).update(tp.false_starts(claim.kind, track))
+        elif claim.kind != "lyrics":  # nor any other false phrase of its kind, there or later
+            written.banned_on.setdefault(j, set()).update(tp.false_starts(claim.kind, track, previous))
         return tp._sync(kv), budget
 
     # -- a turn --------------------------------------------------------------------------------------

@@ -318,3 +318,26 @@ def test_read_only_open_recovers_from_a_killed_writer(tiny_catalog, tmp_path):
     plain.close()
     with Catalog.open(db) as cat:
         assert len(cat.track_ids()) == n_tracks and "junk0" not in cat.meta
+
+
+def test_lyrics_themes_are_stored_and_an_older_catalog_gains_the_column(tiny_catalog, fake_data_dir, tmp_path):
+    from talkplay_edge.catalog_build import fill_lyrics_themes
+    from talkplay_edge.conversations import lyrics_theme
+
+    lyrics = load_sources(fake_data_dir).lyrics
+    want = {tid: lyrics_theme(text) for tid, text in lyrics.items()}
+    assert any(want.values())  # the fake lyrics repeat theme words
+    with Catalog.open(tiny_catalog) as cat:
+        got = {t.id: t.lyrics_theme for t in cat.tracks()}
+    assert {tid: got[tid] for tid in want} == want
+    assert not any(theme for tid, theme in got.items() if tid not in lyrics)
+    # a catalog made before the column: reads None, gains it when opened for writing, and is filled in
+    old = tmp_path / "old.db"
+    shutil.copy(tiny_catalog, old)
+    with sqlite3.connect(old) as conn:
+        conn.execute("alter table tracks drop column lyrics_theme")
+    with Catalog.open(old) as cat:
+        assert not any(t.lyrics_theme for t in cat.tracks())
+    assert fill_lyrics_themes(old, fake_data_dir) == sum(map(bool, want.values()))
+    with Catalog.open(old, verify=True) as cat:
+        assert {t.id: t.lyrics_theme for t in cat.tracks()} == got

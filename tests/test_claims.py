@@ -4,7 +4,7 @@ claims back as they are written."""
 from __future__ import annotations
 
 from talkplay_edge.catalog import Track
-from talkplay_edge.claims import ClaimReader, article
+from talkplay_edge.claims import Claim, ClaimReader, article
 
 READER = ClaimReader(["rock", "album rock", "hip hop", "hip pop", "permanent wave", "edm", "big room"],
                      ["contemporary country", "country", "dance pop", "world", "deep house", "focus"])
@@ -16,8 +16,8 @@ EDM = Track("t3", "Animals", "Martin Garrix", year=2013, genres=("edm",), subgen
             features={"energy": 0.95, "valence": 0.1})
 
 
-def _said(reply, track, previous=None):
-    return [(c.kind, c.phrase, c.holds) for c in READER.claims(reply, track, previous)]
+def _said(reply, track, previous=None, kinds=("genre", "sound", "year", "bpm", "relation")):
+    return [(c.kind, c.phrase, c.holds) for c in READER.claims(reply, track, previous) if c.kind in kinds]
 
 
 def test_genre_claims_hold_as_whole_words_of_the_tracks_genres():
@@ -41,17 +41,72 @@ def test_the_tracks_own_title_and_artist_are_no_claim():
 
 
 def test_years_and_bpm_are_checked_against_this_track_and_the_last():
-    said = _said("A slower one (101 BPM, down from 134): “Rock Your Body” (2001).", ROCK, PAISLEY)
+    said = _said("A slower one (101 BPM, down from 134): “Rock Your Body” (2001).", ROCK, PAISLEY, ("bpm", "year"))
     assert said == [("bpm", "101 BPM", True), ("bpm", "down from 134", True), ("year", "2001", False)]
-    said = _said("Picking up the pace (140 BPM, up from 101):", PAISLEY, ROCK)
+    said = _said("Picking up the pace (140 BPM, up from 101):", PAISLEY, ROCK, ("bpm",))
     assert said == [("bpm", "140 BPM", False), ("bpm", "up from 101", True)]
     claims = READER.claims("A quicker one at 120 BPM, from 2012", PAISLEY)
-    assert [(c.kind, c.value) for c in claims] == [("bpm", 134), ("year", 2010)]
+    assert [(c.kind, c.value, c.instead) for c in claims] == [("relation", None, "At 134 BPM:"), ("bpm", 134, "134"),
+                                                               ("year", 2010, "2010")]
     assert READER.claims("(1999)", Track("t4", "x", "y"))[0].value is None  # no year known: none to write
     assert _said("A 2010 release, not 2011.5 nor v2.2010, from 2011.", PAISLEY) == [("year", "2010", True),
                                                                                    ("year", "2011", False)]
-    assert _said("Slower: 90 BPM, down from 134.", ROCK, PAISLEY) == [("bpm", "90 BPM", False),
+    assert _said("Slower: 90 BPM, down from 134.", ROCK, PAISLEY, ("bpm",)) == [("bpm", "90 BPM", False),
                                                                      ("bpm", "down from 134", True)]
+
+
+def test_relations_to_the_last_track_are_checked_and_a_false_lead_is_written_again():
+    # Rock Your Body (2002, 101 BPM) after Online (2010, 134 BPM): older and slower
+    assert _said("A slower one (101 BPM, down from 134):", ROCK, PAISLEY) == [
+        ("relation", "slower", True), ("bpm", "101 BPM", True), ("relation", "down", True),
+        ("bpm", "down from 134", True)]
+    claims = READER.claims("Picking up the pace (101 BPM, up from 134): Try “Rock Your Body”", ROCK, PAISLEY)
+    assert [(c.kind, c.phrase, c.holds, c.instead, c.instead_at) for c in claims if c.kind == "relation"] == [
+        ("relation", "Picking up the pace", False, "At 101 BPM:", 0), ("relation", "up", False, "down", None)]
+    ups = [c for c in READER.claims("Try it: 101 BPM, Up from 134", ROCK, PAISLEY) if c.kind == "relation"]
+    assert [(c.phrase, c.holds, c.instead) for c in ups] == [("Up", False, "Down")]  # written as it was
+    claims = READER.claims("  A newer one, from 2002: Try “Rock Your Body”", ROCK, PAISLEY)
+    assert (claims[0].phrase, claims[0].holds, claims[0].instead, claims[0].instead_at) == ("newer", False,
+                                                                                            "From 2002:", 2)
+    assert _said("Going back to 2002:", ROCK, PAISLEY)[0] == ("relation", "Going back", True)
+    assert _said("Fast-forward to 2010: Try", PAISLEY, ROCK)[0] == ("relation", "Fast-forward", True)
+    # past the lead, nothing is known to write instead: the guard bans it
+    claims = READER.claims("Try “Rock Your Body” — a quicker one", ROCK, PAISLEY)
+    assert (claims[0].phrase, claims[0].holds, claims[0].instead) == ("quicker", False, None)
+    # no last track, or no tempo known: no relation holds
+    assert _said("Something more recent, from 2010:", PAISLEY) == [("relation", "more recent", False),
+                                                                    ("year", "2010", True)]
+    assert not READER.claims("A quicker one", EDM, ROCK)[0].holds  # EDM has no tempo
+    assert not READER.claims("A newer one", EDM, Track("t6", "x", "y", year=2013))[0].holds  # the same year
+    assert READER.claims("A newer one", EDM, Track("t7", "x", "y", year=2020))[0].instead == "From 2013:"
+    assert READER.claims("A slower one", EDM, PAISLEY)[0].instead is None  # no tempo to say
+    assert READER.holding("relation", ROCK, PAISLEY)[("older",)] and not READER.holding("relation", ROCK)[("older",)]
+
+
+def test_lyrics_themes_hold_only_as_the_catalog_has_them():
+    from dataclasses import replace
+
+    night = replace(ROCK, lyrics_theme="the night")
+
+    def lyrics(reply, track):
+        return [(c.phrase, c.holds, c.instead, None if c.instead is None else reply[:c.instead_at] + c.instead, c.ends)
+                for c in READER.claims(reply, track) if c.kind == "lyrics"]
+
+    reply = "Here's “Rock Your Body” by Justin Timberlake (2002) — an upbeat track, with lyrics about love."
+    # no theme in the catalog: the reply ends before it; with another theme, that theme is written
+    assert lyrics(reply, ROCK) == [("with lyrics about love", False, ".", reply.split(",")[0] + ".", True)]
+    assert lyrics(reply, night)[0][2:4] == ("with lyrics about the night", reply.replace("love", "the night")[:-1])
+    assert lyrics("Try it (2002) — a moody track about night.", night) == [("about night", True, None, None, False)]
+    reply = "Check out “Rock Your Body” (2002). Its lyrics keep coming back to the road."
+    assert lyrics(reply, ROCK)[0][3:] == ("Check out “Rock Your Body” (2002).", True)
+    # in a lead, it goes (the guard bans what began it)
+    reply = "For lyrics about money: check out “Rock Your Body” (2002)."
+    assert lyrics(reply, ROCK) == [("lyrics about money", False, "", "", False)]
+    assert lyrics("Try “Song About Love” (2002).", replace(ROCK, title="Song About Love")) == []  # its title
+    # the stream holds a clause that may be a lyrics claim, comma and all
+    text = "Try “Rock Your Body” (2002) — an upbeat track, with lyrics ab"
+    assert READER.settled(text) == text.index(", with")
+    assert READER.settled(text[:-len("lyrics ab")] + "a smile") == len(text[:-len("lyrics ab")] + "a smile")
 
 
 def test_a_reply_being_written_is_read_once_its_words_are():
@@ -66,12 +121,20 @@ def test_a_reply_being_written_is_read_once_its_words_are():
     assert READER.first_false(text[:cut + len("permanent wave")], PAISLEY) is None  # may go on
     assert READER.first_false(text[:cut + len("permanent wave ")], PAISLEY).phrase == "permanent wave"
     assert READER.settled("Try it. It's a dance") == len("Try it.")  # may become "dance pop"
-    assert READER.settled("Try it, a dance") == len("Try it, ")  # no dash nor "It's" leads it
-    assert READER.settled("A slower one (10") == len("A slower one (")  # a number waits for "BPM"
-    assert READER.settled("A slower one (101 B") == len("A slower one (")
-    assert READER.settled("A slower one (101 BPM, down") == len("A slower one (101 BPM, down")
-    assert READER.settled("Try it ") == len("Try it ")
-    assert READER.settled("Try the") == len("Try the")  # no phrase begins "the"
+    assert READER.settled("Try it: it, a dance") == len("Try it: it")  # no dash nor "It's" leads it
+    lead = "A slower one: "
+    assert READER.settled(lead + "try it (10") == len(lead + "try it (")  # a number waits for "BPM"
+    assert READER.settled(lead + "try it (101 B") == len(lead + "try it (")
+    assert READER.settled(lead + "try it (101 BPM, down") == len(lead + "try it (101 BPM, down")
+    assert READER.settled(lead + "try it ") == len(lead + "try it")  # the space may end it yet
+    assert READER.settled(lead + "try it, ") == len(lead + "try it")
+    assert READER.settled(lead + "try the") == len(lead + "try the")  # no phrase begins "the"
+    # a lead is held whole till it ends: the guard may write it again ("From 2005:")
+    assert READER.settled("A slower one (101 BPM, down") == 0
+    assert READER.settled("Try it ") == 0
+    assert READER.settled("Try “") == len("Try “")
+    assert READER.settled("A newer one, from 2005:") == len("A newer one, from")  # the year may go on
+    assert READER.settled("This is a long way round to say it, with no quote nor colon in it ") > 0
 
 
 def test_the_description_to_write_instead():
@@ -162,3 +225,66 @@ def test_the_guard_reads_a_reply_cut_short_by_its_token_budget(talkplay):
     finally:
         tp.claim_reader = saved
     assert guarded.timings["backoffs"] >= 1 and "".join(streamed).strip() == guarded.text
+
+
+class _WordAsLyrics(ClaimReader):
+    """Reads one word of a reply as a lyrics theme the catalog does not hold for its track: the reply ends
+    before it, or, as the reply's first word, it goes with nothing written instead."""
+
+    def __init__(self, word):
+        super().__init__(["zzyzx"])
+        self.word = word
+
+    def claims(self, reply, track, previous=None, complete=True):
+        import re
+
+        if not complete:
+            reply = reply[:self.settled(reply)]
+        out = super().claims(reply, track, previous)
+        m = re.search(rf"(?<![\w'-]){re.escape(self.word)}(?=[^\w'-])", reply.lower())
+        if m:
+            before = reply[:m.start()].rstrip(" ,—–-\n")
+            if before:
+                out.append(Claim("lyrics", reply[m.start():m.end()], m.start(), m.end(), False, None,
+                                 "" if before.endswith((".", "!", "?")) else ".", len(before), True))
+            else:
+                out.append(Claim("lyrics", reply[m.start():m.end()], m.start(), m.end(), False, None, "", 0))
+        return sorted(out, key=lambda c: c.start)
+
+    def settled(self, reply):
+        import re
+
+        n = super().settled(reply)
+        tail = re.search(r"[\w'-]+$", reply)
+        if tail and self.word.startswith(tail.group(0).lower()):  # may be the word: hold it, and what ends before it
+            n = min(n, len(reply[:tail.start()].rstrip(" ,—–-\n")))
+        return n
+
+
+def test_the_guard_ends_a_reply_before_a_false_lyrics_theme_and_drops_one_that_leads_it(talkplay):
+    """On the tiny model: a word of its unguarded reply read as a false lyrics theme. Mid-reply, the guarded
+    reply is the unguarded one up to that word, ended there; as the first word, it is not written at all."""
+    import re
+
+    tp = talkplay
+    message = "something for a rainy drive"
+    plain = tp.chat(guard=False, max_new_tokens=40).send(message)
+    words = [m for m in re.finditer(r"(?<![\w'-])[a-z]{3,}(?=[^\w'-])", plain.text.lower())]
+    assert len(words) >= 2, f"too few words in {plain.text!r}"
+    first = re.match(r"[\w'-]+", plain.text.lower())
+    middle = next(m for m in words if m.start() > 0 and m.group(0) != (first and first.group(0)))
+    saved = tp.claim_reader
+    try:
+        tp.claim_reader = _WordAsLyrics(middle.group(0))
+        streamed = []
+        guarded = tp.chat(max_new_tokens=40).send(message, on_text=streamed.append)
+        if first:
+            tp.claim_reader = _WordAsLyrics(first.group(0))
+            led = tp.chat(max_new_tokens=40).send(message)
+    finally:
+        tp.claim_reader = saved
+    before = plain.text[:middle.start()].rstrip(" ,—–-\n")
+    assert guarded.text == before + ("" if before.endswith((".", "!", "?")) else ".")
+    assert guarded.timings["backoffs"] == 1 and "".join(streamed).strip() == guarded.text
+    if first:
+        assert led.timings["backoffs"] >= 1 and not led.text.lower().startswith(first.group(0))

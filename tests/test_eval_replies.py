@@ -52,10 +52,10 @@ def test_evaluate_replies_counts_what_the_user_sees():
     d = res.to_dict()
     assert (res.turns, res.with_track, res.real, res.repeated, res.mentions, res.empty_replies) == (5, 4, 3, 1, 3, 1)
     assert d["mention_rate"] == 0.75 and session.resets == 1
-    # claims: pop + 2008 (true); 2009 (false); "mellow" + "rock" + "from 80" (true: the last track, at 80)
-    # and "90 BPM" (false, 87)
-    assert (res.claims, res.false_replies, res.false_year, res.false_bpm, res.false_genre, res.false_sound) == (
-        7, 2, 1, 1, 0, 0)
+    # claims: pop + 2008 (true); 2009 (false); "mellow" + "rock" + "from 80" (true: the last track, at 80),
+    # "90 BPM" (false, 87) and "down" (false: 87 is up from 80)
+    assert (res.claims, res.false_replies, res.false_year, res.false_bpm, res.false_genre, res.false_sound,
+            res.false_relation) == (8, 2, 1, 1, 0, 0, 1)
     assert d["false_reply_rate"] == 0.5 and res.backoffs == 2  # the guard's back-offs, as the runtime counts them
 
 

@@ -168,7 +168,7 @@ class Catalog:
         self.vocabulary: list[str] = [r[0] for r in conn.execute("select token from tokens order by id")]
         self._codes: dict[str, tuple[str, ...]] | None = None
         self._popular: list[str] | None = None
-        self._columns = {r[1] for r in conn.execute("pragma table_info(tracks)")}
+        self.columns = frozenset(r[1] for r in conn.execute("pragma table_info(tracks)"))  # of its tracks table
 
     @classmethod
     def open(cls, path: str | Path | None = None, readonly: bool = True, verify: bool = False) -> "Catalog":
@@ -290,7 +290,7 @@ class Catalog:
             features={k: r[k] for k in FEATURE_COLUMNS if r[k] is not None},
             code=(codes.get(r["id"]) if codes is not None else self.code(r["id"])) or (),
             genres=tuple(json_strings(r["genres"])), subgenres=tuple(json_strings(r["subgenres"])),
-            lyrics_theme=r["lyrics_theme"] if "lyrics_theme" in self._columns else None,
+            lyrics_theme=r["lyrics_theme"] if "lyrics_theme" in self.columns else None,
         )
 
     def get(self, track_id: str) -> Track | None:

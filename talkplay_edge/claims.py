@@ -22,7 +22,7 @@ Words of the track's own title, artist and album are no claim ("Rock Your Body" 
 For the runtime's reply guard (``runtime.ChatSession.send``): ``first_false`` gives the earliest false claim
 of a reply being written whose words are all written; ``settled`` how much of it no later claim can reach
 back into (the part it can stream); a claim's ``instead`` what to write in its place where the catalog
-knows it (the true year or BPM, "From 2005:" for a false lead); ``describe`` what to say of the track
+knows it (the true year, BPM or lyrics theme, "From 2005:" for a false lead); ``describe`` what to say of the track
 instead, from the catalog, and ``description_start`` / ``description_cut`` where the description it
 replaces begins, or where the reply ends when there is nothing true to say.
 """
@@ -74,9 +74,10 @@ def _words(text: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Claim:
-    """One claim of a reply: its ``kind`` (genre, sound, year, bpm, relation), the ``phrase`` as written, where
-    it is in the reply (``start``, ``end``: character offsets) and whether the catalog bears it out; for a
-    false one, what to write ``instead`` from character ``instead_at`` on (None: nothing known to write)."""
+    """One claim of a reply: its ``kind`` (genre, sound, year, bpm, relation, lyrics), the ``phrase`` as written,
+    where it is in the reply (``start``, ``end``: character offsets) and whether the catalog bears it out;
+    for a false one, what to write ``instead`` from character ``instead_at`` on (None: nothing known to
+    write)."""
 
     kind: str
     phrase: str
@@ -144,7 +145,7 @@ class ClaimReader:
         return [" " + " ".join(_words(n)) + " " for n in names]
 
     def holding(self, kind: str, track, previous=None) -> dict[tuple[str, ...], bool]:
-        """Every phrase of ``kind`` (genre, sound, relation), as words, with whether it holds for ``track``
+        """Every phrase of ``kind`` (genre, sound, relation, lyrics), as words, with whether it holds for ``track``
         (after ``previous``, for a relation)."""
         texts = self.genre_texts(track)
         return {w: self._holds(k, w, n, track, texts, previous) for w, (k, n) in self.phrases.items() if k == kind}

@@ -773,14 +773,21 @@ class T:
 
 
 def load_tracks(catalog, ids: set[str] | None = None, lyrics: dict[str, str] | None = None) -> dict[str, T]:
+    """The catalog's tracks (those of ``ids``) as conversations see them. Lyrics themes come from ``lyrics``
+    (track id -> text) when given, else from the catalog's ``lyrics_theme`` column where it has one."""
+    stored = "lyrics_theme" in catalog.columns
     cols = ("id, title, artist, artists, year, genres, subgenres, popularity, has_lyrics, "
-            "danceability, energy, acousticness, valence, tempo, speechiness, instrumentalness")
+            "danceability, energy, acousticness, valence, tempo, speechiness, instrumentalness"
+            + (", lyrics_theme" if stored else ""))
     out = {}
     for r in catalog.rows(cols):
         if ids is not None and r["id"] not in ids:
             continue
         feats = {k: r[k] for k in ("danceability", "energy", "acousticness", "valence", "tempo") if r[k] is not None}
-        theme = lyrics_theme(lyrics[r["id"]]) if (lyrics and r["has_lyrics"] and r["id"] in lyrics) else None
+        if lyrics:
+            theme = lyrics_theme(lyrics[r["id"]]) if (r["has_lyrics"] and r["id"] in lyrics) else None
+        else:
+            theme = r["lyrics_theme"] if stored else None
         artists = tuple(a for a in json.loads(r["artists"] or "[]") if a) or ((r["artist"],) if r["artist"] else ())
         out[r["id"]] = T(r["id"], r["title"], r["artist"], artists, r["year"], tuple(json.loads(r["genres"] or "[]")),
                          tuple(json.loads(r["subgenres"] or "[]")), feats, r["popularity"] or 0, theme)
@@ -1154,7 +1161,7 @@ def build_conversations(catalog, out_dir: str | Path, seed: int = 0, sizes: dict
     plan = [("train", "train", train_pat), ("valid", "valid", train_pat), ("test", "test", train_pat),
             ("test_unseen", "test", held_pat)]
     stats: dict = {"seed": seed, "catalog": str(catalog.path), "vocab_fingerprint": catalog.fingerprint,
-                   "patterns": count_patterns(), "lyrics_available": bool(lyrics), "splits": {}}
+                   "patterns": count_patterns(), "lyrics_available": bool(lyrics) or any(t.theme for t in tracks.values()), "splits": {}}
     total = sum(sizes[s] for s, _, _ in plan)
     bar = progress(total=total, desc="conversations", unit="conv") if show_progress else None
     for name, pl_split, pats in plan:

@@ -331,7 +331,8 @@ def conversations_group() -> None:
 @click.option("--test-unseen", "n_unseen", type=int, default=1000, show_default=True,
               help="Test conversations written only with held-out patterns.")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), default=DEFAULT_DATA_DIR, show_default=True,
-              help="Source data folder (lyrics for lyrics-theme intents; skipped if missing).")
+              help="Source data folder: lyrics for the lyrics-theme intents, read only for a catalog that does "
+                   "not keep its tracks' lyrics themes (made before 2026-12-08).")
 @catalog_option
 @json_option
 @_fail_cleanly
@@ -342,15 +343,16 @@ def conversations_build(out_dir: Path, seed: int, n_train: int, n_valid: int, n_
     from .conversations import build_conversations
 
     lyrics = None
-    if data_dir and Path(data_dir).is_dir():
-        from .sources import load_sources
-
-        if not as_json:
-            click.echo(f"reading lyrics from {data_dir}", err=True)
-        lyrics = load_sources(data_dir).lyrics
-    else:
-        click.echo(f"warning: {data_dir} not found; no lyrics-theme intents", err=True)
     with Catalog.open(catalog_path or default_catalog_path()) as cat:
+        if "lyrics_theme" not in cat.columns and data_dir and Path(data_dir).is_dir():  # an older catalog
+            from .sources import load_sources
+
+            if not as_json:
+                click.echo(f"reading lyrics from {data_dir}", err=True)
+            lyrics = load_sources(data_dir).lyrics
+        elif "lyrics_theme" not in cat.columns:
+            click.echo(f"warning: {data_dir} not found and the catalog keeps no lyrics themes; no lyrics-theme "
+                       "intents", err=True)
         stats = build_conversations(cat, out_dir, seed=seed, lyrics=lyrics, show_progress=True,
                                     sizes={"train": n_train, "valid": n_valid, "test": n_test, "test_unseen": n_unseen})
     if as_json:

@@ -206,12 +206,27 @@ def test_malformed_line_is_named(tmp_path, line, why):
     assert len(read_conversations(p, limit=2)) == 2  # lines before the bad one are fine
 
 
-def test_cli_build(tiny_catalog, tmp_path):
+def test_cli_build(tiny_catalog, fake_data_dir, tmp_path):
+    import shutil
+    import sqlite3
+
+    def build(catalog, data, out):
+        r = CliRunner().invoke(cli, ["conversations", "build", "--out", str(out), "--catalog", str(catalog),
+                                     "--train", "20", "--valid", "3", "--test", "5", "--test-unseen", "5",
+                                     "--data", str(data), "--json"])
+        assert r.exit_code == 0, r.output
+        return json.loads(r.stdout)
+
+    # the catalog keeps its tracks' lyrics themes: no source data needed, and the same conversations
+    stats = build(tiny_catalog, tmp_path / "missing", tmp_path / "convs")
+    assert stats["splits"]["test"]["conversations"] == 5 and stats["lyrics_available"] is True
     out = tmp_path / "convs"
-    r = CliRunner().invoke(cli, ["conversations", "build", "--out", str(out), "--catalog", str(tiny_catalog),
-                                 "--train", "20", "--valid", "3", "--test", "5", "--test-unseen", "5",
-                                 "--data", str(tmp_path / "missing"), "--json"])
-    assert r.exit_code == 0, r.output
-    stats = json.loads(r.stdout)
-    assert stats["splits"]["test"]["conversations"] == 5 and stats["lyrics_available"] is False
     assert {p.name for p in out.iterdir()} == {"train.jsonl", "valid.jsonl", "test.jsonl", "test_unseen.jsonl", "stats.json"}
+    old = tmp_path / "old.db"  # a catalog made before it kept them: the lyrics come from the source data
+    shutil.copy(tiny_catalog, old)
+    with sqlite3.connect(old) as conn:
+        conn.execute("alter table tracks drop column lyrics_theme")
+    assert build(old, fake_data_dir, tmp_path / "from-data")["lyrics_available"] is True
+    for name in ("train.jsonl", "test.jsonl", "test_unseen.jsonl"):
+        assert (out / name).read_text() == (tmp_path / "from-data" / name).read_text()
+    assert build(old, tmp_path / "missing", tmp_path / "none")["lyrics_available"] is False

@@ -267,11 +267,12 @@ class ClaimReader:
     def describe(self, track, tempo: bool = False) -> str:
         """What a reply may say of ``track`` after "a": up to two sound words and a genre, as the training
         replies put them ("high-energy danceable big room track"; ``conversations.render_reply``), from the
-        catalog's facts: its first subgenre, else genre, else its artist's first genre. When it has none,
-        "" (or with ``tempo``, its BPM: "115 BPM track", when known)."""
-        words = descriptors_of(track.features or {})[:2]
+        catalog's facts: its first subgenre, else genre, else its artist's first genre (a sound word the genre
+        says already goes: "acoustic neo mellow", not "mellow acoustic neo mellow"). When it has none, ""
+        (or with ``tempo``, its BPM: "115 BPM track", when known)."""
         names = [*getattr(track, "subgenres", ()), *getattr(track, "genres", ()), *(track.artist_genres or ())]
         genre = GENRE_DISPLAY.get(names[0], names[0]) if names else ""
+        words = [w for w in descriptors_of(track.features or {}) if w not in genre.split()][:2]
         if words or genre:
             return " ".join([*words, *([genre] if genre else []), "track"])
         bpm = _bpm(track) if tempo else None

@@ -141,6 +141,8 @@ def test_the_description_to_write_instead():
     assert READER.describe(PAISLEY) == "high-energy upbeat contemporary country track"
     assert READER.describe(ROCK) == "mellow moody dance pop track"  # its subgenre before its genre
     assert READER.describe(Track("t5", "x", "y", features={"energy": 0.6})) == ""
+    mellow = Track("t8", "x", "y", artist_genres=("neo mellow",), features=ROCK.features)
+    assert READER.describe(mellow) == "moody neo mellow track"  # not "mellow moody neo mellow"
     assert READER.describe(Track("t5", "x", "y", features={"energy": 0.6, "tempo": 80.4}), tempo=True) == "80 BPM track"
     assert [article(p) for p in ("upbeat track", "80 BPM track", "115 BPM track", "18 BPM", "mellow track")] == [
         "an", "an", "a", "an", "a"]

@@ -357,11 +357,14 @@ class Catalog:
                 "encoder": cb["encoder"] if cb else None,
             }
         collisions = json.loads(self.meta.get("collisions", "{}"))
+        themes = dict(self.conn.execute(
+            "select lyrics_theme, count(*) c from tracks where lyrics_theme is not null group by 1 order by c desc, 1"
+        ).fetchall()) if "lyrics_theme" in self.columns else None
         return {
             "path": str(self.path), "file_size_bytes": self.path.stat().st_size, "tracks": n,
             "playlists": self.conn.execute("select count(*) from playlists").fetchone()[0],
             "vocabulary_size": len(self.vocabulary), "vocab_fingerprint": self.fingerprint,
-            "modalities": per_modality, "collisions": collisions,
+            "modalities": per_modality, "collisions": collisions, "lyrics_themes": themes,
             "build": json.loads(self.meta.get("build", "{}")), "sources": json.loads(self.meta.get("sources", "{}")),
         }
 

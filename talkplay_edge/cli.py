@@ -137,6 +137,10 @@ def info(catalog_path: Path | None, as_json: bool) -> None:
     if c:
         click.echo(f"collisions   {c['tracks_sharing_code_before']} tracks shared a 5-token code "
                    f"({c['collision_rate_before']:.2%}); after dup tokens {c['collision_rate_after']:.2%}")
+    themes = data["lyrics_themes"]
+    if themes is not None:
+        top = ", ".join(f"{t} {n}" for t, n in list(themes.items())[:4])
+        click.echo(f"lyrics       {sum(themes.values())} tracks with a lyrics theme" + (f" ({top}…)" if top else ""))
     click.echo(f"\n{'modality':10} {'coverage':>9} {'tracks':>7} {'codes used':>11} {'largest':>8}  encoder")
     for m, s in data["modalities"].items():
         click.echo(f"{m:10} {s['coverage']:>9.1%} {s['tracks']:>7} {s['codes_used']:>5}/{s['k']:<5} "

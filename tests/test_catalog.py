@@ -267,6 +267,10 @@ def test_cli_info_and_errors(tiny_catalog, tmp_path):
     data = json.loads(r.output)
     assert data["tracks"] == 56 and set(data["modalities"]) == set(MODALITIES)
     assert all(m["codes_used"] <= m["k"] for m in data["modalities"].values())
+    with Catalog.open(tiny_catalog) as cat:
+        themes = [t.lyrics_theme for t in cat.tracks() if t.lyrics_theme]
+    assert themes and sum(data["lyrics_themes"].values()) == len(themes)
+    assert f"{len(themes)} tracks with a lyrics theme" in runner.invoke(cli, ["info", "--catalog", str(tiny_catalog)]).output
     r = runner.invoke(cli, ["info", "--catalog", str(tmp_path / "nope.db")])
     assert r.exit_code == 1 and "catalog not found" in r.output and "Traceback" not in r.output
     r = runner.invoke(cli, ["catalog", "build", "--data", str(tmp_path / "nodata"), "--out", str(tmp_path / "x.db")])

@@ -416,3 +416,20 @@ def test_an_artist_the_request_denies_is_left_out_of_that_answer(talkplay):
     assert session.more(1).tracks[0].id in theirs  # only theirs are left: the denial gives way
     session = tp.chat(only=theirs | set(others), max_new_tokens=4)
     assert {t.id for t in session.send(message, n=5).tracks} == set(others)
+
+
+def test_the_chat_pick_bench_picks_what_a_chat_turn_picks(talkplay):
+    """``bench/chat_pick.py`` compares the chat's one-track pick with the eval's beam search: its pick, from the
+    eval's rendering of the history, must be the track ``ChatSession.send`` gives."""
+    from bench.chat_pick import chat_pick
+    from talkplay_edge.runtime import ModelRecommender
+
+    rec = ModelRecommender(tp=talkplay)
+    picks = set()
+    for message in ("something for a rainy drive", "90s hip hop for a workout", "no more Drake, some rock"):
+        want = talkplay.chat(max_new_tokens=1).send(message).tracks[0].id
+        got = chat_pick(rec, [{"role": "user", "content": message}], [])
+        assert got == want, message
+        picks.add(got)
+        assert chat_pick(rec, [{"role": "user", "content": message}], [want]) != want  # played: excluded
+    assert len(picks) > 1  # the requests reach different tracks: the pick reads the prompt

@@ -27,23 +27,17 @@ from talkplay_edge.runtime import Exclusions, ModelRecommender, is_cold, user_tu
 
 def chat_pick(rec: ModelRecommender, history: list[dict], played: list[str]) -> str:
     """The track a chat turn picks for ``history`` (ending with the user message) with ``played`` excluded:
-    greedy over the trie, scored as ``ChatSession.send`` scores it."""
+    ``TalkPlay.pick_span`` with argmax, as ``ChatSession.send`` picks it."""
     tp = rec.tp
     excl = Exclusions(tp.trie, [tp.track_index[i] for i in played if i in tp.track_index])
     excl = tp.turn_exclusions(excl, (user_turns(history) or [""])[-1])
     with tp._lock:
         tp._switch_to(-1)
         logits = tp._sync(rec._prompt(history))
-        prior = tp.retrieval_prior(history, set(played))
-        cold, marks = is_cold(history), tp.played_marks(history)
-        node, depth = 0, 0
-        while tp.trie.track[node] < 0:
-            toks, kids = excl.allowed(node)
-            k = 0 if len(toks) == 1 else int(np.argmax(tp.span_scores(
-                logits, toks, kids, depth, normalise=False, log_prior=prior, cold=cold, marks=marks)))
-            node, depth = int(kids[k]), depth + 1
-            logits = tp._append([int(toks[k])])
-        return tp.track_ids[int(tp.trie.track[node])]
+        _, track, _, _ = tp.pick_span(excl, logits, lambda scores: int(np.argmax(scores)),
+                                      tp.retrieval_prior(history, set(played)), is_cold(history),
+                                      tp.played_marks(history))
+    return tp.track_ids[track]
 
 
 def main(argv: list[str] | None = None) -> int:

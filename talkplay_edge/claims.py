@@ -184,8 +184,9 @@ class ClaimReader:
                 holds = self._holds(kind, words, name, track, texts, previous)
                 instead = at = None
                 ends = False
-                if kind == "relation" and not holds and self.lead_start(reply, start) is not None:
-                    at, instead = self.lead_start(reply, start), self.lead(RELATION_WORDS[name][0], track)
+                if kind == "relation" and not holds:
+                    at = self.lead_start(reply, start)
+                    instead = None if at is None else self.lead(RELATION_WORDS[name][0], track)
                 elif kind == "lyrics" and not holds:
                     said = _words(name)
                     if words[-len(said):] != said:

@@ -1160,8 +1160,9 @@ def build_conversations(catalog, out_dir: str | Path, seed: int = 0, sizes: dict
     train_pat, held_pat = pattern_split()
     plan = [("train", "train", train_pat), ("valid", "valid", train_pat), ("test", "test", train_pat),
             ("test_unseen", "test", held_pat)]
+    themed = any(t.theme for t in tracks.values())  # lyrics themes, from ``lyrics`` or the catalog
     stats: dict = {"seed": seed, "catalog": str(catalog.path), "vocab_fingerprint": catalog.fingerprint,
-                   "patterns": count_patterns(), "lyrics_available": bool(lyrics) or any(t.theme for t in tracks.values()), "splits": {}}
+                   "patterns": count_patterns(), "lyrics_available": themed or bool(lyrics), "splits": {}}
     total = sum(sizes[s] for s, _, _ in plan)
     bar = progress(total=total, desc="conversations", unit="conv") if show_progress else None
     for name, pl_split, pats in plan:

@@ -344,15 +344,16 @@ def conversations_build(out_dir: Path, seed: int, n_train: int, n_valid: int, n_
 
     lyrics = None
     with Catalog.open(catalog_path or default_catalog_path()) as cat:
-        if "lyrics_theme" not in cat.columns and data_dir and Path(data_dir).is_dir():  # an older catalog
-            from .sources import load_sources
+        if "lyrics_theme" not in cat.columns:  # a catalog made before it kept them: read the lyrics
+            if data_dir and Path(data_dir).is_dir():
+                from .sources import load_sources
 
-            if not as_json:
-                click.echo(f"reading lyrics from {data_dir}", err=True)
-            lyrics = load_sources(data_dir).lyrics
-        elif "lyrics_theme" not in cat.columns:
-            click.echo(f"warning: {data_dir} not found and the catalog keeps no lyrics themes; no lyrics-theme "
-                       "intents", err=True)
+                if not as_json:
+                    click.echo(f"reading lyrics from {data_dir}", err=True)
+                lyrics = load_sources(data_dir).lyrics
+            else:
+                click.echo(f"warning: {data_dir} not found and the catalog keeps no lyrics themes; no "
+                           "lyrics-theme intents", err=True)
         stats = build_conversations(cat, out_dir, seed=seed, lyrics=lyrics, show_progress=True,
                                     sizes={"train": n_train, "valid": n_valid, "test": n_test, "test_unseen": n_unseen})
     if as_json:

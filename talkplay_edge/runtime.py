@@ -611,6 +611,34 @@ class TalkPlay:
                 lc.llama_memory_seq_rm(self._mem, s, -1, -1)
         return [(t, s) for s, t in finished[:n]]
 
+    def pick_span(self, excl: Exclusions, logits: np.ndarray, pick: Callable[[np.ndarray], int],
+                  log_prior: np.ndarray | None = None, cold: bool = False,
+                  marks: np.ndarray | None = None) -> tuple[list[int], int, list[int], float]:
+        """One track, picked step by step over the trie from ``logits`` (the state after ``<|music_start|>``):
+        at each step ``pick`` chooses among the allowed children's ``span_scores`` (argmax, or a sample), as a
+        chat turn does. Returns (the span's tokens, the track's index, its last tokens not yet decoded, the
+        seconds spent choosing). A forced step, or one whose calibration reads no logits, is not decoded
+        before the next step that needs them."""
+        path: list[int] = []
+        undecoded: list[int] = []
+        node, chose = 0, 0.0
+        while self.trie.track[node] < 0:
+            toks, kids = excl.allowed(node)
+            if len(toks) == 1:  # a forced step needs no logits: decode it later, in one batch
+                k = 0
+            else:
+                if undecoded and self.uses_logits(len(path), cold):  # (a beta-0 step needs none either)
+                    logits = self._append(undecoded)
+                    undecoded = []
+                tm = time.perf_counter()
+                k = pick(self.span_scores(logits, toks, kids, len(path), normalise=False, log_prior=log_prior,
+                                          cold=cold, marks=marks))
+                chose += time.perf_counter() - tm
+            path.append(int(toks[k]))
+            node = int(kids[k])
+            undecoded.append(path[-1])
+        return path, int(self.trie.track[node]), undecoded, chose
+
     def span_scores(self, logits: np.ndarray, toks: np.ndarray, kids: np.ndarray, depth: int,
                     normalise: bool = True, log_prior: np.ndarray | None = None, cold: bool = False,
                     marks: np.ndarray | None = None) -> np.ndarray:
@@ -920,25 +948,12 @@ class ChatSession:
                         span_steps += len(path)
                         todo = path
                     else:
-                        path, node, undecoded = [], 0, []
-                        while tp.trie.track[node] < 0:
-                            toks, kids = turn_excl.allowed(node)
-                            if len(toks) == 1:  # a forced step needs no logits: decode it later, in one batch
-                                k = 0
-                            else:
-                                if undecoded and tp.uses_logits(len(path), cold):  # (a beta-0 step needs none either)
-                                    logits = tp._append(undecoded)
-                                    undecoded = []
-                                tm = time.perf_counter()
-                                k = self._pick(tp.span_scores(logits, toks, kids, len(path), normalise=False,
-                                                              log_prior=log_prior, cold=cold, marks=marks))
-                                span_mask_s += time.perf_counter() - tm
-                            path.append(int(toks[k]))
-                            node = int(kids[k])
-                            undecoded.append(path[-1])
-                        idxs = [int(tp.trie.track[node])]
+                        # todo: its last tokens, decoded together with the track context below
+                        path, index, todo, chose_s = tp.pick_span(turn_excl, logits, self._pick, log_prior, cold,
+                                                                  marks)
+                        span_mask_s += chose_s
+                        idxs = [index]
                         span_steps += len(path)
-                        todo = undecoded  # decoded together with the track context below
                     for i in idxs:
                         self.excl.exclude(i)
                         tracks.append(tp.track(i))
